@@ -1,0 +1,179 @@
+//! Response bodies. Most pass through as the upstream's own frames, untouched
+//! and unbuffered; bodies that need rewriting or compression run through a
+//! stream pipeline: decode → rewrite → encode.
+
+use crate::coding::{ByteStream, Coding};
+use crate::rewrite::StreamRewriter;
+use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use prometheus_client::metrics::counter::Counter;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+/// The error type of a response body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// A response body as the adapter sends it. `sent` counts the bytes that
+    /// reach the client.
+    #[project = ProxyBodyProj]
+    #[allow(missing_docs)]
+    pub enum ProxyBody {
+        /// The upstream's body, frame for frame.
+        Passthrough {
+            #[pin]
+            inner: Incoming,
+            sent: Counter,
+        },
+        /// A transformed body.
+        Transformed {
+            inner: ByteStream,
+            sent: Counter,
+        },
+        /// A body the adapter wrote itself.
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl ProxyBody {
+    /// A body made of one buffer (error pages, health answers).
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        ProxyBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ProxyBody::Full { data: None }
+    }
+
+    /// The upstream body unchanged.
+    pub fn passthrough(inner: Incoming, sent: Counter) -> Self {
+        ProxyBody::Passthrough { inner, sent }
+    }
+
+    /// The upstream body decoded from `decode`, run through `rewriter`, and
+    /// encoded as `encode`, each step optional.
+    pub fn transformed(
+        inner: Incoming,
+        decode: Option<Coding>,
+        rewriter: Option<Box<dyn StreamRewriter>>,
+        encode: Option<Coding>,
+        sent: Counter,
+    ) -> Self {
+        let mut stream: ByteStream = Box::pin(BodyDataStream::new(inner).map_err(io::Error::other));
+        if let Some(coding) = decode {
+            stream = coding.decode(stream);
+        }
+        if let Some(rewriter) = rewriter {
+            stream = Box::pin(RewriteStream {
+                inner: stream,
+                rewriter,
+                finished: false,
+            });
+        }
+        if let Some(coding) = encode {
+            stream = coding.encode(stream);
+        }
+        ProxyBody::Transformed {
+            inner: stream,
+            sent,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.project() {
+            ProxyBodyProj::Passthrough { inner, sent } => {
+                let frame = ready!(inner.poll_frame(cx));
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    sent.inc_by(data.map_or(0, |d| d.len() as u64));
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            ProxyBodyProj::Transformed { inner, sent } => loop {
+                match ready!(inner.as_mut().poll_next(cx)) {
+                    Some(Ok(data)) if data.is_empty() => continue,
+                    Some(Ok(data)) => {
+                        sent.inc_by(data.len() as u64);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    None => return Poll::Ready(None),
+                }
+            },
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Passthrough { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Transformed { .. } => false,
+            ProxyBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Passthrough { inner, .. } => inner.size_hint(),
+            ProxyBody::Transformed { .. } => SizeHint::default(),
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// Runs a [`StreamRewriter`] over a byte stream.
+struct RewriteStream {
+    inner: ByteStream,
+    rewriter: Box<dyn StreamRewriter>,
+    finished: bool,
+}
+
+impl Stream for RewriteStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match ready!(this.inner.as_mut().poll_next(cx)) {
+                Some(Ok(chunk)) => match this.rewriter.feed(&chunk) {
+                    Ok(out) if out.is_empty() => continue,
+                    other => return Poll::Ready(Some(other)),
+                },
+                Some(Err(e)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.finished = true;
+                    match this.rewriter.finish() {
+                        Ok(out) if out.is_empty() => return Poll::Ready(None),
+                        other => return Poll::Ready(Some(other)),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Configuration: command-line flags (clap) with `FLOWGATE_*` environment
+//! fallbacks (envy), resolved into one typed [`ProxyConfig`]. Resolution takes
+//! the environment as an iterator, so tests never touch the process's own.
+
+use crate::prefix::{InvalidPrefix, Prefix};
+use clap::{Args, ValueEnum};
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Whether paths are stripped and responses rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewriteMode {
+    /// Strip the prefix on the way in, put it back on the way out.
+    On,
+    /// Forward paths untouched (the app was started with its own prefix).
+    Off,
+}
+
+impl FromStr for RewriteMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as ValueEnum>::from_str(s, true)
+    }
+}
+
+/// The proxy's flags. Each falls back to `FLOWGATE_<NAME>` in the environment.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// Where browsers (through the router) connect [env: FLOWGATE_LISTEN] [default: 0.0.0.0:8080]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// The app in the same pod [env: FLOWGATE_UPSTREAM] [default: http://127.0.0.1:5000]
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// The instance path, e.g. /k3x9q2a [env: FLOWGATE_PREFIX] (required)
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// on: strip and rewrite; off: pass paths through untouched [env: FLOWGATE_REWRITE] [default: on]
+    #[arg(long, value_enum)]
+    pub rewrite: Option<RewriteMode>,
+    /// Compress text responses for clients that accept it [env: FLOWGATE_COMPRESS] [default: on]
+    #[arg(long, value_enum)]
+    pub compress: Option<RewriteMode>,
+    /// Worker threads [env: FLOWGATE_THREADS] [default: one per core]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Longest wait for the upstream's response headers [env: FLOWGATE_UPSTREAM_TIMEOUT] [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Option<Duration>,
+    /// Longest wait to connect to the upstream [env: FLOWGATE_CONNECT_TIMEOUT] [default: 5s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Longest wait for in-flight requests after SIGTERM [env: FLOWGATE_DRAIN_TIMEOUT] [default: 25s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Upstream path that /readyz probes [env: FLOWGATE_READY_PATH] [default: /health]
+    #[arg(long)]
+    pub ready_path: Option<String>,
+}
+
+/// The same settings as read from `FLOWGATE_*` variables.
+#[derive(Debug, Default, Deserialize)]
+struct EnvArgs {
+    listen: Option<String>,
+    upstream: Option<String>,
+    prefix: Option<String>,
+    rewrite: Option<String>,
+    compress: Option<String>,
+    threads: Option<String>,
+    upstream_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    ready_path: Option<String>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is absent.
+    #[error("{0} is required (flag or environment variable)")]
+    Missing(&'static str),
+    /// A setting does not parse.
+    #[error("{name}: {message}")]
+    Invalid {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The prefix is malformed.
+    #[error(transparent)]
+    Prefix(#[from] InvalidPrefix),
+    /// The environment could not be read.
+    #[error("environment: {0}")]
+    Env(#[from] envy::Error),
+}
+
+/// Everything the proxy needs, validated.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Listening address.
+    pub listen: SocketAddr,
+    /// Upstream base URI (scheme and authority).
+    pub upstream: Uri,
+    /// The upstream's authority, sent as its `Host`.
+    pub upstream_authority: HeaderValue,
+    /// The upstream's origin, `http://host:port`.
+    pub upstream_origin: String,
+    /// The instance prefix.
+    pub prefix: Prefix,
+    /// Strip and rewrite (on) or pass through (off).
+    pub rewrite: bool,
+    /// Compress text responses for clients that accept it.
+    pub compress: bool,
+    /// Runtime worker threads.
+    pub threads: usize,
+    /// Longest wait for response headers.
+    pub upstream_timeout: Duration,
+    /// Longest wait to connect.
+    pub connect_timeout: Duration,
+    /// Longest drain after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Upstream path probed by /readyz.
+    pub ready_path: String,
+    /// Longest wait for a client's request headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (bytes).
+    pub max_header_bytes: usize,
+}
+
+impl ProxyConfig {
+    /// Resolves flags over `FLOWGATE_*` variables over defaults.
+    pub fn resolve<I>(args: ServeArgs, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let env: EnvArgs = envy::prefixed("FLOWGATE_").from_iter(env)?;
+        let listen = pick(args.listen, env.listen, "listen")?
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let upstream = args
+            .upstream
+            .or(env.upstream)
+            .unwrap_or_else(|| "http://127.0.0.1:5000".into());
+        let (upstream, upstream_authority, upstream_origin) = parse_upstream(&upstream)?;
+        let prefix = Prefix::new(
+            &args
+                .prefix
+                .or(env.prefix)
+                .ok_or(ConfigError::Missing("--prefix / FLOWGATE_PREFIX"))?,
+        )?;
+        let rewrite = pick(args.rewrite, env.rewrite, "rewrite")?.unwrap_or(RewriteMode::On)
+            == RewriteMode::On;
+        let compress = pick(args.compress, env.compress, "compress")?.unwrap_or(RewriteMode::On)
+            == RewriteMode::On;
+        let threads = pick(args.threads, env.threads, "threads")?
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            return Err(ConfigError::Invalid {
+                name: "threads",
+                message: "must be at least 1".into(),
+            });
+        }
+        let duration = |flag: Option<Duration>,
+                        env: Option<String>,
+                        name,
+                        default|
+         -> Result<Duration, ConfigError> {
+            match (flag, env) {
+                (Some(d), _) => Ok(d),
+                (None, Some(s)) => {
+                    humantime::parse_duration(&s).map_err(|e| ConfigError::Invalid {
+                        name,
+                        message: e.to_string(),
+                    })
+                }
+                (None, None) => Ok(default),
+            }
+        };
+        let ready_path = args
+            .ready_path
+            .or(env.ready_path)
+            .unwrap_or_else(|| "/health".into());
+        if !ready_path.starts_with('/') {
+            return Err(ConfigError::Invalid {
+                name: "ready-path",
+                message: "must start with '/'".into(),
+            });
+        }
+        Ok(Self {
+            listen,
+            upstream,
+            upstream_authority,
+            upstream_origin,
+            prefix,
+            rewrite,
+            compress,
+            threads,
+            upstream_timeout: duration(
+                args.upstream_timeout,
+                env.upstream_timeout,
+                "upstream-timeout",
+                Duration::from_secs(60),
+            )?,
+            connect_timeout: duration(
+                args.connect_timeout,
+                env.connect_timeout,
+                "connect-timeout",
+                Duration::from_secs(5),
+            )?,
+            drain_timeout: duration(
+                args.drain_timeout,
+                env.drain_timeout,
+                "drain-timeout",
+                Duration::from_secs(25),
+            )?,
+            ready_path,
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+        })
+    }
+}
+
+/// Flag over environment; an environment value that does not parse is an error.
+fn pick<T: FromStr>(
+    flag: Option<T>,
+    env: Option<String>,
+    name: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match (flag, env) {
+        (Some(v), _) => Ok(Some(v)),
+        (None, Some(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                message: format!("{s:?}: {e}"),
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_upstream(raw: &str) -> Result<(Uri, HeaderValue, String), ConfigError> {
+    let invalid = |message: &str| ConfigError::Invalid {
+        name: "upstream",
+        message: format!("{raw:?}: {message}"),
+    };
+    let uri: Uri = raw.parse().map_err(|_| invalid("not a URI"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(
+            "must be http://host:port (the app in the same pod)",
+        ));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| invalid("has no host"))?
+        .clone();
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid("must not have a path or query"));
+    }
+    let header = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad authority"))?;
+    Ok((uri, header, format!("http://{authority}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_with_only_a_prefix() {
+        let c = ProxyConfig::resolve(
+            ServeArgs::default(),
+            env(&[("FLOWGATE_PREFIX", "/k3x9q2a")]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.upstream_origin, "http://127.0.0.1:5000");
+        assert_eq!(c.upstream_authority, "127.0.0.1:5000");
+        assert_eq!(c.prefix.as_str(), "/k3x9q2a");
+        assert!(c.rewrite && c.compress);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.ready_path, "/health");
+        assert!(c.threads >= 1);
+    }
+
+    #[test]
+    fn environment_fills_what_flags_leave() {
+        let c = ProxyConfig::resolve(
+            ServeArgs::default(),
+            env(&[
+                ("FLOWGATE_LISTEN", "127.0.0.1:9000"),
+                ("FLOWGATE_UPSTREAM", "http://localhost:5001"),
+                ("FLOWGATE_PREFIX", "/abcdefg"),
+                ("FLOWGATE_REWRITE", "off"),
+                ("FLOWGATE_THREADS", "3"),
+                ("FLOWGATE_UPSTREAM_TIMEOUT", "1m 30s"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.upstream_authority, "localhost:5001");
+        assert!(!c.rewrite);
+        assert_eq!(c.threads, 3);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn flags_win_over_environment() {
+        let args = ServeArgs {
+            prefix: Some("/flagged".into()),
+            threads: Some(2),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(
+            args,
+            env(&[("FLOWGATE_PREFIX", "/fromenv"), ("FLOWGATE_THREADS", "8")]),
+        )
+        .unwrap();
+        assert_eq!(c.prefix.as_str(), "/flagged");
+        assert_eq!(c.threads, 2);
+    }
+
+    #[test]
+    fn clear_errors() {
+        let err = |pairs: &[(&str, &str)]| {
+            ProxyConfig::resolve(ServeArgs::default(), env(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[]).contains("--prefix / FLOWGATE_PREFIX is required"));
+        assert!(err(&[("FLOWGATE_PREFIX", "k3x9q2a")]).contains("invalid prefix"));
+        assert!(
+            err(&[
+                ("FLOWGATE_PREFIX", "/a"),
+                ("FLOWGATE_UPSTREAM", "https://x")
+            ])
+            .contains("must be http://")
+        );
+        assert!(
+            err(&[
+                ("FLOWGATE_PREFIX", "/a"),
+                ("FLOWGATE_UPSTREAM", "http://x/sub")
+            ])
+            .contains("path")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_THREADS", "many")]).starts_with("threads:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_THREADS", "0")]).contains("at least 1")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_REWRITE", "maybe")])
+                .starts_with("rewrite:")
+        );
+        assert!(
+            err(&[
+                ("FLOWGATE_PREFIX", "/a"),
+                ("FLOWGATE_DRAIN_TIMEOUT", "soon")
+            ])
+            .starts_with("drain-timeout:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_LISTEN", "nowhere")])
+                .starts_with("listen:")
+        );
+    }
+}

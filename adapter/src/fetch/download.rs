@@ -1,0 +1,196 @@
+//! Streaming download (http, https, file) into a temporary file beside DEST,
+//! hashing as the bytes arrive, with retries and exponential backoff for
+//! failures that may pass.
+
+use super::{FetchError, FetchOptions};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Once;
+use std::time::Duration;
+use tempfile::NamedTempFile;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A downloaded archive, not yet trusted beyond its digest.
+pub struct Archive {
+    /// The bytes, in a file removed on drop.
+    pub file: NamedTempFile,
+    /// Hex sha256 of the bytes.
+    pub sha256: String,
+    /// Size.
+    pub bytes: u64,
+}
+
+enum Attempt {
+    Done(Archive),
+    Retry(FetchError),
+    Fail(FetchError),
+}
+
+pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, FetchError> {
+    let url = reqwest::Url::parse(&options.url).map_err(|e| FetchError::InvalidUrl {
+        url: options.url.clone(),
+        reason: e.to_string(),
+    })?;
+    if url.scheme() == "file" {
+        let path = url.to_file_path().map_err(|()| FetchError::InvalidUrl {
+            url: options.url.clone(),
+            reason: "not a local path".into(),
+        })?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(FetchError::io(format!("opening {}", path.display())))?;
+        return copy_hashing(file, options, dir).await;
+    }
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(FetchError::InvalidUrl {
+            url: options.url.clone(),
+            reason: "only http, https and file URLs".into(),
+        });
+    }
+    let client = http_client()?;
+    let mut wait = options.backoff;
+    let mut attempt = 0;
+    loop {
+        match try_http(&client, &url, options, dir).await {
+            Attempt::Done(archive) => return Ok(archive),
+            Attempt::Fail(e) => return Err(e),
+            Attempt::Retry(e) if attempt >= options.retries => return Err(e),
+            Attempt::Retry(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, retries = options.retries, wait = ?wait, "download failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+fn http_client() -> Result<reqwest::Client, FetchError> {
+    static PROVIDER: Once = Once::new();
+    PROVIDER.call_once(|| {
+        // Another part of the process may have installed one already; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("flowgate-adapter/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| FetchError::Transfer {
+            url: String::new(),
+            reason: format!("HTTP client: {e}"),
+        })
+}
+
+async fn try_http(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    options: &FetchOptions,
+    dir: &Path,
+) -> Attempt {
+    let transfer = |reason: String| FetchError::Transfer {
+        url: url.to_string(),
+        reason,
+    };
+    let response = match client.get(url.clone()).send().await {
+        Ok(r) => r,
+        Err(e) => return Attempt::Retry(transfer(error_chain(&e))),
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let error = FetchError::HttpStatus {
+            url: url.to_string(),
+            status: status.as_u16(),
+        };
+        let transient =
+            status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
+        return if transient {
+            Attempt::Retry(error)
+        } else {
+            Attempt::Fail(error)
+        };
+    }
+    if let Some(len) = response.content_length() {
+        if len > options.limits.max_download_bytes {
+            return Attempt::Fail(FetchError::TooLarge(format!(
+                "the archive is {len} bytes, over the limit of {}",
+                options.limits.max_download_bytes
+            )));
+        }
+    }
+    let stream =
+        futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
+    let reader = tokio_util::io::StreamReader::new(stream);
+    match copy_hashing(reader, options, dir).await {
+        Ok(archive) => Attempt::Done(archive),
+        Err(e @ FetchError::Transfer { .. }) => Attempt::Retry(e),
+        Err(FetchError::Io { context, source }) if context == "reading" => {
+            Attempt::Retry(transfer(source.to_string()))
+        }
+        Err(e) => Attempt::Fail(e),
+    }
+}
+
+/// Copies `reader` into a temporary file in `dir`, hashing and bounding it.
+async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: R,
+    options: &FetchOptions,
+    dir: &Path,
+) -> Result<Archive, FetchError> {
+    let file = tempfile::Builder::new()
+        .prefix(".flowgate-download-")
+        .tempfile_in(dir)
+        .map_err(FetchError::io(format!(
+            "creating a temporary file in {}",
+            dir.display()
+        )))?;
+    let mut out = tokio::fs::File::from_std(
+        file.reopen()
+            .map_err(FetchError::io("opening the temporary file"))?,
+    );
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(FetchError::io("reading"))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > options.limits.max_download_bytes {
+            return Err(FetchError::TooLarge(format!(
+                "the archive passed the download limit of {} bytes",
+                options.limits.max_download_bytes
+            )));
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .await
+            .map_err(FetchError::io("writing the download"))?;
+    }
+    out.flush()
+        .await
+        .map_err(FetchError::io("writing the download"))?;
+    out.sync_all()
+        .await
+        .map_err(FetchError::io("writing the download"))?;
+    Ok(Archive {
+        file,
+        sha256: hex::encode(hasher.finalize()),
+        bytes: total,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

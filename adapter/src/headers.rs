@@ -1,0 +1,400 @@
+//! Header rewriting in both directions: what the upstream must see (its own
+//! Host and Origin, `X-Forwarded-*`, no hop-by-hop headers) and what the
+//! browser must see (`Location`, `Content-Location`, `Refresh` and cookie paths
+//! with the prefix back).
+
+use crate::prefix::Prefix;
+use crate::rewrite::html::rewrite_refresh;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+/// The headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// `Upgrade` (with `Connection: upgrade`) is kept when `keep_upgrade` is set.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(connection) = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let named: Vec<HeaderName> = connection
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// True when a request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// What the upstream request needs to know about the incoming one.
+pub struct ForwardContext<'a> {
+    /// The host the browser used (`Host`, or the HTTP/2 authority).
+    pub public_host: Option<&'a str>,
+    /// The peer's address.
+    pub client_ip: IpAddr,
+    /// The upstream's authority (`127.0.0.1:5000`), sent as its `Host`.
+    pub upstream_authority: &'a HeaderValue,
+    /// The upstream's origin (`http://127.0.0.1:5000`).
+    pub upstream_origin: &'a str,
+    /// The prefix, when it is stripped (rewrite on).
+    pub stripped_prefix: Option<&'a Prefix>,
+}
+
+/// Prepares request headers for the upstream.
+pub fn forward_request_headers(headers: &mut HeaderMap, ctx: &ForwardContext<'_>, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+
+    // X-Forwarded-For: append this hop's peer.
+    let peer = ctx.client_ip.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.is_empty() => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    // The router in front (ingress, OpenShift router) sets these when it
+    // terminates TLS; keep its word, fill in what is missing.
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let Some(host) = ctx.public_host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(X_FORWARDED_HOST, v);
+            }
+        }
+    }
+    match ctx.stripped_prefix {
+        Some(prefix) => {
+            headers.insert(
+                X_FORWARDED_PREFIX,
+                HeaderValue::from_str(prefix.as_str()).expect("prefix is a valid header value"),
+            );
+        }
+        None => {
+            headers.remove(&X_FORWARDED_PREFIX);
+        }
+    }
+
+    // The app rejects Host headers it does not know (MLflow 3.5+: DNS-rebinding
+    // guard), so it gets its own.
+    headers.insert(header::HOST, ctx.upstream_authority.clone());
+
+    // MLflow 3.5+ refuses writes whose Origin is not localhost. A same-origin
+    // request from the browser becomes the upstream's own origin; a cross-site
+    // one goes through as it is, so the app still blocks it.
+    if let Some(host) = ctx.public_host {
+        let same_origin = headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|origin| {
+                authority_of(origin).is_some_and(|a| a.eq_ignore_ascii_case(host))
+            });
+        if same_origin {
+            headers.insert(
+                header::ORIGIN,
+                HeaderValue::from_str(ctx.upstream_origin).expect("origin is a valid header value"),
+            );
+        }
+        let referer = headers.get(header::REFERER).and_then(|v| v.to_str().ok());
+        if let Some(new) = referer.and_then(|r| upstream_referer(r, host, ctx)) {
+            if let Ok(v) = HeaderValue::from_str(&new) {
+                headers.insert(header::REFERER, v);
+            }
+        }
+    }
+}
+
+/// `scheme://authority/...` → `authority`.
+fn authority_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    Some(&rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+}
+
+/// A same-origin Referer as the upstream would have produced it.
+fn upstream_referer(referer: &str, public_host: &str, ctx: &ForwardContext<'_>) -> Option<String> {
+    let authority = authority_of(referer)?;
+    if !authority.eq_ignore_ascii_case(public_host) {
+        return None;
+    }
+    let path_start = referer.find("://")? + 3 + authority.len();
+    let path = &referer[path_start..];
+    let path = match ctx.stripped_prefix {
+        Some(prefix) => {
+            match prefix.match_path(&path[..path.find(['?', '#']).unwrap_or(path.len())]) {
+                crate::prefix::PathMatch::Inside(_) => &path[prefix.as_str().len()..],
+                crate::prefix::PathMatch::Bare => "/",
+                crate::prefix::PathMatch::Outside => path,
+            }
+        }
+        None => path,
+    };
+    Some(format!("{}{}", ctx.upstream_origin, path))
+}
+
+/// Puts the prefix back on URL-bearing response headers. Returns how many
+/// headers changed (for metrics).
+pub fn restore_response_headers(
+    headers: &mut HeaderMap,
+    prefix: &Prefix,
+    upstream_origin: &str,
+) -> u64 {
+    strip_hop_by_hop(headers, false);
+    let mut changed = 0;
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        if let Some(new) = headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| prefix.restore(v.trim(), Some(upstream_origin)))
+        {
+            if let Ok(v) = HeaderValue::from_str(&new) {
+                headers.insert(name, v);
+                changed += 1;
+            }
+        }
+    }
+    let refresh = HeaderName::from_static("refresh");
+    if let Some(new) = headers
+        .get(&refresh)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| rewrite_refresh(v, prefix, Some(upstream_origin)))
+    {
+        if let Ok(v) = HeaderValue::from_str(&new) {
+            headers.insert(refresh, v);
+            changed += 1;
+        }
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(header::SET_COOKIE);
+        for cookie in cookies {
+            let new = cookie
+                .to_str()
+                .ok()
+                .and_then(|c| restore_cookie_path(c, prefix));
+            match new.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                Some(v) => {
+                    headers.append(header::SET_COOKIE, v);
+                    changed += 1;
+                }
+                None => {
+                    headers.append(header::SET_COOKIE, cookie);
+                }
+            }
+        }
+    }
+    changed
+}
+
+/// `Set-Cookie: a=b; Path=/x` → `Path=<prefix>/x`; `None` when unchanged.
+fn restore_cookie_path(cookie: &str, prefix: &Prefix) -> Option<String> {
+    let mut changed = false;
+    let parts: Vec<String> = cookie
+        .split(';')
+        .enumerate()
+        .map(|(i, attr)| {
+            let trimmed = attr.trim_start();
+            let is_path = i > 0 && trimmed.len() >= 5 && trimmed[..5].eq_ignore_ascii_case("path=");
+            match is_path
+                .then(|| prefix.restore(trimmed[5..].trim(), None))
+                .flatten()
+            {
+                Some(path) => {
+                    changed = true;
+                    format!(
+                        "{}{}{path}",
+                        &attr[..attr.len() - trimmed.len()],
+                        &trimmed[..5]
+                    )
+                }
+                None => attr.to_owned(),
+            }
+        })
+        .collect();
+    changed.then(|| parts.join(";"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix() -> Prefix {
+        Prefix::new("/k3x9q2a").unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn response_headers_table() {
+        let up = "http://127.0.0.1:5000";
+        let table: &[(&str, &str, &str)] = &[
+            ("location", "/", "/k3x9q2a/"),
+            ("location", "/#/experiments/0", "/k3x9q2a/#/experiments/0"),
+            (
+                "location",
+                "http://127.0.0.1:5000/login?next=/x",
+                "/k3x9q2a/login?next=/x",
+            ),
+            (
+                "location",
+                "https://sso.example.org/auth",
+                "https://sso.example.org/auth",
+            ),
+            ("location", "relative", "relative"),
+            ("location", "/k3x9q2a/x", "/k3x9q2a/x"),
+            ("content-location", "/data.json", "/k3x9q2a/data.json"),
+            ("refresh", "0; url=/next", "0; url=/k3x9q2a/next"),
+            (
+                "set-cookie",
+                "sid=1; Path=/; HttpOnly",
+                "sid=1; Path=/k3x9q2a/; HttpOnly",
+            ),
+            ("set-cookie", "sid=1; path=/api", "sid=1; path=/k3x9q2a/api"),
+            ("set-cookie", "sid=1; HttpOnly", "sid=1; HttpOnly"),
+            ("set-cookie", "path=/x; Secure", "path=/x; Secure"),
+            (
+                "set-cookie",
+                "a=b; Domain=example.org; Path=//x",
+                "a=b; Domain=example.org; Path=//x",
+            ),
+        ];
+        for (name, input, want) in table {
+            let mut h = headers(&[(name, input)]);
+            restore_response_headers(&mut h, &prefix(), up);
+            assert_eq!(
+                h.get(*name).unwrap().to_str().unwrap(),
+                *want,
+                "{name}: {input}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_set_cookie_is_kept() {
+        let mut h = headers(&[
+            ("set-cookie", "a=1; Path=/"),
+            ("set-cookie", "b=2"),
+            ("set-cookie", "c=3; Path=/c"),
+        ]);
+        assert_eq!(restore_response_headers(&mut h, &prefix(), "http://u"), 2);
+        let got: Vec<_> = h
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(got, ["a=1; Path=/k3x9q2a/", "b=2", "c=3; Path=/k3x9q2a/c"]);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("content-type", "text/html"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
+    }
+
+    fn forward(pairs: &[(&str, &str)]) -> HeaderMap {
+        let prefix = prefix();
+        let authority = HeaderValue::from_static("127.0.0.1:5000");
+        let mut h = headers(pairs);
+        let public_host = h.get("host").map(|v| v.to_str().unwrap().to_owned());
+        let ctx = ForwardContext {
+            public_host: public_host.as_deref(),
+            client_ip: "10.1.2.3".parse().unwrap(),
+            upstream_authority: &authority,
+            upstream_origin: "http://127.0.0.1:5000",
+            stripped_prefix: Some(&prefix),
+        };
+        forward_request_headers(&mut h, &ctx, false);
+        h
+    }
+
+    #[test]
+    fn upstream_sees_its_own_host_and_origin() {
+        let h = forward(&[
+            ("host", "mlflow.example.test:8443"),
+            ("origin", "https://mlflow.example.test:8443"),
+            (
+                "referer",
+                "https://mlflow.example.test:8443/k3x9q2a/#/experiments/1",
+            ),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert_eq!(h["host"], "127.0.0.1:5000");
+        assert_eq!(h["origin"], "http://127.0.0.1:5000");
+        assert_eq!(h["referer"], "http://127.0.0.1:5000/#/experiments/1");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "mlflow.example.test:8443");
+        assert_eq!(h["x-forwarded-prefix"], "/k3x9q2a");
+    }
+
+    #[test]
+    fn cross_site_origin_is_passed_on_for_the_app_to_refuse() {
+        let h = forward(&[
+            ("host", "mlflow.example.test"),
+            ("origin", "https://evil.example"),
+            ("referer", "https://evil.example/k3x9q2a/"),
+        ]);
+        assert_eq!(h["origin"], "https://evil.example");
+        assert_eq!(h["referer"], "https://evil.example/k3x9q2a/");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+}

@@ -1,0 +1,25 @@
+//! `flowgate-adapter`: the sidecar reverse proxy that serves an app (MLflow) under
+//! an instance path prefix it does not know about, and the artefact fetcher that
+//! runs as the pod's init container.
+//!
+//! Reading order: [`config`] (what it is told) → [`server`] (connections) →
+//! [`proxy`] (one request) → [`headers`] and [`rewrite`] (what changes on the way
+//! out) → [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
+
+pub mod body;
+pub mod coding;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod headers;
+pub mod metrics;
+pub mod prefix;
+pub mod proxy;
+pub mod rewrite;
+pub mod route;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{ProxyConfig, ServeArgs};
+pub use prefix::Prefix;
+pub use proxy::Proxy;

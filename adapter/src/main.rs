@@ -1,0 +1,123 @@
+//! `flowgate-adapter`: the proxy (default) or `fetch` (the init container).
+
+use adapter::fetch::{FetchOptions, Limits, Outcome};
+use adapter::server::{Drain, serve, shutdown_signal};
+use adapter::{Proxy, ProxyConfig, ServeArgs};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Serves an app under an instance path prefix, or fetches its artefacts.
+#[derive(Parser)]
+#[command(
+    name = "flowgate-adapter",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download, verify and unpack artefacts (the pod's init container).
+    Fetch(FetchArgs),
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// Archive URL: http, https or file
+    #[arg(long, env = "FLOWGATE_FETCH_URL")]
+    url: String,
+    /// Expected sha256 of the archive (64 hex digits)
+    #[arg(long, env = "FLOWGATE_FETCH_SHA256")]
+    sha256: String,
+    /// Directory to fill; replaced atomically, must not be a mount point
+    #[arg(long, env = "FLOWGATE_FETCH_DEST")]
+    dest: PathBuf,
+    /// Largest archive accepted, in bytes
+    #[arg(long, default_value_t = Limits::default().max_download_bytes)]
+    max_download_bytes: u64,
+    /// Largest unpacked total, in bytes
+    #[arg(long, default_value_t = Limits::default().max_unpacked_bytes)]
+    max_unpacked_bytes: u64,
+    /// Most archive entries
+    #[arg(long, default_value_t = Limits::default().max_entries)]
+    max_entries: u64,
+    /// Retries for transient download failures
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// First wait between retries (doubles each time)
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    backoff: Duration,
+}
+
+fn main() -> anyhow::Result<()> {
+    adapter::telemetry::init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Fetch(args)) => run_fetch(args),
+        None => run_proxy(cli.serve),
+    }
+}
+
+fn run_proxy(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ProxyConfig::resolve(args, std::env::vars())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            upstream = %config.upstream,
+            prefix = %config.prefix,
+            rewrite = config.rewrite,
+            threads = config.threads,
+            "flowgate-adapter ready"
+        );
+        match serve(Proxy::new(config), listener, shutdown_signal()).await {
+            Drain::Complete => tracing::info!("drained; exiting"),
+            Drain::TimedOut => tracing::warn!("drain timed out; exiting with requests cut"),
+        }
+        Ok(())
+    })
+}
+
+fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
+    let options = FetchOptions {
+        url: args.url,
+        sha256: args.sha256,
+        dest: args.dest,
+        limits: Limits {
+            max_download_bytes: args.max_download_bytes,
+            max_unpacked_bytes: args.max_unpacked_bytes,
+            max_entries: args.max_entries,
+        },
+        retries: args.retries,
+        backoff: args.backoff,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(adapter::fetch::fetch(&options))? {
+        Outcome::AlreadyPresent => println!("{}: already present", options.dest.display()),
+        Outcome::Installed {
+            archive_bytes,
+            entries,
+            unpacked_bytes,
+        } => println!(
+            "{}: installed {entries} entries ({unpacked_bytes} bytes) from a {archive_bytes}-byte archive",
+            options.dest.display()
+        ),
+    }
+    Ok(())
+}

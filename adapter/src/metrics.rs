@@ -1,0 +1,201 @@
+//! Prometheus metrics. Every series is created at start-up and held by handle,
+//! so the request path only touches atomics (no map lookups, no locks), except
+//! the latency histogram's own short lock.
+
+use crate::route::RouteClass;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const REWRITE_KINDS: [&str; 5] = ["header", "html", "css", "script", "compress"];
+const UPSTREAM_ERRORS: [&str; 3] = ["connect", "upstream", "timeout"];
+
+/// The adapter's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<[Counter; 5]>,
+    latency: Vec<Histogram>,
+    response_bytes: Counter,
+    rewrites: [Counter; 5],
+    upstream_errors: [Counter; 3],
+    in_flight: Gauge,
+    last_activity: Gauge,
+}
+
+/// What kind of rewrite happened, for [`Metrics::rewrite`].
+#[derive(Clone, Copy, Debug)]
+pub enum RewriteKind {
+    /// A URL-bearing response header.
+    Header = 0,
+    /// An HTML body.
+    Html = 1,
+    /// A CSS body.
+    Css = 2,
+    /// An app bundle's literals.
+    Script = 3,
+    /// A body compressed for the client.
+    Compress = 4,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every series.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flowgate_adapter");
+        let requests_family = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        let latency_family =
+            Family::<[(&'static str, &'static str); 1], Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ])
+            });
+        let rewrites_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let errors_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let requests = RouteClass::ALL
+            .iter()
+            .map(|class| {
+                STATUS_CLASSES.map(|s| {
+                    requests_family
+                        .get_or_create(&[("route", class.label()), ("status", s)])
+                        .clone()
+                })
+            })
+            .collect();
+        let latency = RouteClass::ALL
+            .iter()
+            .map(|class| {
+                latency_family
+                    .get_or_create(&[("route", class.label())])
+                    .clone()
+            })
+            .collect();
+        let rewrites = REWRITE_KINDS.map(|k| rewrites_family.get_or_create(&[("kind", k)]).clone());
+        let upstream_errors =
+            UPSTREAM_ERRORS.map(|k| errors_family.get_or_create(&[("kind", k)]).clone());
+        let response_bytes = Counter::default();
+        let in_flight = Gauge::default();
+        let last_activity = Gauge::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route class and status class",
+            requests_family,
+        );
+        registry.register(
+            "response_header_seconds",
+            "Time from request to response headers, by route class",
+            latency_family,
+        );
+        registry.register(
+            "response_bytes",
+            "Body bytes sent to clients",
+            response_bytes.clone(),
+        );
+        registry.register("rewrites", "Responses rewritten, by kind", rewrites_family);
+        registry.register(
+            "upstream_errors",
+            "Upstream failures, by kind",
+            errors_family,
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests being handled now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "last_activity_timestamp_seconds",
+            "Unix time of the last proxied request (for idle culling)",
+            last_activity.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            response_bytes,
+            rewrites,
+            upstream_errors,
+            in_flight,
+            last_activity,
+        }
+    }
+
+    /// Records an answered request.
+    pub fn request(&self, class: RouteClass, status: u16, elapsed: Duration) {
+        let status_class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class.index()][status_class].inc();
+        self.latency[class.index()].observe(elapsed.as_secs_f64());
+    }
+
+    /// Marks proxied activity now (not for health checks or scrapes).
+    pub fn touch(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_activity
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a rewrite.
+    pub fn rewrite(&self, kind: RewriteKind, n: u64) {
+        self.rewrites[kind as usize].inc_by(n);
+    }
+
+    /// Counts an upstream failure by its label (`connect`, `upstream`, `timeout`).
+    pub fn upstream_error(&self, label: &str) {
+        if let Some(i) = UPSTREAM_ERRORS.iter().position(|l| *l == label) {
+            self.upstream_errors[i].inc();
+        }
+    }
+
+    /// The counter of body bytes sent, for response bodies to add to.
+    pub fn response_bytes(&self) -> &Counter {
+        &self.response_bytes
+    }
+
+    /// The gauge of requests in flight.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_series() {
+        let m = Metrics::new();
+        m.request(RouteClass::Api, 200, Duration::from_millis(3));
+        m.request(RouteClass::Api, 502, Duration::from_millis(1));
+        m.rewrite(RewriteKind::Html, 1);
+        m.upstream_error("connect");
+        m.touch();
+        let text = m.encode();
+        assert!(
+            text.contains(r#"flowgate_adapter_requests_total{route="api",status="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"flowgate_adapter_requests_total{route="api",status="5xx"} 1"#));
+        assert!(text.contains(r#"flowgate_adapter_rewrites_total{kind="html"} 1"#));
+        assert!(text.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#));
+        assert!(text.contains("flowgate_adapter_response_header_seconds_bucket"));
+        assert!(!text.contains("flowgate_adapter_last_activity_timestamp_seconds 0\n"));
+    }
+}

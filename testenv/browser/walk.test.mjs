@@ -1,0 +1,298 @@
+// A user's walk through real MLflow behind the real flowgate-adapter, in Debian's
+// headless Chromium, for each pinned MLflow version.
+//
+//   cd testenv/browser && npm ci && node --test --test-concurrency=1 walk.test.mjs
+//
+// Env:
+//   FLOWGATE_ADAPTER_BIN    adapter binary (default <repo>/target/debug/flowgate-adapter)
+//   FLOWGATE_WALK_VERSIONS  comma list of MLflow venv names (default "current,1.9.1")
+//   FLOWGATE_WALK_DIRECT=1  no adapter: walk MLflow itself at http://127.0.0.1:<port>/
+//   FLOWGATE_WALK_PREFIX    instance path (default /k3x9q2a)
+//   FLOWGATE_SCREENSHOTS    where screenshots go (default <repo>/target/screenshots)
+//   FLOWGATE_KEEP_TMP=1     keep the temp dir (store, logs, browser profile)
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+
+import {
+  PUBLIC_HOST, ROOT, freePort, launchChromium, log, mkTemp, populate, recordRequests, request,
+  sha256, startAdapter, startMlflow, tail, venv,
+} from './lib.mjs';
+
+const VERSIONS = (process.env.FLOWGATE_WALK_VERSIONS || 'current,1.9.1').split(',').map((s) => s.trim()).filter(Boolean);
+const DIRECT = process.env.FLOWGATE_WALK_DIRECT === '1';
+const PREFIX = process.env.FLOWGATE_WALK_PREFIX || '/k3x9q2a';
+const SHOTS = process.env.FLOWGATE_SCREENSHOTS || path.join(ROOT, 'target', 'screenshots');
+const STEP_TIMEOUT = 20000;
+
+// Requests that MLflow itself answers with an error during the walk, also without any
+// proxy; each is tolerated only with exactly this method, path (relative to the
+// instance root) and status.
+const TOLERATED = {
+  current: [
+    // no auth app configured: the UI asks who is logged in and gets 404
+    { method: 'GET', path: /^ajax-api\/2\.0\/mlflow\/users\/current$/, status: 404 },
+  ],
+  '1.9.1': [
+    // the model registry needs a database store; on a file store 1.9.1 answers 400
+    { method: 'GET', path: /^ajax-api\/2\.0\/preview\/mlflow\/model-versions\/search\?/, status: 400 },
+    { method: 'GET', path: /^ajax-api\/2\.0\/preview\/mlflow\/registered-models\/list$/, status: 400 },
+  ],
+};
+
+// What the UI shows for demo-run-1's final accuracy (0.9375): 1.9.1 rounds to 3 digits.
+const ACCURACY_SHOWN = { current: '0.9375', '1.9.1': '0.938' };
+
+fs.mkdirSync(SHOTS, { recursive: true });
+
+async function setUp(version, env) {
+  const t0 = Date.now();
+  env.tmp = mkTemp(`flowgate-walk-${version}-`);
+  env.venv = venv(version);
+  env.store = path.join(env.tmp, 'mlruns');
+  env.summary = populate(env.venv, env.store);
+  env.mlflowPort = await freePort();
+  env.mlflow = await startMlflow(version, env.store, env.mlflowPort, path.join(env.tmp, 'mlflow.log'));
+  if (DIRECT) {
+    env.port = env.mlflowPort;
+    env.host = `127.0.0.1:${env.port}`;
+    env.root = '/';
+  } else {
+    env.port = await freePort();
+    env.adapter = await startAdapter({
+      port: env.port, upstreamPort: env.mlflowPort, prefix: PREFIX, logFile: path.join(env.tmp, 'adapter.log'),
+    });
+    env.host = `${PUBLIC_HOST}:${env.port}`;
+    env.root = `${PREFIX}/`;
+  }
+  env.base = `http://${env.host}${env.root}`;
+  log(`${version}: mlflow ${env.summary.mlflow_version} on :${env.mlflowPort}, walking ${env.base} (setup ${Date.now() - t0} ms, tmp ${env.tmp})`);
+}
+
+async function tearDown(env) {
+  if (env.context) await env.context.close().catch(() => {});
+  if (env.adapter) await env.adapter.stop();
+  if (env.mlflow) await env.mlflow.stop();
+  if (env.tmp && process.env.FLOWGATE_KEEP_TMP !== '1') fs.rmSync(env.tmp, { recursive: true, force: true });
+}
+
+function logs(env) {
+  let s = '';
+  if (env.mlflow) s += `\n--- mlflow log (tail)\n${tail(env.mlflow.logFile, 30)}`;
+  if (env.adapter) s += `\n--- adapter log (tail)\n${tail(env.adapter.logFile, 30)}`;
+  return s;
+}
+
+// ------------------------------------------------------------------ the walks
+// Each step: do what a user does, wait for what a user would see, take a screenshot.
+
+async function walkCurrent(page, env, shot) {
+  await page.goto(env.base);
+  await page.getByText('Welcome to MLflow').waitFor();
+  await shot('01-home');
+
+  // A fresh 3.x UI starts in "GenAI" mode, where an experiment opens on its traces;
+  // a user looking at training runs switches to "Model training" first.
+  await page.getByText('Model training', { exact: true }).first().click();
+  await page.getByRole('link', { name: 'Experiments', exact: true }).first().click();
+  await page.getByRole('link', { name: 'flowgate-demo', exact: true }).first().waitFor();
+  await shot('02-experiments');
+
+  await page.getByRole('link', { name: 'flowgate-demo', exact: true }).first().click();
+  await page.getByRole('link', { name: 'demo-run-1', exact: true }).first().waitFor();
+  await page.getByText('3 matching runs').waitFor();
+  await shot('03-runs');
+
+  await page.getByRole('link', { name: 'demo-run-1', exact: true }).first().click();
+  await page.getByRole('heading', { name: 'demo-run-1' }).waitFor();
+  await page.getByText(ACCURACY_SHOWN.current, { exact: true }).first().waitFor();
+  await shot('04-run');
+
+  // the metric's name in the run's metrics table opens its chart
+  await page.getByRole('link', { name: 'accuracy', exact: true }).first().click();
+  await page.getByRole('tab', { name: 'Model metrics', selected: true }).waitFor();
+  await page.locator('.js-plotly-plot').first().waitFor();
+  await page.getByText('demo-run-1 (accuracy)').first().waitFor();
+  await shot('05-metric-accuracy');
+
+  await page.getByRole('tab', { name: 'Artifacts' }).click();
+  await page.getByText('notes.txt', { exact: true }).first().click();
+  await page.getByText('final accuracy: 0.9375').first().waitFor();
+  await shot('06-artifact-text');
+
+  await page.getByText('plots', { exact: true }).first().click();
+  await page.getByText('accuracy.png', { exact: true }).first().click();
+  await waitForImage(page);
+  await shot('07-artifact-png');
+}
+
+async function walk191(page, env, shot) {
+  await page.goto(env.base);
+  await page.getByRole('link', { name: 'Experiments', exact: true }).first().waitFor();
+  await page.getByText('flowgate-demo', { exact: true }).first().waitFor();
+  await shot('01-home');
+
+  await page.getByRole('link', { name: 'Experiments', exact: true }).first().click();
+  await page.getByText('flowgate-second', { exact: true }).first().waitFor();
+  await shot('02-experiments');
+
+  // the experiment list is the sidebar; runs show in a grid
+  await page.getByText('flowgate-demo', { exact: true }).first().click();
+  const row = page.locator('.ag-row', { hasText: 'demo-run-1' }).first();
+  await row.waitFor();
+  await page.getByText('Showing 3 matching runs').waitFor();
+  await shot('03-runs');
+
+  // in 1.9.1 the run's start time is the link to it
+  await row.getByRole('link').first().click();
+  await page.locator('.breadcrumb-header, h1', { hasText: 'demo-run-1' }).first().waitFor();
+  await page.getByText(ACCURACY_SHOWN['1.9.1'], { exact: true }).first().waitFor();
+  await shot('04-run');
+
+  await page.getByRole('link', { name: /^\s*accuracy/ }).first().click();
+  await page.locator('.js-plotly-plot').first().waitFor();
+  await page.waitForURL(/#\/metric\/accuracy/);
+  await shot('05-metric-accuracy');
+
+  await page.goBack();
+  await page.getByText('notes.txt', { exact: true }).first().click();
+  await page.getByText('final accuracy: 0.9375').first().waitFor();
+  await page.getByText('final accuracy: 0.9375').first().scrollIntoViewIfNeeded();
+  await shot('06-artifact-text');
+
+  await page.getByText('plots', { exact: true }).first().click();
+  await page.getByText('accuracy.png', { exact: true }).first().click();
+  await waitForImage(page);
+  await shot('07-artifact-png');
+}
+
+/** The PNG artifact (320x200, written by populate.py) is decoded and on screen. */
+async function waitForImage(page) {
+  const img = page.locator('img').filter({ visible: true });
+  await page.waitForFunction(() => [...document.images].some((i) => i.complete && i.naturalWidth === 320 && i.naturalHeight === 200));
+  const handle = await page.evaluateHandle(() => [...document.images].find((i) => i.naturalWidth === 320 && i.naturalHeight === 200));
+  await handle.asElement().scrollIntoViewIfNeeded();
+  assert.ok(await img.count() > 0);
+}
+
+const WALKS = { current: walkCurrent, '1.9.1': walk191 };
+
+// ------------------------------------------------------------------ tests
+
+for (const version of VERSIONS) {
+  describe(`MLflow ${version} ${DIRECT ? 'direct (no adapter)' : `behind flowgate-adapter at ${PREFIX}/`}`, () => {
+    const env = {};
+    before(async () => {
+      try {
+        await setUp(version, env);
+      } catch (e) {
+        e.message += logs(env);
+        throw e;
+      }
+    }, { timeout: 600000 });
+    after(async () => { await tearDown(env); }, { timeout: 60000 });
+
+    it('a user walks experiments -> runs -> demo-run-1 -> accuracy chart -> artifacts, every request inside the instance', { timeout: 120000 }, async () => {
+      const walkFn = WALKS[version] || WALKS.current;
+      const userDataDir = path.join(env.tmp, 'chromium-profile');
+      env.context = await launchChromium(userDataDir);
+      env.context.setDefaultTimeout(STEP_TIMEOUT);
+      const requests = recordRequests(env.context);
+      const page = env.context.pages()[0] || await env.context.newPage();
+      const consoleErrors = [];
+      page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+      page.on('pageerror', (e) => consoleErrors.push(`pageerror: ${e.message}`));
+      const shot = async (step) => {
+        await page.waitForLoadState('networkidle', { timeout: 5000 }).catch(() => {});
+        await page.screenshot({ path: path.join(SHOTS, `${version}-${step}.png`) });
+      };
+      try {
+        await walkFn(page, env, shot);
+        await page.waitForLoadState('networkidle', { timeout: 5000 }).catch(() => {});
+      } catch (e) {
+        await page.screenshot({ path: path.join(SHOTS, `${version}-failed.png`) }).catch(() => {});
+        e.message += `\n(at ${page.url()}; screenshot ${version}-failed.png)${logs(env)}`;
+        throw e;
+      } finally {
+        fs.writeFileSync(path.join(SHOTS, `${version}-requests.json`), JSON.stringify(requests, null, 1));
+        await env.context.close().catch(() => {});
+        env.context = null;
+      }
+
+      assert.ok(requests.length > 5, `only ${requests.length} requests recorded`);
+      const tolerated = TOLERATED[version] || TOLERATED.current;
+      const outside = [];
+      const bad = [];
+      for (const r of requests) {
+        if (r.url.startsWith('data:') || r.url.startsWith('blob:')) continue;
+        if (!r.url.startsWith(env.base)) { outside.push(`${r.method} ${r.url}`); continue; }
+        const rel = r.url.slice(env.base.length);
+        const failed = r.failure || r.status === null || r.status >= 400;
+        if (!failed) continue;
+        if (!r.failure && tolerated.some((t) => t.method === r.method && t.status === r.status && t.path.test(rel))) continue;
+        bad.push(`${r.method} ${r.url} -> ${r.failure || r.status}`);
+      }
+      log(`${version}: ${requests.length} requests, ${outside.length} outside ${env.base}, ${bad.length} failed`);
+      assert.deepEqual(outside, [], `requests left ${env.base}`);
+      assert.deepEqual(bad, [], `requests failed (console errors: ${JSON.stringify(consoleErrors.slice(0, 10))})`);
+      // the walk loaded what it shows through the instance path
+      const api = requests.filter((r) => r.url.startsWith(env.base + 'ajax-api/'));
+      assert.ok(api.length > 3, 'the UI called its API through the instance path');
+      assert.ok(requests.some((r) => r.url.startsWith(env.base + 'get-artifact?') && r.status === 200), 'artifacts fetched through the instance path');
+    });
+
+    it('an HTML artifact passes byte-identical through get-artifact (and the PNG too)', { timeout: 30000 }, async () => {
+      const runId = env.summary.run.id;
+      const artifactsDir = path.join(env.store, env.summary.experiment.id, runId, 'artifacts');
+      for (const name of ['report.html', 'plots/accuracy.png']) {
+        const onDisk = fs.readFileSync(path.join(artifactsDir, name));
+        assert.equal(sha256(onDisk), env.summary.artifacts[name].sha256, `populate.py wrote ${name}`);
+        const r = await request({
+          port: env.port,
+          path: `${env.root}get-artifact?path=${encodeURIComponent(name)}&run_uuid=${runId}`,
+          headers: { Host: DIRECT ? env.host : env.host, 'Accept-Encoding': 'gzip, deflate, br' },
+        });
+        assert.equal(r.status, 200, `GET ${name}: ${r.status} ${r.body.toString().slice(0, 200)}`);
+        assert.equal(r.headers['content-encoding'] ?? 'identity', 'identity', `${name} is not re-encoded`);
+        assert.equal(r.body.length, onDisk.length, `${name} length`);
+        assert.equal(sha256(r.body), sha256(onDisk), `${name} bytes`);
+      }
+    });
+
+    it('a same-origin POST to the search API (Origin and Host of the public URL) succeeds', { timeout: 30000 }, async () => {
+      const publicHost = `${PUBLIC_HOST}:${env.port}`;
+      const r = await request({
+        port: env.port,
+        method: 'POST',
+        path: `${env.root}ajax-api/2.0/mlflow/runs/search`,
+        headers: {
+          Host: publicHost,
+          Origin: `http://${publicHost}`,
+          Referer: `http://${publicHost}${env.root}`,
+          'Content-Type': 'application/json',
+          'Sec-Fetch-Site': 'same-origin',
+          'Sec-Fetch-Mode': 'cors',
+        },
+        body: JSON.stringify({ experiment_ids: [env.summary.experiment.id] }),
+      });
+      if (DIRECT) {
+        // What MLflow does without the adapter: 3.x refuses the public Host/Origin.
+        const expect = version.startsWith('1.') ? 200 : 403;
+        assert.equal(r.status, expect, `direct POST: ${r.status} ${r.body.toString().slice(0, 200)}`);
+        return;
+      }
+      assert.equal(r.status, 200, `POST runs/search: ${r.status} ${r.body.toString().slice(0, 300)}`);
+      const names = JSON.parse(r.body.toString()).runs.map((x) => x.data.tags.find((t) => t.key === 'mlflow.runName')?.value);
+      assert.ok(names.includes('demo-run-1'), `runs: ${names}`);
+    });
+
+    if (!DIRECT) {
+      it('the instance path without its slash redirects to it', { timeout: 15000 }, async () => {
+        const r = await request({ port: env.port, path: PREFIX, headers: { Host: env.host } });
+        assert.ok([301, 302, 303, 307, 308].includes(r.status), `GET ${PREFIX}: ${r.status}`);
+        assert.match(r.headers.location || '', new RegExp(`^(http://${env.host.replace(/\./g, '\\.')})?${PREFIX}/$`));
+      });
+    }
+  });
+}
