@@ -209,13 +209,23 @@ export function recordRequests(context) {
   const entries = [];
   const byReq = new Map();
   context.on('request', (r) => {
-    const e = { method: r.method(), url: r.url(), type: r.resourceType(), status: null, failure: null };
+    const e = { method: r.method(), url: r.url(), type: r.resourceType(), status: null, failure: null, finished: false };
     byReq.set(r, e);
     entries.push(e);
   });
   context.on('response', (res) => {
     const e = byReq.get(res.request());
     if (e) e.status = res.status();
+  });
+  context.on('requestfinished', async (r) => {
+    const e = byReq.get(r);
+    if (!e) return;
+    e.finished = true;
+    if (e.status === null) {
+      // some requests (a web worker's script) get no 'response' event; ask the request
+      const res = await r.response().catch(() => null);
+      if (res) e.status = res.status();
+    }
   });
   context.on('requestfailed', (r) => {
     const e = byReq.get(r);

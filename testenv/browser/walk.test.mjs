@@ -163,17 +163,23 @@ async function walk191(page, env, shot) {
 
   await page.getByText('plots', { exact: true }).first().click();
   await page.getByText('accuracy.png', { exact: true }).first().click();
-  await waitForImage(page);
+  // 1.9.1 shows images inside a plotly figure: an SVG <image> whose href is the artifact
+  const image = page.locator('.image-container svg image').first();
+  await image.waitFor({ state: 'attached' });
+  await page.waitForFunction(() => {
+    const i = document.querySelector('.image-container svg image');
+    const href = i && (i.getAttribute('href') || i.getAttribute('xlink:href'));
+    return href && /get-artifact\?path=plots%2Faccuracy\.png|^data:image\/png/.test(href);
+  });
+  await page.locator('.image-container').first().scrollIntoViewIfNeeded();
   await shot('07-artifact-png');
 }
 
-/** The PNG artifact (320x200, written by populate.py) is decoded and on screen. */
+/** The PNG artifact (320x200, written by populate.py) is decoded and on screen (3.x: an <img>). */
 async function waitForImage(page) {
-  const img = page.locator('img').filter({ visible: true });
   await page.waitForFunction(() => [...document.images].some((i) => i.complete && i.naturalWidth === 320 && i.naturalHeight === 200));
   const handle = await page.evaluateHandle(() => [...document.images].find((i) => i.naturalWidth === 320 && i.naturalHeight === 200));
   await handle.asElement().scrollIntoViewIfNeeded();
-  assert.ok(await img.count() > 0);
 }
 
 const WALKS = { current: walkCurrent, '1.9.1': walk191 };
@@ -222,18 +228,29 @@ for (const version of VERSIONS) {
 
       assert.ok(requests.length > 5, `only ${requests.length} requests recorded`);
       const tolerated = TOLERATED[version] || TOLERATED.current;
+      // (requests.json is written before this check; refetched ones are marked in the log line)
       const outside = [];
       const bad = [];
       for (const r of requests) {
         if (r.url.startsWith('data:') || r.url.startsWith('blob:')) continue;
         if (!r.url.startsWith(env.base)) { outside.push(`${r.method} ${r.url}`); continue; }
         const rel = r.url.slice(env.base.length);
+        if (r.status === null && !r.finished && !r.failure) {
+          // Playwright reports no outcome for some requests (the script of a web worker,
+          // e.g. MLflow 3's telemetry worker): fetch it again by hand and judge that.
+          const u = new URL(r.url);
+          const again = await request({ port: env.port, method: r.method, path: u.pathname + u.search, headers: { Host: env.host } }).catch((e) => ({ status: null, error: e.message }));
+          r.status = again.status;
+          r.refetched = true;
+        }
         const failed = r.failure || r.status === null || r.status >= 400;
         if (!failed) continue;
         if (!r.failure && tolerated.some((t) => t.method === r.method && t.status === r.status && t.path.test(rel))) continue;
         bad.push(`${r.method} ${r.url} -> ${r.failure || r.status}`);
       }
-      log(`${version}: ${requests.length} requests, ${outside.length} outside ${env.base}, ${bad.length} failed`);
+      const refetched = requests.filter((r) => r.refetched).map((r) => `${r.url} -> ${r.status}`);
+      log(`${version}: ${requests.length} requests, ${outside.length} outside ${env.base}, ${bad.length} failed` +
+        (refetched.length ? `, re-fetched (no outcome reported by the browser): ${refetched.join(', ')}` : ''));
       assert.deepEqual(outside, [], `requests left ${env.base}`);
       assert.deepEqual(bad, [], `requests failed (console errors: ${JSON.stringify(consoleErrors.slice(0, 10))})`);
       // the walk loaded what it shows through the instance path

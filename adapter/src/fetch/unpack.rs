@@ -270,23 +270,15 @@ impl Sink<'_> {
     fn create_symlinks(&mut self) -> Result<(), FetchError> {
         let link_paths: HashSet<PathBuf> = self.links.iter().map(|l| l.path.clone()).collect();
         for link in &self.links {
-            let resolved = resolve_inside(&link.path, &link.target).ok_or_else(|| {
-                unsafe_entry(
-                    &link.entry,
-                    &format!(
-                        "symbolic link to {} points outside the destination",
-                        link.target.display()
-                    ),
-                )
-            })?;
-            let through_link = resolved
-                .ancestors()
-                .any(|a| !a.as_os_str().is_empty() && link_paths.contains(a));
-            if through_link {
-                return Err(unsafe_entry(
-                    &link.entry,
-                    "symbolic link leads through another symbolic link",
-                ));
+            let outside = || unsafe_entry(&link.entry, &format!("symbolic link to {} points outside the destination", link.target.display()));
+            let through = || unsafe_entry(&link.entry, "symbolic link leads through another symbolic link");
+            if link.path.ancestors().skip(1).any(|a| link_paths.contains(a)) {
+                return Err(through());
+            }
+            match resolve_inside(&link.path, &link.target, &link_paths) {
+                Resolved::Inside => {}
+                Resolved::Outside => return Err(outside()),
+                Resolved::ThroughLink => return Err(through()),
             }
             let dest = self.root.join(&link.path);
             make_parent(&dest, &link.entry)?;
@@ -336,24 +328,39 @@ fn safe_relative(name: &str) -> Result<PathBuf, FetchError> {
     Ok(rel)
 }
 
-/// Where a relative link target lands, lexically, relative to the root; `None`
-/// when absolute or when it climbs above the root.
-fn resolve_inside(link: &Path, target: &Path) -> Option<PathBuf> {
-    let mut parts: Vec<&std::ffi::OsStr> = link
-        .parent()
-        .map(|p| p.iter().collect())
-        .unwrap_or_default();
-    for component in target.components() {
+/// Where a link target lands, read lexically from the link's folder.
+#[derive(Debug, PartialEq, Eq)]
+enum Resolved {
+    /// Inside the root.
+    Inside,
+    /// Absolute, or climbing above the root.
+    Outside,
+    /// An intermediate step is itself a link, so the lexical reading is not
+    /// where the bytes are (`d/l/..` with `d/l -> ..`).
+    ThroughLink,
+}
+
+fn resolve_inside(link: &Path, target: &Path, links: &HashSet<PathBuf>) -> Resolved {
+    let mut at: PathBuf = link.parent().map(Path::to_path_buf).unwrap_or_default();
+    let components: Vec<Component<'_>> = target.components().collect();
+    for (i, component) in components.iter().enumerate() {
         match component {
-            Component::Normal(part) => parts.push(part),
+            Component::Normal(part) => {
+                at.push(part);
+                if i + 1 < components.len() && links.contains(&at) {
+                    return Resolved::ThroughLink;
+                }
+            }
             Component::CurDir => {}
             Component::ParentDir => {
-                parts.pop()?;
+                if !at.pop() {
+                    return Resolved::Outside;
+                }
             }
-            Component::RootDir | Component::Prefix(_) => return None,
+            Component::RootDir | Component::Prefix(_) => return Resolved::Outside,
         }
     }
-    Some(parts.iter().collect())
+    Resolved::Inside
 }
 
 #[cfg(test)]
@@ -381,11 +388,15 @@ mod tests {
 
     #[test]
     fn link_resolution() {
-        let r = |l: &str, t: &str| resolve_inside(Path::new(l), Path::new(t));
-        assert_eq!(r("a/b/link", "../c"), Some(PathBuf::from("a/c")));
-        assert_eq!(r("link", "x/y"), Some(PathBuf::from("x/y")));
-        assert_eq!(r("a/link", "../.."), None);
-        assert_eq!(r("link", "/etc"), None);
-        assert_eq!(r("link", ".."), None);
+        let links: HashSet<PathBuf> = [PathBuf::from("d/l")].into();
+        let r = |l: &str, t: &str| resolve_inside(Path::new(l), Path::new(t), &links);
+        assert_eq!(r("a/b/link", "../c"), Resolved::Inside);
+        assert_eq!(r("link", "x/y"), Resolved::Inside);
+        assert_eq!(r("link", "d/l"), Resolved::Inside);
+        assert_eq!(r("a/link", "../.."), Resolved::Outside);
+        assert_eq!(r("link", "/etc"), Resolved::Outside);
+        assert_eq!(r("link", ".."), Resolved::Outside);
+        assert_eq!(r("x", "d/l/.."), Resolved::ThroughLink);
+        assert_eq!(r("x", "d/l/y"), Resolved::ThroughLink);
     }
 }

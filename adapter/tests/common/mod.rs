@@ -1,0 +1,274 @@
+//! Test fixtures: an upstream app server on `127.0.0.1:0` with the routes the
+//! proxy tests need, and the adapter started in-process in front of it.
+#![allow(dead_code, missing_docs)]
+
+use adapter::server::{Drain, serve};
+use adapter::{Proxy, ProxyConfig, ServeArgs};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub const PREFIX: &str = "/k3x9q2a";
+pub const BIG_BYTES: usize = 64 << 20;
+
+pub const PAGE_HTML: &str = r#"<!doctype html><html><head><link rel="stylesheet" href="/static-files/main.css"><style>body{background:url(/bg.png)}</style></head><body><a href="/#/experiments/1">exp</a><a href="//cdn.example.org/x">cdn</a><img src="relative.png"></body></html>"#;
+pub const PAGE_HTML_REWRITTEN: &str = r#"<!doctype html><html><head><link rel="stylesheet" href="/k3x9q2a/static-files/main.css"><style>body{background:url(/k3x9q2a/bg.png)}</style></head><body><a href="/k3x9q2a/#/experiments/1">exp</a><a href="//cdn.example.org/x">cdn</a><img src="relative.png"></body></html>"#;
+pub const ARTIFACT_HTML: &str = r#"<html><body><a href="/x">a user's report</a><script>location="/#/y"</script></body></html>"#;
+pub const APP_JS: &str = r#"function go(e){window.open(`/#${e}`)};var n="/#notebook/";var keep="a/#b";"#;
+pub const APP_JS_REWRITTEN: &str = r#"function go(e){window.open(`/k3x9q2a/#${e}`)};var n="/k3x9q2a/#notebook/";var keep="a/#b";"#;
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> UpBody {
+    Full::new(b.into()).boxed()
+}
+
+/// The byte at `i` of the 64 MiB artefact: a pattern with no short period.
+pub fn big_byte(i: usize) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+pub async fn brotli(data: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    async_compression::tokio::bufread::BrotliEncoder::new(data).read_to_end(&mut out).await.unwrap();
+    out
+}
+
+pub async fn decode(coding: &str, data: &[u8]) -> Vec<u8> {
+    use async_compression::tokio::bufread::*;
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match coding {
+        "gzip" => GzipDecoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "br" => BrotliDecoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "zstd" => ZstdDecoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "deflate" => ZlibDecoder::new(data).read_to_end(&mut out).await.unwrap(),
+        other => panic!("unexpected coding {other}"),
+    };
+    out
+}
+
+async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
+    let path = req.uri().path().to_owned();
+    let html = |body: UpBody| Response::builder().header(header::CONTENT_TYPE, "text/html; charset=utf-8").body(body).unwrap();
+    match path.as_str() {
+        "/echo" => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let json = serde_json::json!({"method": method, "uri": uri, "headers": headers, "body": String::from_utf8_lossy(&body)});
+            Response::builder().header(header::CONTENT_TYPE, "application/json").body(full(json.to_string())).unwrap()
+        }
+        "/" | "/page.html" => html(full(PAGE_HTML)),
+        "/gzip.html" => {
+            let mut r = html(full(gzip(PAGE_HTML.as_bytes())));
+            r.headers_mut().insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+            r.headers_mut().insert(header::ETAG, "\"abc\"".parse().unwrap());
+            r
+        }
+        "/br.html" => {
+            let mut r = html(full(brotli(PAGE_HTML.as_bytes()).await));
+            r.headers_mut().insert(header::CONTENT_ENCODING, "br".parse().unwrap());
+            r
+        }
+        "/main.css" => Response::builder()
+            .header(header::CONTENT_TYPE, "text/css")
+            .body(full("a{background:url(/img/a.png)} b{background:url(//cdn/x.png)}"))
+            .unwrap(),
+        "/static-files/app.js" => Response::builder()
+            .header(header::CONTENT_TYPE, "application/javascript")
+            .body(full(APP_JS))
+            .unwrap(),
+        "/get-artifact" | "/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/report.html" => html(full(ARTIFACT_HTML)),
+        "/json" => {
+            let body = format!("{{\"runs\":[{}]}}", (0..200).map(|i| format!("{{\"id\":\"{i:032}\"}}")).collect::<Vec<_>>().join(","));
+            Response::builder().header(header::CONTENT_TYPE, "application/json").body(full(body)).unwrap()
+        }
+        "/tiny.json" => Response::builder().header(header::CONTENT_TYPE, "application/json").body(full("{}")).unwrap(),
+        "/redirect" => Response::builder().status(StatusCode::FOUND).header(header::LOCATION, "/target?x=1").body(full("")).unwrap(),
+        "/redirect-abs" => {
+            let host = req.headers().get(header::HOST).unwrap().to_str().unwrap().to_owned();
+            Response::builder().status(StatusCode::FOUND).header(header::LOCATION, format!("http://{host}/abs")).body(full("")).unwrap()
+        }
+        "/cookie" => Response::builder()
+            .header(header::SET_COOKIE, "sid=1; Path=/; HttpOnly")
+            .header(header::SET_COOKIE, "pref=2; Path=/ajax-api")
+            .body(full("ok"))
+            .unwrap(),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Response::new(full("late"))
+        }
+        "/drain" => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Response::new(full("finished after SIGTERM"))
+        }
+        "/big" => {
+            let chunks = (0..BIG_BYTES / 65536).map(|c| {
+                let chunk: Vec<u8> = (c * 65536..(c + 1) * 65536).map(big_byte).collect();
+                Ok::<_, Infallible>(Frame::data(Bytes::from(chunk)))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(header::CONTENT_LENGTH, BIG_BYTES)
+                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
+                .unwrap()
+        }
+        "/big.html" => {
+            // A 4 MiB HTML body with a link per line, streamed in 16 KiB pieces.
+            let line = "<p><a href=\"/run/x\">run</a></p>\n";
+            let doc = line.repeat((4 << 20) / line.len());
+            let chunks: Vec<_> = doc.as_bytes().chunks(16384).map(|c| Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(c)))).collect();
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/html")
+                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
+                .unwrap()
+        }
+        "/sse" => {
+            let stream = futures_util::stream::unfold(0u32, |i| async move {
+                if i == 3 {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))), i + 1))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
+        "/ws" => {
+            let mut req = req;
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, "echo")
+                .body(full(""))
+                .unwrap()
+        }
+        _ => Response::builder().status(StatusCode::NOT_FOUND).body(full("upstream 404")).unwrap(),
+    }
+}
+
+/// Starts the test upstream; returns its address.
+pub async fn start_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(|req| async move { Ok::<_, Infallible>(upstream_route(req).await) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A running in-process adapter.
+pub struct Adapter {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Drain>,
+}
+
+impl Adapter {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(mut self) -> Drain {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap()
+    }
+}
+
+/// A fluent builder for the adapter under test.
+pub struct AdapterBuilder {
+    args: ServeArgs,
+}
+
+pub fn adapter(upstream: SocketAddr) -> AdapterBuilder {
+    AdapterBuilder {
+        args: ServeArgs {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            upstream: Some(format!("http://{upstream}")),
+            prefix: Some(PREFIX.into()),
+            ..Default::default()
+        },
+    }
+}
+
+impl AdapterBuilder {
+    pub fn rewrite_off(mut self) -> Self {
+        self.args.rewrite = Some(adapter::config::RewriteMode::Off);
+        self
+    }
+
+    pub fn upstream_timeout(mut self, d: Duration) -> Self {
+        self.args.upstream_timeout = Some(d);
+        self
+    }
+
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.args.drain_timeout = Some(d);
+        self
+    }
+
+    pub async fn start(self) -> Adapter {
+        let config = ProxyConfig::resolve(self.args, Vec::<(String, String)>::new()).unwrap();
+        let listener = TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(Proxy::new(config), listener, async move {
+            let _ = rx.await;
+        }));
+        Adapter { addr, stop: Some(tx), task }
+    }
+}
+
+/// An HTTP client that does not follow redirects or decode bodies.
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// A free port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
