@@ -108,6 +108,10 @@ export function run(cmd, args, opts = {}) {
 /** Plain HTTP request with full control of headers (Host included). */
 export function request({ port, host = '127.0.0.1', method = 'GET', path: p = '/', headers = {}, body, timeout = 15000 }) {
   return new Promise((resolve, reject) => {
+    // like a browser: a body goes with its Content-Length (MLflow 3 drops chunked bodies)
+    if (body !== undefined && !Object.keys(headers).some((k) => k.toLowerCase() === 'content-length')) {
+      headers = { ...headers, 'Content-Length': Buffer.byteLength(body) };
+    }
     const req = http.request({ host, port, method, path: p, headers, timeout }, (res) => {
       const chunks = [];
       res.on('data', (c) => chunks.push(c));
@@ -146,9 +150,12 @@ export function venv(version) {
   return run(path.join(MLFLOW_DIR, 'venv'), [version], { stdio: ['ignore', 'pipe', 'inherit'] }).trim().split('\n').pop();
 }
 
-/** Populate a file store (dir/mlruns) with the demo data; returns populate.py's JSON summary. */
-export function populate(venvDir, storeDir) {
-  const out = run(path.join(venvDir, 'bin', 'python'), [path.join(MLFLOW_DIR, 'populate.py'), '--store', storeDir]);
+/** Populate a file store (storeDir = the mlruns folder), or with sqlite storeDir/mlflow.db +
+ * storeDir/artifacts, with the demo data; returns populate.py's JSON summary. */
+export function populate(venvDir, storeDir, { sqlite = false } = {}) {
+  const args = [path.join(MLFLOW_DIR, 'populate.py'), '--store', storeDir];
+  if (sqlite) args.push('--sqlite');
+  const out = run(path.join(venvDir, 'bin', 'python'), args);
   return JSON.parse(out);
 }
 
@@ -186,7 +193,13 @@ export const CHROMIUM = process.env.FLOWGATE_CHROMIUM || '/usr/bin/chromium';
 export const PUBLIC_HOST = 'mlflow.example.test';
 
 export async function launchChromium(userDataDir) {
-  const { chromium } = await import('playwright-core');
+  if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: apt-get install -y chromium (or set FLOWGATE_CHROMIUM)`);
+  let chromium;
+  try {
+    ({ chromium } = await import('playwright-core'));
+  } catch (e) {
+    throw new Error(`playwright-core is not installed: (cd testenv/browser && npm ci) (${e.message})`);
+  }
   return chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
     headless: true,

@@ -248,7 +248,8 @@ def main():
         "second_experiment": {"name": SECOND_EXPERIMENT,
                               "id": client.get_experiment_by_name(SECOND_EXPERIMENT).experiment_id},
         "runs": runs,
-        "run": {"name": RUN, "id": runs[RUN], "final_accuracy": FINAL_ACCURACY, "steps": STEPS},
+        "run": {"name": RUN, "id": runs[RUN], "final_accuracy": FINAL_ACCURACY, "steps": STEPS,
+                "artifact_uri": client.get_run(runs[RUN]).info.artifact_uri},
         "artifacts": {k: {"sha256": sha256(b), "size": len(b)}
                       for k, b in ((k, v if isinstance(v, bytes) else v.encode("utf-8")) for k, v in artifacts.items())
                       if k != "model/MLmodel"},

@@ -1,0 +1,82 @@
+//! The lifecycle every backend offers (Kubernetes, local). The CLI and the
+//! REST API call only this.
+
+use crate::Result;
+use crate::instance::{CreateRequest, Instance, InstanceId, Phase};
+use async_trait::async_trait;
+use std::time::{Duration, Instant};
+
+/// The result of a create.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// The instance (new, or the live one for the same workload and artefacts).
+    pub instance: Instance,
+    /// False when an existing instance was returned.
+    pub created: bool,
+}
+
+/// Which instances to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this workload.
+    pub workload: Option<String>,
+    /// Only this owner.
+    pub owner: Option<String>,
+}
+
+/// One thing `gc` removed (or would remove, on a dry run).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Removed {
+    /// Object kind (Deployment, Service, Ingress, Route, process).
+    pub kind: String,
+    /// Object name.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Instance lifecycle operations.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Creates an instance, or returns the live one for the same workload and checksum.
+    async fn create(&self, request: CreateRequest) -> Result<Created>;
+    /// One instance.
+    async fn get(&self, id: &InstanceId) -> Result<Instance>;
+    /// Instances matching `filter`.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>>;
+    /// Deletes an instance and everything it owns.
+    async fn delete(&self, id: &InstanceId) -> Result<()>;
+    /// Pushes the expiry `ttl` further (from the current expiry, or now if past).
+    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance>;
+    /// Removes expired instances and leftovers.
+    async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>>;
+
+    /// Waits until the instance is Ready (or Failed, or the timeout passes),
+    /// calling `progress` whenever the phase or message changes.
+    async fn wait_ready(&self, id: &InstanceId, timeout: Duration, progress: &(dyn for<'i> Fn(&'i Instance) + Send + Sync)) -> Result<Instance> {
+        let deadline = Instant::now() + timeout;
+        let mut last: Option<(Phase, Option<String>)> = None;
+        loop {
+            let instance = self.get(id).await?;
+            let now = (instance.phase, instance.message.clone());
+            if last.as_ref() != Some(&now) {
+                progress(&instance);
+                last = Some(now);
+            }
+            match instance.phase {
+                Phase::Ready => return Ok(instance),
+                Phase::Failed | Phase::Expired => {
+                    return Err(crate::Error::Failed {
+                        id: id.to_string(),
+                        reason: instance.message.unwrap_or_else(|| instance.phase.to_string()),
+                    });
+                }
+                Phase::Pending => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(crate::Error::Timeout(format!("instance {id} not ready after {}", humantime::format_duration(timeout))));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The `flowgate` command line: flags, subcommands, and running them against a
+//! backend. `main.rs` only parses and calls [`run`].
+
+use crate::backend::{Backend, ListFilter};
+use crate::instance::{ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Workload, validate_owner};
+use crate::kube::KubeBackend;
+use crate::output::{self, Format};
+use crate::settings::{KubeArgs, KubeSettings};
+use crate::{Error, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+use std::time::Duration;
+
+/// Creates, lists, extends and deletes MLflow instances for job results.
+#[derive(Parser, Debug)]
+#[command(name = "flowgate", version)]
+pub struct Cli {
+    /// Where instances run
+    #[arg(long, env = "FLOWGATE_BACKEND", value_enum, default_value = "kubernetes", global = true)]
+    pub backend: BackendKind,
+    /// Output format
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    pub output: Format,
+    /// Kubernetes backend settings.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Kubernetes or OpenShift (kubeconfig or in-cluster).
+    Kubernetes,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create an instance for a job's artefacts (or return the live one)
+    Create {
+        /// The portal's job or task id
+        #[arg(long)]
+        workload: String,
+        /// URL of the artefact archive (.tar.gz, .tgz, .tar or .zip)
+        #[arg(long)]
+        artifacts: String,
+        /// sha256 of the archive
+        #[arg(long)]
+        sha256: String,
+        /// Time to live [default: --default-ttl]
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Who asks
+        #[arg(long, default_value = ANONYMOUS)]
+        owner: String,
+        /// Wait until the instance serves (or fails)
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// Show one instance
+    Get {
+        /// Instance id
+        id: String,
+    },
+    /// List instances
+    List {
+        /// Only this workload
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only this owner
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Delete an instance and everything it owns
+    Delete {
+        /// Instance id
+        id: String,
+    },
+    /// Push an instance's expiry further
+    Extend {
+        /// Instance id
+        id: String,
+        /// How much longer (from the current expiry, or now if past)
+        #[arg(long)]
+        ttl: String,
+    },
+    /// Delete expired instances and leftovers (run hourly)
+    Gc {
+        /// Only print what would be removed
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Roll every instance to new images, one at a time
+    Upgrade {
+        /// New MLflow image
+        #[arg(long)]
+        mlflow_image: Option<String>,
+        /// New adapter image
+        #[arg(long)]
+        adapter_image: Option<String>,
+        /// Instances rolled at once
+        #[arg(long, default_value_t = 1)]
+        max_parallel: usize,
+        /// Do not wait for each rollout
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait per rollout
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        rollout_timeout: Duration,
+    },
+}
+
+/// Runs a parsed command line; returns what to print.
+pub async fn run(cli: Cli) -> Result<String> {
+    let client = kube::Client::try_default().await.map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+    let settings = KubeSettings::from_args(&cli.kube, client.default_namespace())?;
+    let ttl_policy = settings.ttl;
+    let backend = KubeBackend::new(client, settings).await?;
+    let now = Timestamp::now;
+    let show_one = |i: &Instance| match cli.output {
+        Format::Json => output::json(i),
+        Format::Table => output::table(std::slice::from_ref(i), now()),
+    };
+    match cli.command {
+        Command::Create { workload, artifacts, sha256, ttl, owner, wait, wait_timeout } => {
+            let request = CreateRequest {
+                workload: Workload::parse(&workload)?,
+                owner: validate_owner(&owner)?,
+                artifacts: Artifacts::validated(&artifacts, &sha256, &["https", "http"])?,
+                ttl: ttl_policy.resolve(ttl.as_deref())?,
+            };
+            let created = backend.create(request).await?;
+            if !created.created {
+                eprintln!("an instance for this workload and these artefacts is already live");
+            }
+            let instance = if wait { wait_with_spinner(&backend, &created.instance.id, wait_timeout).await? } else { created.instance };
+            Ok(show_one(&instance))
+        }
+        Command::Get { id } => Ok(show_one(&backend.get(&InstanceId::parse(&id)?).await?)),
+        Command::List { workload, owner } => {
+            let list = backend.list(&ListFilter { workload, owner }).await?;
+            Ok(match cli.output {
+                Format::Json => output::json(&list),
+                Format::Table => output::table(&list, now()),
+            })
+        }
+        Command::Delete { id } => {
+            let id = InstanceId::parse(&id)?;
+            backend.delete(&id).await?;
+            Ok(format!("deleted {id}\n"))
+        }
+        Command::Extend { id, ttl } => {
+            let ttl = humantime::parse_duration(&ttl).map_err(|e| Error::invalid("ttl", format!("{ttl:?}: {e}")))?;
+            Ok(show_one(&backend.extend(&InstanceId::parse(&id)?, ttl).await?))
+        }
+        Command::Gc { dry_run } => {
+            let removed = backend.gc(dry_run).await?;
+            Ok(match cli.output {
+                Format::Json => output::json(&removed),
+                Format::Table => {
+                    let verb = if dry_run { "would remove" } else { "removed" };
+                    let mut s: String = removed.iter().map(|r| format!("{verb} {} {} ({})\n", r.kind, r.name, r.reason)).collect();
+                    s.push_str(&format!("gc: {} object(s) {verb}\n", removed.len()));
+                    s
+                }
+            })
+        }
+        Command::Upgrade { mlflow_image, adapter_image, max_parallel, no_wait, rollout_timeout } => {
+            let wait = (!no_wait).then_some(rollout_timeout);
+            let steps = backend
+                .upgrade(mlflow_image.as_deref(), adapter_image.as_deref(), max_parallel, wait, &|step| match &step.outcome {
+                    Ok(()) => eprintln!("[{}/{}] {} rolled", step.index, step.total, step.id),
+                    Err(e) => eprintln!("[{}/{}] {}: {e}", step.index, step.total, step.id),
+                })
+                .await?;
+            let failed = steps.iter().filter(|s| s.outcome.is_err()).count();
+            if failed > 0 {
+                return Err(Error::Timeout(format!("{failed} of {} rollouts did not complete", steps.len())));
+            }
+            Ok(format!("upgrade: {} instance(s) rolled\n", steps.len()))
+        }
+    }
+}
+
+async fn wait_with_spinner(backend: &dyn Backend, id: &InstanceId, timeout: Duration) -> Result<Instance> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    spinner.set_message(format!("{id}: waiting"));
+    let result = backend
+        .wait_ready(id, timeout, &|i| {
+            spinner.set_message(format!("{}: {}{}", i.id, i.phase, i.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()));
+        })
+        .await;
+    spinner.finish_and_clear();
+    result
+}

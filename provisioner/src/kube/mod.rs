@@ -1,0 +1,396 @@
+//! The Kubernetes backend: instances are Deployments (+ Service + Ingress or
+//! Route) created by server-side apply; their labels and annotations are the
+//! only store.
+
+pub mod objects;
+
+use crate::backend::{Backend, Created, ListFilter, Removed};
+use crate::instance::{CreateRequest, Instance, InstanceId, Phase, add, label_safe};
+use crate::labels::*;
+use crate::settings::{KubeSettings, RouteKind};
+use crate::{Error, Result};
+use async_trait::async_trait;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use objects::{InstanceSpec, deployment, ingress, instance_from_deployment, owner_reference, route, route_resource, service};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// Container waiting reasons that will not fix themselves.
+const FATAL_WAITING: [&str; 7] = [
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Instances on a Kubernetes or OpenShift cluster.
+pub struct KubeBackend {
+    settings: KubeSettings,
+    route_kind: RouteKind,
+    routes_served: bool,
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    ingresses: Api<Ingress>,
+    routes: Api<DynamicObject>,
+    pods: Api<Pod>,
+}
+
+/// Progress of an `upgrade`.
+#[derive(Debug, Clone)]
+pub struct UpgradeStep {
+    /// Instance.
+    pub id: String,
+    /// Position (1-based) and total.
+    pub index: usize,
+    /// Total instances.
+    pub total: usize,
+    /// Done, or what happened.
+    pub outcome: std::result::Result<(), String>,
+}
+
+impl KubeBackend {
+    /// Connects the backend; resolves `--route-kind auto` by asking the API
+    /// whether route.openshift.io is served.
+    pub async fn new(client: Client, settings: KubeSettings) -> Result<Self> {
+        let groups = client.list_api_groups().await?;
+        let routes_served = groups.groups.iter().any(|g| g.name == "route.openshift.io");
+        let route_kind = match settings.route_kind {
+            RouteKind::Auto if routes_served => RouteKind::Route,
+            RouteKind::Auto => RouteKind::Ingress,
+            RouteKind::Route if !routes_served => {
+                return Err(Error::invalid("route-kind", "route was asked for, but the cluster does not serve route.openshift.io"));
+            }
+            other => other,
+        };
+        let ns = settings.namespace.clone();
+        Ok(Self {
+            route_kind,
+            routes_served,
+            deployments: Api::namespaced(client.clone(), &ns),
+            services: Api::namespaced(client.clone(), &ns),
+            ingresses: Api::namespaced(client.clone(), &ns),
+            routes: Api::namespaced_with(client.clone(), &ns, &route_resource()),
+            pods: Api::namespaced(client, &ns),
+            settings,
+        })
+    }
+
+    /// The route kind in use (auto resolved).
+    pub fn route_kind(&self) -> RouteKind {
+        self.route_kind
+    }
+
+    fn apply_params() -> PatchParams {
+        PatchParams::apply(FIELD_MANAGER).force()
+    }
+
+    async fn managed_deployment(&self, id: &InstanceId) -> Result<Deployment> {
+        match self.deployments.get_opt(&id.object_name()).await? {
+            Some(d) if d.labels().get(MANAGED_BY).map(String::as_str) == Some(MANAGER) => Ok(d),
+            _ => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    /// An id no object uses yet.
+    async fn fresh_id(&self) -> Result<InstanceId> {
+        for _ in 0..8 {
+            let id = InstanceId::random();
+            let name = id.object_name();
+            if self.deployments.get_opt(&name).await?.is_none() && self.services.get_opt(&name).await?.is_none() {
+                return Ok(id);
+            }
+        }
+        Err(Error::Internal("could not find a free instance id".into()))
+    }
+
+    async fn find_live(&self, request: &CreateRequest, now: Timestamp) -> Result<Option<Instance>> {
+        let selector = format!(
+            "{},{WORKLOAD}={},{ARTIFACTS_DIGEST}={}",
+            managed_selector(),
+            request.workload.label_value(),
+            digest_label(&request.artifacts.sha256)
+        );
+        let found = self.deployments.list(&ListParams::default().labels(&selector)).await?;
+        Ok(found
+            .items
+            .iter()
+            .filter_map(|d| instance_from_deployment(d, now).ok())
+            .filter(|i| i.workload == request.workload.as_str() && i.artifacts.sha256 == request.artifacts.sha256)
+            .find(|i| matches!(i.phase, Phase::Ready | Phase::Pending)))
+    }
+
+    /// Why the instance's pod cannot start, if it cannot.
+    async fn pod_failure(&self, id: &InstanceId) -> Result<Option<String>> {
+        let pods = self.pods.list(&ListParams::default().labels(&format!("{INSTANCE}={id}"))).await?;
+        for pod in pods.items {
+            let Some(status) = pod.status else { continue };
+            let statuses = status.init_container_statuses.unwrap_or_default().into_iter().chain(status.container_statuses.unwrap_or_default());
+            for cs in statuses {
+                let state = cs.state.unwrap_or_default();
+                if let Some(w) = state.waiting {
+                    let reason = w.reason.unwrap_or_default();
+                    if FATAL_WAITING.contains(&reason.as_str()) {
+                        return Ok(Some(format!("container {}: {reason}: {}", cs.name, w.message.unwrap_or_default())));
+                    }
+                }
+                if let Some(t) = state.terminated {
+                    if t.exit_code != 0 && cs.restart_count >= 2 {
+                        return Ok(Some(format!(
+                            "container {} exits with code {} ({}): {}",
+                            cs.name,
+                            t.exit_code,
+                            t.reason.unwrap_or_default(),
+                            t.message.unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rolls every instance to new images, `max_parallel` at a time, waiting
+    /// for each rollout (unless `wait` is None) before the next batch.
+    pub async fn upgrade(
+        &self,
+        mlflow_image: Option<&str>,
+        adapter_image: Option<&str>,
+        max_parallel: usize,
+        wait: Option<Duration>,
+        progress: &(dyn for<'s> Fn(&'s UpgradeStep) + Send + Sync),
+    ) -> Result<Vec<UpgradeStep>> {
+        let mut containers = Vec::new();
+        let mut init = Vec::new();
+        if let Some(image) = mlflow_image {
+            containers.push(json!({"name": "mlflow", "image": image}));
+        }
+        if let Some(image) = adapter_image {
+            containers.push(json!({"name": "adapter", "image": image}));
+            init.push(json!({"name": "fetch", "image": image}));
+        }
+        if containers.is_empty() {
+            return Err(Error::invalid("images", "give --mlflow-image and/or --adapter-image"));
+        }
+        let patch = json!({"spec": {"template": {"spec": {"containers": containers, "initContainers": init}}}});
+        let list = self.deployments.list(&ListParams::default().labels(&managed_selector())).await?;
+        let total = list.items.len();
+        let mut steps = Vec::new();
+        for (batch_no, batch) in list.items.chunks(max_parallel.max(1)).enumerate() {
+            let mut names = Vec::new();
+            for d in batch {
+                let name = d.name_any();
+                self.deployments
+                    .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                    .await?;
+                names.push(name);
+            }
+            for (i, name) in names.iter().enumerate() {
+                let outcome = match wait {
+                    Some(timeout) => self.wait_rollout(name, timeout).await,
+                    None => Ok(()),
+                };
+                let step = UpgradeStep {
+                    id: name.trim_start_matches("mlflow-").to_owned(),
+                    index: batch_no * max_parallel.max(1) + i + 1,
+                    total,
+                    outcome,
+                };
+                progress(&step);
+                steps.push(step);
+            }
+        }
+        Ok(steps)
+    }
+
+    async fn wait_rollout(&self, name: &str, timeout: Duration) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let d = self.deployments.get(name).await.map_err(|e| e.to_string())?;
+            let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let status = d.status.unwrap_or_default();
+            let observed = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+            if observed
+                && status.updated_replicas.unwrap_or(0) == want
+                && status.available_replicas.unwrap_or(0) == want
+                && status.replicas.unwrap_or(0) == want
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("rollout not complete after {}", humantime::format_duration(timeout)));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for KubeBackend {
+    async fn create(&self, request: CreateRequest) -> Result<Created> {
+        let now = Timestamp::now();
+        if let Some(instance) = self.find_live(&request, now).await? {
+            return Ok(Created { instance, created: false });
+        }
+        let ttl = self.settings.ttl.check(request.ttl)?;
+        let spec = InstanceSpec {
+            id: self.fresh_id().await?,
+            workload: request.workload.as_str().to_owned(),
+            owner: request.owner.clone(),
+            artifacts: request.artifacts.clone(),
+            created_at: now,
+            expires_at: add(now, ttl),
+        };
+        let name = spec.id.object_name();
+        let params = Self::apply_params();
+        // The Deployment first, marked `creating`: if anything after it fails
+        // it is deleted (its children go with it), and if even that fails, gc
+        // removes it once it has been `creating` for too long.
+        let created = self.deployments.patch(&name, &params, &Patch::Apply(deployment(&spec, &self.settings, "creating"))).await?;
+        let children = async {
+            let owner = owner_reference(&created)?;
+            self.services.patch(&name, &params, &Patch::Apply(service(&spec, &owner))).await?;
+            match self.route_kind {
+                RouteKind::Route => {
+                    self.routes.patch(&name, &params, &Patch::Apply(route(&spec, &self.settings, &owner))).await?;
+                }
+                _ => {
+                    self.ingresses.patch(&name, &params, &Patch::Apply(ingress(&spec, &self.settings, &owner))).await?;
+                }
+            }
+            Ok::<_, Error>(self.deployments.patch(&name, &params, &Patch::Apply(deployment(&spec, &self.settings, "complete"))).await?)
+        };
+        match children.await {
+            Ok(d) => Ok(Created { instance: instance_from_deployment(&d, Timestamp::now())?, created: true }),
+            Err(e) => {
+                if let Err(cleanup) = self.deployments.delete(&name, &DeleteParams::background()).await {
+                    tracing::warn!(%name, error = %cleanup, "could not remove the half-made instance; gc will");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn get(&self, id: &InstanceId) -> Result<Instance> {
+        let d = self.managed_deployment(id).await?;
+        let mut instance = instance_from_deployment(&d, Timestamp::now())?;
+        if instance.phase == Phase::Pending {
+            if let Some(reason) = self.pod_failure(id).await? {
+                instance.phase = Phase::Failed;
+                instance.message = Some(reason);
+            }
+        }
+        Ok(instance)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
+        let mut selector = managed_selector();
+        if let Some(w) = &filter.workload {
+            selector.push_str(&format!(",{WORKLOAD}={}", label_safe(w)));
+        }
+        if let Some(o) = &filter.owner {
+            selector.push_str(&format!(",{OWNER}={}", label_safe(o)));
+        }
+        let now = Timestamp::now();
+        let list = self.deployments.list(&ListParams::default().labels(&selector)).await?;
+        let mut out: Vec<Instance> = list
+            .items
+            .iter()
+            .filter_map(|d| match instance_from_deployment(d, now) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!(name = ?d.metadata.name, error = %e, "skipping a malformed instance");
+                    None
+                }
+            })
+            .filter(|i| filter.workload.as_deref().is_none_or(|w| i.workload == w))
+            .filter(|i| filter.owner.as_deref().is_none_or(|o| i.owner == o))
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn delete(&self, id: &InstanceId) -> Result<()> {
+        self.managed_deployment(id).await?;
+        self.deployments.delete(&id.object_name(), &DeleteParams::background()).await?;
+        Ok(())
+    }
+
+    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
+        let d = self.managed_deployment(id).await?;
+        let now = Timestamp::now();
+        let current = instance_from_deployment(&d, now)?;
+        let ttl = self.settings.ttl.check(ttl)?;
+        let from = current.expires_at.max(now);
+        let expires_at = add(from, ttl).min(add(now, self.settings.ttl.max));
+        let patch = json!({"metadata": {"annotations": {ANN_EXPIRES_AT: expires_at.to_string()}}});
+        let d = self.deployments.patch(&id.object_name(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        instance_from_deployment(&d, now)
+    }
+
+    async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
+        let now = Timestamp::now();
+        let mut removed = Vec::new();
+        let deployments = self.deployments.list(&ListParams::default().labels(&managed_selector())).await?;
+        // Every instance that has a Deployment: its other objects are not
+        // orphans (those of Deployments removed below go with them).
+        let live: HashSet<String> = deployments.items.iter().filter_map(|d| d.labels().get(INSTANCE).cloned()).collect();
+        for d in &deployments.items {
+            let name = d.name_any();
+            let ann = d.annotations();
+            let expired = ann.get(ANN_EXPIRES_AT).and_then(|t| t.parse::<Timestamp>().ok()).is_none_or(|t| t <= now);
+            let stuck = ann.get(ANN_STATE).map(String::as_str) != Some("complete")
+                && d.metadata.creation_timestamp.as_ref().is_some_and(|t| add(t.0, self.settings.stuck_after) <= now);
+            let reason = if expired {
+                "expired"
+            } else if stuck {
+                "half-made (creation never completed)"
+            } else {
+                continue;
+            };
+            if !dry_run {
+                self.deployments.delete(&name, &DeleteParams::background()).await?;
+            }
+            removed.push(Removed { kind: "Deployment".into(), name, reason: reason.into() });
+        }
+        // Leftovers whose Deployment is gone (the garbage collector removes
+        // owned ones, but not objects that lost or never had their owner).
+        let orphan = |labels: &std::collections::BTreeMap<String, String>| !labels.get(INSTANCE).is_some_and(|i| live.contains(i));
+        let lp = ListParams::default().labels(&managed_selector());
+        for s in self.services.list(&lp).await?.items {
+            if orphan(s.labels()) {
+                if !dry_run {
+                    self.services.delete(&s.name_any(), &DeleteParams::background()).await?;
+                }
+                removed.push(Removed { kind: "Service".into(), name: s.name_any(), reason: "no Deployment".into() });
+            }
+        }
+        for i in self.ingresses.list(&lp).await?.items {
+            if orphan(i.labels()) {
+                if !dry_run {
+                    self.ingresses.delete(&i.name_any(), &DeleteParams::background()).await?;
+                }
+                removed.push(Removed { kind: "Ingress".into(), name: i.name_any(), reason: "no Deployment".into() });
+            }
+        }
+        if self.routes_served {
+            for r in self.routes.list(&lp).await?.items {
+                if orphan(r.labels()) {
+                    if !dry_run {
+                        self.routes.delete(&r.name_any(), &DeleteParams::background()).await?;
+                    }
+                    removed.push(Removed { kind: "Route".into(), name: r.name_any(), reason: "no Deployment".into() });
+                }
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,371 @@
+//! The Kubernetes objects of one instance, built without a server: the
+//! Deployment (init container `fetch`, containers `mlflow` and `adapter`), the
+//! Service, and the Ingress or OpenShift Route. The CLI, the REST API and the
+//! operator all build through these functions.
+
+use crate::instance::{Artifacts, Instance, InstanceId, Phase, label_safe};
+use crate::labels::*;
+use crate::settings::KubeSettings;
+use crate::{Error, Result};
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+/// Where the init container unpacks the store, inside the shared emptyDir.
+pub const STORE_DIR: &str = "/data/store";
+/// MLflow listens here only (never exposed outside the pod).
+pub const MLFLOW_PORT: u16 = 5000;
+/// The adapter's port, the only one the Service reaches.
+pub const ADAPTER_PORT: u16 = 8080;
+
+/// Everything that defines one instance's objects.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    /// Id.
+    pub id: InstanceId,
+    /// Raw workload id.
+    pub workload: String,
+    /// Owner.
+    pub owner: String,
+    /// Artefacts.
+    pub artifacts: Artifacts,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// Expiry.
+    pub expires_at: Timestamp,
+}
+
+/// The labels every object of the instance carries.
+pub fn labels(spec: &InstanceSpec) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME.into(), "mlflow".into()),
+        (MANAGED_BY.into(), MANAGER.into()),
+        (INSTANCE.into(), spec.id.to_string()),
+        (WORKLOAD.into(), label_safe(&spec.workload)),
+        (OWNER.into(), label_safe(&spec.owner)),
+        (ARTIFACTS_DIGEST.into(), digest_label(&spec.artifacts.sha256).into()),
+    ])
+}
+
+/// The annotations that hold the raw values.
+pub fn annotations(spec: &InstanceSpec, settings: &KubeSettings, state: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (ANN_WORKLOAD.into(), spec.workload.clone()),
+        (ANN_OWNER.into(), spec.owner.clone()),
+        (ANN_ARTIFACTS_URL.into(), spec.artifacts.url.clone()),
+        (ANN_ARTIFACTS_SHA256.into(), spec.artifacts.sha256.clone()),
+        (ANN_CREATED_AT.into(), spec.created_at.to_string()),
+        (ANN_EXPIRES_AT.into(), spec.expires_at.to_string()),
+        (ANN_URL.into(), settings.url_for(&spec.id)),
+        (ANN_STATE.into(), state.into()),
+    ])
+}
+
+fn resources(cpu: &(String, String), memory: &(String, String)) -> Value {
+    json!({
+        "requests": {"cpu": cpu.0, "memory": memory.0},
+        "limits": {"cpu": cpu.1, "memory": memory.1},
+    })
+}
+
+/// A container securityContext that passes the `restricted` Pod Security
+/// level and works under OpenShift's arbitrary UIDs (no fixed runAsUser).
+fn restricted() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The Deployment. `state` is [`ANN_STATE`]'s value.
+pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deployment {
+    let name = spec.id.object_name();
+    let labels = labels(spec);
+    let selector = BTreeMap::from([(INSTANCE.to_owned(), spec.id.to_string())]);
+    let adapter_resources = resources(&s.adapter_cpu, &s.adapter_memory);
+    let value = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": annotations(spec, s, state),
+        },
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "progressDeadlineSeconds": 600,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "volumes": [
+                        {"name": "data", "emptyDir": {"sizeLimit": s.store_size}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                    ],
+                    "initContainers": [{
+                        "name": "fetch",
+                        "image": s.adapter_image,
+                        "args": ["fetch", "--url", spec.artifacts.url, "--sha256", spec.artifacts.sha256, "--dest", STORE_DIR],
+                        "env": [{"name": "RUST_LOG", "value": "info"}],
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
+                        "resources": adapter_resources,
+                        "securityContext": restricted(),
+                    }],
+                    "containers": [
+                        {
+                            "name": "mlflow",
+                            "image": s.mlflow_image,
+                            "env": [
+                                {"name": "FLOWGATE_STORE", "value": STORE_DIR},
+                                {"name": "MLFLOW_HOST", "value": "127.0.0.1"},
+                                {"name": "MLFLOW_PORT", "value": MLFLOW_PORT.to_string()},
+                                {"name": "HOME", "value": "/tmp"},
+                            ],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
+                            "resources": resources(&s.mlflow_cpu, &s.mlflow_memory),
+                            "securityContext": restricted(),
+                        },
+                        {
+                            "name": "adapter",
+                            "image": s.adapter_image,
+                            "env": [
+                                {"name": "FLOWGATE_PREFIX", "value": spec.id.prefix()},
+                                {"name": "FLOWGATE_LISTEN", "value": format!("0.0.0.0:{ADAPTER_PORT}")},
+                                {"name": "FLOWGATE_UPSTREAM", "value": format!("http://127.0.0.1:{MLFLOW_PORT}")},
+                                {"name": "RUST_LOG", "value": "info"},
+                            ],
+                            "ports": [{"name": "http", "containerPort": ADAPTER_PORT, "protocol": "TCP"}],
+                            // MLflow can take a minute to start on a big store:
+                            // the startup probe allows 10 minutes.
+                            "startupProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 120},
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 3},
+                            "resources": adapter_resources,
+                            "securityContext": restricted(),
+                        },
+                    ],
+                },
+            },
+        },
+    });
+    serde_json::from_value(value).expect("the Deployment template is a valid Deployment")
+}
+
+/// An ownerReference to `deployment` (which must have come back from the server).
+pub fn owner_reference(deployment: &Deployment) -> Result<OwnerReference> {
+    let uid = deployment.metadata.uid.clone().ok_or_else(|| Error::Internal("Deployment without a uid".into()))?;
+    Ok(OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: deployment.metadata.name.clone().unwrap_or_default(),
+        uid,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// The Service: port 80 to the adapter.
+pub fn service(spec: &InstanceSpec, owner: &OwnerReference) -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": spec.id.object_name(), "labels": labels(spec), "ownerReferences": [owner]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {INSTANCE: spec.id.to_string()},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }))
+    .expect("the Service template is a valid Service")
+}
+
+/// The Ingress: path `/<id>` (Prefix) on the shared host.
+pub fn ingress(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> Ingress {
+    let mut value = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": spec.id.object_name(), "labels": labels(spec), "ownerReferences": [owner]},
+        "spec": {
+            "rules": [{
+                "host": s.host,
+                "http": {"paths": [{
+                    "path": spec.id.prefix(),
+                    "pathType": "Prefix",
+                    "backend": {"service": {"name": spec.id.object_name(), "port": {"name": "http"}}},
+                }]},
+            }],
+        },
+    });
+    if let Some(class) = &s.ingress_class {
+        value["spec"]["ingressClassName"] = json!(class);
+    }
+    if let Some(secret) = &s.tls_secret {
+        value["spec"]["tls"] = json!([{"hosts": [s.host], "secretName": secret}]);
+    }
+    serde_json::from_value(value).expect("the Ingress template is a valid Ingress")
+}
+
+/// route.openshift.io/v1 Route.
+pub fn route_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("route.openshift.io", "v1", "Route"), "routes")
+}
+
+/// The Route: path `/<id>` on the shared host, TLS at the edge.
+pub fn route(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> DynamicObject {
+    let mut route = DynamicObject::new(&spec.id.object_name(), &route_resource()).data(json!({
+        "spec": {
+            "host": s.host,
+            "path": spec.id.prefix(),
+            "to": {"kind": "Service", "name": spec.id.object_name(), "weight": 100},
+            "port": {"targetPort": "http"},
+            "tls": {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"},
+            "wildcardPolicy": "None",
+        },
+    }));
+    route.metadata.labels = Some(labels(spec));
+    route.metadata.owner_references = Some(vec![owner.clone()]);
+    route
+}
+
+/// Reads an instance back from its Deployment (labels and annotations are the store).
+pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instance> {
+    let ann = d.metadata.annotations.clone().unwrap_or_default();
+    let get = |k: &str| ann.get(k).cloned().ok_or_else(|| Error::Internal(format!("Deployment {:?} lacks annotation {k}", d.metadata.name)));
+    let time = |k: &str| -> Result<Timestamp> { get(k)?.parse().map_err(|e| Error::Internal(format!("annotation {k}: {e}"))) };
+    let id_label = d.metadata.labels.as_ref().and_then(|l| l.get(INSTANCE)).cloned().unwrap_or_default();
+    let expires_at = time(ANN_EXPIRES_AT)?;
+    let status = d.status.clone().unwrap_or_default();
+    let deadline_exceeded = status
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "Progressing" && c.status == "False")
+        .map(|c| c.message.clone().unwrap_or_else(|| c.reason.clone().unwrap_or_default()));
+    let (phase, message) = if expires_at <= now {
+        (Phase::Expired, None)
+    } else if status.available_replicas.unwrap_or(0) >= 1 && ann.get(ANN_STATE).map(String::as_str) == Some("complete") {
+        (Phase::Ready, None)
+    } else if let Some(message) = deadline_exceeded {
+        (Phase::Failed, Some(message))
+    } else {
+        (Phase::Pending, None)
+    };
+    Ok(Instance {
+        id: InstanceId::parse(&id_label)?,
+        workload: get(ANN_WORKLOAD)?,
+        owner: get(ANN_OWNER)?,
+        artifacts: Artifacts { url: get(ANN_ARTIFACTS_URL)?, sha256: get(ANN_ARTIFACTS_SHA256)? },
+        created_at: time(ANN_CREATED_AT)?,
+        expires_at,
+        url: get(ANN_URL)?,
+        phase,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{KubeArgs, KubeSettings};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        kube: KubeArgs,
+    }
+
+    pub(crate) fn settings() -> KubeSettings {
+        let args = Wrap::parse_from(["x", "--host", "ml.example.org", "--ingress-class", "nginx"]).kube;
+        KubeSettings::from_args(&args, "flowgate").unwrap()
+    }
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            id: InstanceId::parse("k3x9q2a").unwrap(),
+            workload: "panda job/123".into(),
+            owner: "alice".into(),
+            artifacts: Artifacts { url: "https://store.example/job.tgz".into(), sha256: "ab".repeat(32) },
+            created_at: "2026-11-26T10:00:00Z".parse().unwrap(),
+            expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn deployment_is_hardened_and_labelled() {
+        let d = deployment(&spec(), &settings(), "creating");
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["metadata"]["name"], "mlflow-k3x9q2a");
+        let labels = &v["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/name"], "mlflow");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "flowgate");
+        assert_eq!(labels["flowgate.io/instance"], "k3x9q2a");
+        assert!(labels["flowgate.io/workload"].as_str().unwrap().starts_with("h-"));
+        assert_eq!(v["metadata"]["annotations"]["flowgate.io/workload"], "panda job/123");
+        assert_eq!(v["metadata"]["annotations"]["flowgate.io/expires-at"], "2026-11-27T10:00:00Z");
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert!(pod["securityContext"]["runAsUser"].is_null(), "arbitrary UIDs must work");
+        assert_eq!(v["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["args"][0], "fetch");
+        assert_eq!(init["args"][4], "ab".repeat(32));
+        for c in pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().unwrap()) {
+            assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{}", c["name"]);
+            assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+            assert!(c["resources"]["limits"]["memory"].is_string());
+        }
+        let adapter = &pod["containers"][1];
+        assert_eq!(adapter["env"][0]["value"], "/k3x9q2a");
+        assert_eq!(adapter["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(adapter["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert!(pod["containers"][0]["ports"].is_null(), "MLflow's port is never exposed");
+    }
+
+    #[test]
+    fn ingress_and_route_point_at_the_service() {
+        let owner = OwnerReference { api_version: "apps/v1".into(), kind: "Deployment".into(), name: "mlflow-k3x9q2a".into(), uid: "u1".into(), ..Default::default() };
+        let i = serde_json::to_value(ingress(&spec(), &settings(), &owner)).unwrap();
+        assert_eq!(i["spec"]["ingressClassName"], "nginx");
+        assert_eq!(i["spec"]["rules"][0]["host"], "ml.example.org");
+        assert_eq!(i["spec"]["rules"][0]["http"]["paths"][0]["path"], "/k3x9q2a");
+        assert_eq!(i["spec"]["rules"][0]["http"]["paths"][0]["pathType"], "Prefix");
+        assert_eq!(i["metadata"]["ownerReferences"][0]["uid"], "u1");
+        let r = serde_json::to_value(route(&spec(), &settings(), &owner)).unwrap();
+        assert_eq!(r["apiVersion"], "route.openshift.io/v1");
+        assert_eq!(r["spec"]["path"], "/k3x9q2a");
+        assert_eq!(r["spec"]["to"]["name"], "mlflow-k3x9q2a");
+        let s = serde_json::to_value(service(&spec(), &owner)).unwrap();
+        assert_eq!(s["spec"]["ports"][0]["port"], 80);
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], "http");
+    }
+
+    #[test]
+    fn instance_round_trips_through_the_deployment() {
+        let mut d = deployment(&spec(), &settings(), "complete");
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        let i = instance_from_deployment(&d, now).unwrap();
+        assert_eq!(i.id.as_str(), "k3x9q2a");
+        assert_eq!(i.workload, "panda job/123");
+        assert_eq!(i.url, "https://ml.example.org/k3x9q2a/");
+        assert_eq!(i.phase, Phase::Pending);
+        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus { available_replicas: Some(1), ..Default::default() });
+        assert_eq!(instance_from_deployment(&d, now).unwrap().phase, Phase::Ready);
+        let later: Timestamp = "2026-11-28T00:00:00Z".parse().unwrap();
+        assert_eq!(instance_from_deployment(&d, later).unwrap().phase, Phase::Expired);
+    }
+}

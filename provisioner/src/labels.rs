@@ -1,0 +1,49 @@
+//! The label and annotation keys that make Kubernetes objects the store of
+//! instances (no database): labels to select, annotations to hold raw values.
+
+/// `app.kubernetes.io/name`.
+pub const NAME: &str = "app.kubernetes.io/name";
+/// `app.kubernetes.io/managed-by`.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// `app.kubernetes.io/component`.
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+/// The instance id.
+pub const INSTANCE: &str = "flowgate.io/instance";
+/// The workload, label-safe (see [`crate::instance::label_safe`]).
+pub const WORKLOAD: &str = "flowgate.io/workload";
+/// The owner, label-safe.
+pub const OWNER: &str = "flowgate.io/owner";
+/// The first 40 hex digits of the artefacts' sha256 (idempotent create).
+pub const ARTIFACTS_DIGEST: &str = "flowgate.io/artifacts-sha256";
+
+/// Raw workload id.
+pub const ANN_WORKLOAD: &str = "flowgate.io/workload";
+/// Raw owner.
+pub const ANN_OWNER: &str = "flowgate.io/owner";
+/// Artefact URL.
+pub const ANN_ARTIFACTS_URL: &str = "flowgate.io/artifacts-url";
+/// Full artefact sha256.
+pub const ANN_ARTIFACTS_SHA256: &str = "flowgate.io/artifacts-sha256";
+/// RFC 3339 creation time.
+pub const ANN_CREATED_AT: &str = "flowgate.io/created-at";
+/// RFC 3339 expiry.
+pub const ANN_EXPIRES_AT: &str = "flowgate.io/expires-at";
+/// The browser URL.
+pub const ANN_URL: &str = "flowgate.io/url";
+/// `creating` until every object of the instance exists, then `complete`.
+pub const ANN_STATE: &str = "flowgate.io/state";
+
+/// The value of [`MANAGED_BY`].
+pub const MANAGER: &str = "flowgate";
+/// Server-side apply field manager.
+pub const FIELD_MANAGER: &str = "flowgate";
+
+/// Selector for every object Flowgate manages.
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY}={MANAGER}")
+}
+
+/// The artefact digest label value for a full sha256.
+pub fn digest_label(sha256: &str) -> &str {
+    &sha256[..40.min(sha256.len())]
+}

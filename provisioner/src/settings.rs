@@ -1,0 +1,140 @@
+//! Cluster-side settings of the Kubernetes backend: where instances go, how
+//! they are exposed, their images and resources. Flags with `FLOWGATE_*`
+//! environment fallbacks.
+
+use crate::instance::TtlPolicy;
+use clap::{Args, ValueEnum};
+use std::time::Duration;
+
+/// How instances are exposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RouteKind {
+    /// An OpenShift Route if the API serves route.openshift.io, else an Ingress.
+    Auto,
+    /// networking.k8s.io/v1 Ingress.
+    Ingress,
+    /// route.openshift.io/v1 Route.
+    Route,
+}
+
+/// Flags of the Kubernetes backend.
+#[derive(Args, Clone, Debug)]
+pub struct KubeArgs {
+    /// Namespace of the instances [default: the kubeconfig's, or the pod's]
+    #[arg(long, short = 'n', env = "FLOWGATE_NAMESPACE", global = true)]
+    pub namespace: Option<String>,
+    /// Shared host name the instances live under
+    #[arg(long, env = "FLOWGATE_HOST", default_value = "flowgate.local", global = true)]
+    pub host: String,
+    /// Scheme of the URLs given to users (the router terminates TLS)
+    #[arg(long, env = "FLOWGATE_URL_SCHEME", default_value = "https", global = true)]
+    pub url_scheme: String,
+    /// Ingress or Route
+    #[arg(long, env = "FLOWGATE_ROUTE_KIND", value_enum, default_value = "auto", global = true)]
+    pub route_kind: RouteKind,
+    /// IngressClass of the Ingresses
+    #[arg(long, env = "FLOWGATE_INGRESS_CLASS", global = true)]
+    pub ingress_class: Option<String>,
+    /// TLS secret for the Ingress host (none: the ingress's default)
+    #[arg(long, env = "FLOWGATE_TLS_SECRET", global = true)]
+    pub tls_secret: Option<String>,
+    /// MLflow image
+    #[arg(long, env = "FLOWGATE_MLFLOW_IMAGE", default_value = "flowgate/mlflow:0.1.0", global = true)]
+    pub mlflow_image: String,
+    /// Adapter image (sidecar and init container)
+    #[arg(long, env = "FLOWGATE_ADAPTER_IMAGE", default_value = "flowgate/adapter:0.1.0", global = true)]
+    pub adapter_image: String,
+    /// MLflow container: CPU request,limit
+    #[arg(long, env = "FLOWGATE_MLFLOW_CPU", default_value = "100m,1", global = true)]
+    pub mlflow_cpu: String,
+    /// MLflow container: memory request,limit
+    #[arg(long, env = "FLOWGATE_MLFLOW_MEMORY", default_value = "512Mi,2Gi", global = true)]
+    pub mlflow_memory: String,
+    /// Adapter and fetch containers: CPU request,limit
+    #[arg(long, env = "FLOWGATE_ADAPTER_CPU", default_value = "20m,500m", global = true)]
+    pub adapter_cpu: String,
+    /// Adapter and fetch containers: memory request,limit
+    #[arg(long, env = "FLOWGATE_ADAPTER_MEMORY", default_value = "32Mi,256Mi", global = true)]
+    pub adapter_memory: String,
+    /// Size limit of the artefact volume
+    #[arg(long, env = "FLOWGATE_STORE_SIZE", default_value = "10Gi", global = true)]
+    pub store_size: String,
+    /// Default time to live
+    #[arg(long, env = "FLOWGATE_DEFAULT_TTL", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
+    pub default_ttl: Duration,
+    /// Longest time to live (and extension, from now)
+    #[arg(long, env = "FLOWGATE_MAX_TTL", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
+    pub max_ttl: Duration,
+    /// An instance still half-made after this long is removed by gc
+    #[arg(long, env = "FLOWGATE_STUCK_AFTER", default_value = "10m", value_parser = humantime::parse_duration, global = true)]
+    pub stuck_after: Duration,
+}
+
+/// Resolved settings.
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    /// Namespace.
+    pub namespace: String,
+    /// Host.
+    pub host: String,
+    /// URL scheme.
+    pub url_scheme: String,
+    /// Requested route kind (auto resolved by the backend).
+    pub route_kind: RouteKind,
+    /// Ingress class.
+    pub ingress_class: Option<String>,
+    /// TLS secret.
+    pub tls_secret: Option<String>,
+    /// Images.
+    pub mlflow_image: String,
+    /// Images.
+    pub adapter_image: String,
+    /// (request, limit) pairs.
+    pub mlflow_cpu: (String, String),
+    /// (request, limit).
+    pub mlflow_memory: (String, String),
+    /// (request, limit).
+    pub adapter_cpu: (String, String),
+    /// (request, limit).
+    pub adapter_memory: (String, String),
+    /// emptyDir size limit.
+    pub store_size: String,
+    /// TTL bounds.
+    pub ttl: TtlPolicy,
+    /// When a half-made instance is abandoned.
+    pub stuck_after: Duration,
+}
+
+impl KubeSettings {
+    /// Resolves flags; `default_namespace` comes from the client's config.
+    pub fn from_args(args: &KubeArgs, default_namespace: &str) -> crate::Result<Self> {
+        let pair = |field: &'static str, s: &str| -> crate::Result<(String, String)> {
+            match s.split_once(',') {
+                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => Ok((a.trim().to_owned(), b.trim().to_owned())),
+                _ => Err(crate::Error::invalid(field, format!("{s:?}: expected REQUEST,LIMIT such as 100m,1"))),
+            }
+        };
+        Ok(Self {
+            namespace: args.namespace.clone().unwrap_or_else(|| default_namespace.to_owned()),
+            host: args.host.clone(),
+            url_scheme: args.url_scheme.clone(),
+            route_kind: args.route_kind,
+            ingress_class: args.ingress_class.clone(),
+            tls_secret: args.tls_secret.clone(),
+            mlflow_image: args.mlflow_image.clone(),
+            adapter_image: args.adapter_image.clone(),
+            mlflow_cpu: pair("mlflow-cpu", &args.mlflow_cpu)?,
+            mlflow_memory: pair("mlflow-memory", &args.mlflow_memory)?,
+            adapter_cpu: pair("adapter-cpu", &args.adapter_cpu)?,
+            adapter_memory: pair("adapter-memory", &args.adapter_memory)?,
+            store_size: args.store_size.clone(),
+            ttl: TtlPolicy { default: args.default_ttl, min: Duration::from_secs(60), max: args.max_ttl },
+            stuck_after: args.stuck_after,
+        })
+    }
+
+    /// The URL users open for an instance.
+    pub fn url_for(&self, id: &crate::instance::InstanceId) -> String {
+        format!("{}://{}/{}/", self.url_scheme, self.host, id)
+    }
+}
