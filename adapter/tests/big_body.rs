@@ -36,7 +36,10 @@ async fn a_64_mib_artefact_streams_byte_identical_in_bounded_memory() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("content-encoding").is_none());
-    assert_eq!(r.headers()["content-length"], BIG_BYTES.to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        BIG_BYTES.to_string().as_str()
+    );
     let mut h = Sha256::new();
     let mut total = 0;
     while let Some(chunk) = r.chunk().await.unwrap() {
@@ -48,5 +51,8 @@ async fn a_64_mib_artefact_streams_byte_identical_in_bounded_memory() {
     let grown_mib = (peak_rss_kib() - before) / 1024;
     // Upstream, adapter and client share this process; buffering the body
     // anywhere would add 64 MiB.
-    assert!(grown_mib < 24, "peak RSS grew by {grown_mib} MiB while streaming 64 MiB");
+    assert!(
+        grown_mib < 24,
+        "peak RSS grew by {grown_mib} MiB while streaming 64 MiB"
+    );
 }

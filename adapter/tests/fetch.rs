@@ -41,16 +41,28 @@ async fn serve_files(files: HashMap<String, Vec<u8>>) -> SocketAddr {
                     async move {
                         let path = req.uri().path();
                         let name = path.strip_prefix("/flaky").unwrap_or(path);
-                        if path.starts_with("/flaky") && flaky_hits.fetch_add(1, Ordering::SeqCst) < 2 {
-                            return Ok::<_, Infallible>(http::Response::builder().status(503).body(Full::new(Bytes::new())).unwrap());
+                        if path.starts_with("/flaky")
+                            && flaky_hits.fetch_add(1, Ordering::SeqCst) < 2
+                        {
+                            return Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(503)
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap(),
+                            );
                         }
                         Ok(match files.get(name) {
                             Some(data) => http::Response::new(Full::new(Bytes::from(data.clone()))),
-                            None => http::Response::builder().status(404).body(Full::new(Bytes::new())).unwrap(),
+                            None => http::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
                         })
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -66,7 +78,12 @@ struct Entry<'a> {
 }
 
 fn file<'a>(name: &'a str, data: &'a [u8]) -> Entry<'a> {
-    Entry { name, kind: tar::EntryType::Regular, link: "", data }
+    Entry {
+        name,
+        kind: tar::EntryType::Regular,
+        link: "",
+        data,
+    }
 }
 
 fn tar_gz(entries: &[Entry<'_>]) -> Vec<u8> {
@@ -88,23 +105,46 @@ fn tar_gz(entries: &[Entry<'_>]) -> Vec<u8> {
 fn zip_archive(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, data) in files {
-        w.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+        w.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
         w.write_all(data).unwrap();
     }
     w.finish().unwrap().into_inner()
 }
 
 fn options(url: String, sha256: String, dest: &Path) -> FetchOptions {
-    FetchOptions { url, sha256, dest: dest.to_path_buf(), limits: Limits::default(), retries: 3, backoff: Duration::from_millis(20) }
+    FetchOptions {
+        url,
+        sha256,
+        dest: dest.to_path_buf(),
+        limits: Limits::default(),
+        retries: 3,
+        backoff: Duration::from_millis(20),
+    }
 }
 
 fn store() -> Vec<u8> {
     tar_gz(&[
-        Entry { name: "mlruns/", kind: tar::EntryType::Directory, link: "", data: b"" },
+        Entry {
+            name: "mlruns/",
+            kind: tar::EntryType::Directory,
+            link: "",
+            data: b"",
+        },
         file("mlruns/0/meta.yaml", b"name: Default\n"),
         file("mlruns/0/r1/metrics/accuracy", b"1700000000000 0.9375 19\n"),
-        Entry { name: "mlruns/latest", kind: tar::EntryType::Symlink, link: "0/r1", data: b"" },
-        Entry { name: "mlruns/0/r1/copy", kind: tar::EntryType::Link, link: "mlruns/0/meta.yaml", data: b"" },
+        Entry {
+            name: "mlruns/latest",
+            kind: tar::EntryType::Symlink,
+            link: "0/r1",
+            data: b"",
+        },
+        Entry {
+            name: "mlruns/0/r1/copy",
+            kind: tar::EntryType::Link,
+            link: "mlruns/0/meta.yaml",
+            data: b"",
+        },
     ])
 }
 
@@ -117,7 +157,10 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
             if p.is_dir() {
                 out.extend(snapshot(&p));
             } else {
-                out.push((p.display().to_string(), std::fs::read(&p).unwrap_or_default()));
+                out.push((
+                    p.display().to_string(),
+                    std::fs::read(&p).unwrap_or_default(),
+                ));
             }
         }
     }
@@ -131,32 +174,71 @@ async fn installs_verifies_and_is_idempotent() {
     let addr = serve_files(HashMap::from([("/store.tgz".to_string(), archive.clone())])).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("store");
-    let opts = options(format!("http://{addr}/store.tgz"), sha(&archive).to_uppercase(), &dest);
+    let opts = options(
+        format!("http://{addr}/store.tgz"),
+        sha(&archive).to_uppercase(),
+        &dest,
+    );
 
     let outcome = fetch(&opts).await.unwrap();
-    assert!(matches!(outcome, Outcome::Installed { entries: 5, .. }), "{outcome:?}");
-    assert_eq!(std::fs::read_to_string(dest.join("mlruns/0/r1/metrics/accuracy")).unwrap(), "1700000000000 0.9375 19\n");
-    assert_eq!(std::fs::read_to_string(dest.join("mlruns/latest/metrics/accuracy")).unwrap(), "1700000000000 0.9375 19\n");
-    assert_eq!(std::fs::read_to_string(dest.join("mlruns/0/r1/copy")).unwrap(), "name: Default\n");
-    assert_eq!(std::fs::read_to_string(dest.join(MARKER)).unwrap().trim(), sha(&archive));
+    assert!(
+        matches!(outcome, Outcome::Installed { entries: 5, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("mlruns/0/r1/metrics/accuracy")).unwrap(),
+        "1700000000000 0.9375 19\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("mlruns/latest/metrics/accuracy")).unwrap(),
+        "1700000000000 0.9375 19\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("mlruns/0/r1/copy")).unwrap(),
+        "name: Default\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join(MARKER)).unwrap().trim(),
+        sha(&archive)
+    );
     assert_eq!(fetch(&opts).await.unwrap(), Outcome::AlreadyPresent);
     // Nothing but DEST is left beside it (no staging or download leftovers).
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["store"]);
 }
 
 #[tokio::test]
 async fn a_different_checksum_replaces_the_content() {
     let first = store();
-    let second = zip_archive(&[("mlflow.db", b"SQLite format 3\0"), ("artifacts/1/a.txt", b"new")]);
-    let addr = serve_files(HashMap::from([("/a".into(), first.clone()), ("/b".into(), second.clone())])).await;
+    let second = zip_archive(&[
+        ("mlflow.db", b"SQLite format 3\0"),
+        ("artifacts/1/a.txt", b"new"),
+    ]);
+    let addr = serve_files(HashMap::from([
+        ("/a".into(), first.clone()),
+        ("/b".into(), second.clone()),
+    ]))
+    .await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("store");
-    fetch(&options(format!("http://{addr}/a"), sha(&first), &dest)).await.unwrap();
-    fetch(&options(format!("http://{addr}/b"), sha(&second), &dest)).await.unwrap();
+    fetch(&options(format!("http://{addr}/a"), sha(&first), &dest))
+        .await
+        .unwrap();
+    fetch(&options(format!("http://{addr}/b"), sha(&second), &dest))
+        .await
+        .unwrap();
     assert!(!dest.join("mlruns").exists());
-    assert_eq!(std::fs::read(dest.join("artifacts/1/a.txt")).unwrap(), b"new");
-    assert_eq!(std::fs::read_to_string(dest.join(MARKER)).unwrap().trim(), sha(&second));
+    assert_eq!(
+        std::fs::read(dest.join("artifacts/1/a.txt")).unwrap(),
+        b"new"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join(MARKER)).unwrap().trim(),
+        sha(&second)
+    );
 }
 
 #[tokio::test]
@@ -166,12 +248,24 @@ async fn file_urls_and_retries() {
     let path = tmp.path().join("store.tar.gz");
     std::fs::write(&path, &archive).unwrap();
     let dest = tmp.path().join("from-file");
-    fetch(&options(format!("file://{}", path.display()), sha(&archive), &dest)).await.unwrap();
+    fetch(&options(
+        format!("file://{}", path.display()),
+        sha(&archive),
+        &dest,
+    ))
+    .await
+    .unwrap();
     assert!(dest.join("mlruns/0/meta.yaml").is_file());
 
     let addr = serve_files(HashMap::from([("/store.tgz".to_string(), archive.clone())])).await;
     let dest = tmp.path().join("after-retries");
-    fetch(&options(format!("http://{addr}/flaky/store.tgz"), sha(&archive), &dest)).await.unwrap();
+    fetch(&options(
+        format!("http://{addr}/flaky/store.tgz"),
+        sha(&archive),
+        &dest,
+    ))
+    .await
+    .unwrap();
     assert!(dest.join("mlruns/0/meta.yaml").is_file());
 }
 
@@ -184,60 +278,147 @@ async fn failures_are_clear_and_leave_dest_as_it_was() {
         t
     };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("zip-slip tar", tar_gz(&[file("../evil.txt", b"x")]), "climbs out"),
-        ("absolute tar", tar_gz(&[file("/tmp/evil.txt", b"x")]), "absolute path"),
+        (
+            "zip-slip tar",
+            tar_gz(&[file("../evil.txt", b"x")]),
+            "climbs out",
+        ),
+        (
+            "absolute tar",
+            tar_gz(&[file("/tmp/evil.txt", b"x")]),
+            "absolute path",
+        ),
         (
             "symlink out",
-            tar_gz(&[Entry { name: "mlruns/link", kind: tar::EntryType::Symlink, link: "../../../etc", data: b"" }]),
+            tar_gz(&[Entry {
+                name: "mlruns/link",
+                kind: tar::EntryType::Symlink,
+                link: "../../../etc",
+                data: b"",
+            }]),
             "points outside",
         ),
         (
             "absolute symlink",
-            tar_gz(&[Entry { name: "link", kind: tar::EntryType::Symlink, link: "/etc/passwd", data: b"" }]),
+            tar_gz(&[Entry {
+                name: "link",
+                kind: tar::EntryType::Symlink,
+                link: "/etc/passwd",
+                data: b"",
+            }]),
             "points outside",
         ),
         (
             "link chain",
             tar_gz(&[
-                Entry { name: "d/l", kind: tar::EntryType::Symlink, link: "..", data: b"" },
-                Entry { name: "x", kind: tar::EntryType::Symlink, link: "d/l/..", data: b"" },
+                Entry {
+                    name: "d/l",
+                    kind: tar::EntryType::Symlink,
+                    link: "..",
+                    data: b"",
+                },
+                Entry {
+                    name: "x",
+                    kind: tar::EntryType::Symlink,
+                    link: "d/l/..",
+                    data: b"",
+                },
             ]),
             "through another symbolic link",
         ),
         (
             "hard link out",
-            tar_gz(&[Entry { name: "h", kind: tar::EntryType::Link, link: "../outside", data: b"" }]),
+            tar_gz(&[Entry {
+                name: "h",
+                kind: tar::EntryType::Link,
+                link: "../outside",
+                data: b"",
+            }]),
             "points outside",
         ),
-        ("device", tar_gz(&[Entry { name: "dev", kind: tar::EntryType::Char, link: "", data: b"" }]), "special file"),
-        ("zip-slip zip", zip_archive(&[("ok.txt", b"fine"), ("../../evil.txt", b"x")]), "climbs out"),
+        (
+            "device",
+            tar_gz(&[Entry {
+                name: "dev",
+                kind: tar::EntryType::Char,
+                link: "",
+                data: b"",
+            }]),
+            "special file",
+        ),
+        (
+            "zip-slip zip",
+            zip_archive(&[("ok.txt", b"fine"), ("../../evil.txt", b"x")]),
+            "climbs out",
+        ),
         ("truncated gzip", truncated, "truncated"),
-        ("not an archive", b"just some text, not an archive at all".to_vec(), "not a .tar.gz"),
+        (
+            "not an archive",
+            b"just some text, not an archive at all".to_vec(),
+            "not a .tar.gz",
+        ),
     ];
-    let mut files: HashMap<String, Vec<u8>> = cases.iter().enumerate().map(|(i, (_, data, _))| (format!("/{i}"), data.clone())).collect();
+    let mut files: HashMap<String, Vec<u8>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, data, _))| (format!("/{i}"), data.clone()))
+        .collect();
     files.insert("/good".into(), good.clone());
     let addr = serve_files(files).await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("store");
-    fetch(&options(format!("http://{addr}/good"), sha(&good), &dest)).await.unwrap();
+    fetch(&options(format!("http://{addr}/good"), sha(&good), &dest))
+        .await
+        .unwrap();
     let before = snapshot(tmp.path());
 
     for (i, (what, data, want)) in cases.iter().enumerate() {
-        let err = fetch(&options(format!("http://{addr}/{i}"), sha(data), &dest)).await.unwrap_err();
+        let err = fetch(&options(format!("http://{addr}/{i}"), sha(data), &dest))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(want), "{what}: {err}");
-        assert_eq!(snapshot(tmp.path()), before, "{what} changed the destination");
+        assert_eq!(
+            snapshot(tmp.path()),
+            before,
+            "{what} changed the destination"
+        );
     }
 
-    let err = fetch(&options(format!("http://{addr}/good"), sha(b"something else"), &dest)).await.unwrap_err();
+    let err = fetch(&options(
+        format!("http://{addr}/good"),
+        sha(b"something else"),
+        &dest,
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, FetchError::ChecksumMismatch { .. }), "{err}");
     assert!(err.to_string().contains("nothing was unpacked"));
-    let err = fetch(&options(format!("http://{addr}/missing"), sha(b"other"), &dest)).await.unwrap_err();
+    let err = fetch(&options(
+        format!("http://{addr}/missing"),
+        sha(b"other"),
+        &dest,
+    ))
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("HTTP 404"), "{err}");
-    let err = fetch(&options(format!("http://127.0.0.1:{}/x", common::free_port()), sha(b"other"), &dest)).await.unwrap_err();
+    let err = fetch(&options(
+        format!("http://127.0.0.1:{}/x", common::free_port()),
+        sha(b"other"),
+        &dest,
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, FetchError::Transfer { .. }), "{err}");
-    let err = fetch(&options("ftp://example.org/x".into(), sha(b"other"), &dest)).await.unwrap_err();
-    assert!(err.to_string().contains("only http, https and file"), "{err}");
-    let err = fetch(&options(format!("http://{addr}/good"), "abc".into(), &dest)).await.unwrap_err();
+    let err = fetch(&options("ftp://example.org/x".into(), sha(b"other"), &dest))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("only http, https and file"),
+        "{err}"
+    );
+    let err = fetch(&options(format!("http://{addr}/good"), "abc".into(), &dest))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("64 hex digits"), "{err}");
     assert_eq!(snapshot(tmp.path()), before);
 }
@@ -245,17 +426,36 @@ async fn failures_are_clear_and_leave_dest_as_it_was() {
 #[tokio::test]
 async fn bounds_are_enforced() {
     let bomb = tar_gz(&[file("zeros", &vec![0u8; 4 << 20])]);
-    let many = zip_archive(&(0..50).map(|i| (Box::leak(format!("f{i}").into_boxed_str()) as &str, b"x" as &[u8])).collect::<Vec<_>>());
-    let addr = serve_files(HashMap::from([("/bomb".into(), bomb.clone()), ("/many".into(), many.clone())])).await;
+    let many = zip_archive(
+        &(0..50)
+            .map(|i| {
+                (
+                    Box::leak(format!("f{i}").into_boxed_str()) as &str,
+                    b"x" as &[u8],
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    let addr = serve_files(HashMap::from([
+        ("/bomb".into(), bomb.clone()),
+        ("/many".into(), many.clone()),
+    ]))
+    .await;
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("store");
     let mut o = options(format!("http://{addr}/bomb"), sha(&bomb), &dest);
     o.limits.max_unpacked_bytes = 1 << 20;
     let err = fetch(&o).await.unwrap_err();
     assert!(err.to_string().contains("passes the limit"), "{err}");
-    o.limits = Limits { max_download_bytes: 1000, ..Limits::default() };
+    o.limits = Limits {
+        max_download_bytes: 1000,
+        ..Limits::default()
+    };
     let err = fetch(&o).await.unwrap_err();
-    assert!(err.to_string().contains("over the limit") || err.to_string().contains("download limit"), "{err}");
+    assert!(
+        err.to_string().contains("over the limit") || err.to_string().contains("download limit"),
+        "{err}"
+    );
     let mut o = options(format!("http://{addr}/many"), sha(&many), &dest);
     o.limits.max_entries = 10;
     let err = fetch(&o).await.unwrap_err();
@@ -267,7 +467,14 @@ async fn bounds_are_enforced() {
 fn the_binary_reports_failures_with_a_nonzero_exit() {
     let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate-adapter"))
-        .args(["fetch", "--url", "file:///nonexistent/x.tgz", "--sha256", &"0".repeat(64), "--dest"])
+        .args([
+            "fetch",
+            "--url",
+            "file:///nonexistent/x.tgz",
+            "--sha256",
+            &"0".repeat(64),
+            "--dest",
+        ])
         .arg(tmp.path().join("d"))
         .output()
         .unwrap();

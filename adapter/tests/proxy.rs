@@ -36,10 +36,22 @@ async fn bare_prefix_redirects_into_it() {
 #[tokio::test]
 async fn outside_the_prefix_is_404_and_never_forwarded() {
     let a = setup().await;
-    for path in ["/", "/echo", "/k3x9q2ax/echo", "/k3x9q2", "/other/k3x9q2a/echo"] {
+    for path in [
+        "/",
+        "/echo",
+        "/k3x9q2ax/echo",
+        "/k3x9q2",
+        "/other/k3x9q2a/echo",
+    ] {
         let resp = client().get(a.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 404, "{path}");
-        assert!(resp.text().await.unwrap().contains("this adapter serves /k3x9q2a/"), "{path}");
+        assert!(
+            resp.text()
+                .await
+                .unwrap()
+                .contains("this adapter serves /k3x9q2a/"),
+            "{path}"
+        );
     }
 }
 
@@ -53,7 +65,10 @@ async fn upstream_sees_its_own_host_and_forwarded_headers() {
             .post(a.url("/k3x9q2a/echo"))
             .header("host", &public)
             .header("origin", format!("http://{public}"))
-            .header("referer", format!("http://{public}/k3x9q2a/#/experiments/1"))
+            .header(
+                "referer",
+                format!("http://{public}/k3x9q2a/#/experiments/1"),
+            )
             .body("{\"a\":1}"),
     )
     .await;
@@ -61,7 +76,10 @@ async fn upstream_sees_its_own_host_and_forwarded_headers() {
     let upstream_host = h["host"].as_str().unwrap();
     assert!(upstream_host.starts_with("127.0.0.1:"), "{v}");
     assert_eq!(h["origin"], format!("http://{upstream_host}"));
-    assert_eq!(h["referer"], format!("http://{upstream_host}/#/experiments/1"));
+    assert_eq!(
+        h["referer"],
+        format!("http://{upstream_host}/#/experiments/1")
+    );
     assert_eq!(h["x-forwarded-host"], public);
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-prefix"], "/k3x9q2a");
@@ -73,21 +91,47 @@ async fn upstream_sees_its_own_host_and_forwarded_headers() {
 #[tokio::test]
 async fn cross_site_origin_is_not_laundered() {
     let a = setup().await;
-    let v = echo(&a, client().post(a.url("/k3x9q2a/echo")).header("host", "mlflow.example.test").header("origin", "https://evil.example")).await;
+    let v = echo(
+        &a,
+        client()
+            .post(a.url("/k3x9q2a/echo"))
+            .header("host", "mlflow.example.test")
+            .header("origin", "https://evil.example"),
+    )
+    .await;
     assert_eq!(v["headers"]["origin"], "https://evil.example");
 }
 
 #[tokio::test]
 async fn redirects_and_cookies_get_the_prefix_back() {
     let a = setup().await;
-    let r = client().get(a.url("/k3x9q2a/redirect")).send().await.unwrap();
+    let r = client()
+        .get(a.url("/k3x9q2a/redirect"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 302);
     assert_eq!(r.headers()["location"], "/k3x9q2a/target?x=1");
-    let r = client().get(a.url("/k3x9q2a/redirect-abs")).send().await.unwrap();
+    let r = client()
+        .get(a.url("/k3x9q2a/redirect-abs"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["location"], "/k3x9q2a/abs");
     let r = client().get(a.url("/k3x9q2a/cookie")).send().await.unwrap();
-    let cookies: Vec<_> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
-    assert_eq!(cookies, ["sid=1; Path=/k3x9q2a/; HttpOnly", "pref=2; Path=/k3x9q2a/ajax-api"]);
+    let cookies: Vec<_> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        cookies,
+        [
+            "sid=1; Path=/k3x9q2a/; HttpOnly",
+            "pref=2; Path=/k3x9q2a/ajax-api"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -97,19 +141,47 @@ async fn html_css_and_app_bundles_are_rewritten() {
     let r = c.get(a.url("/k3x9q2a/page.html")).send().await.unwrap();
     assert!(r.headers().get("content-length").is_none());
     assert_eq!(r.text().await.unwrap(), PAGE_HTML_REWRITTEN);
-    let css = c.get(a.url("/k3x9q2a/main.css")).send().await.unwrap().text().await.unwrap();
-    assert_eq!(css, "a{background:url(/k3x9q2a/img/a.png)} b{background:url(//cdn/x.png)}");
-    let js = c.get(a.url("/k3x9q2a/static-files/app.js")).send().await.unwrap().text().await.unwrap();
+    let css = c
+        .get(a.url("/k3x9q2a/main.css"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        css,
+        "a{background:url(/k3x9q2a/img/a.png)} b{background:url(//cdn/x.png)}"
+    );
+    let js = c
+        .get(a.url("/k3x9q2a/static-files/app.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(js, APP_JS_REWRITTEN);
 }
 
 #[tokio::test]
 async fn artifacts_pass_byte_identical_even_when_html() {
     let a = setup().await;
-    for path in ["/k3x9q2a/get-artifact?path=report.html", "/k3x9q2a/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/report.html"] {
-        let r = client().get(a.url(path)).header("accept-encoding", "gzip, br, zstd").send().await.unwrap();
+    for path in [
+        "/k3x9q2a/get-artifact?path=report.html",
+        "/k3x9q2a/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/report.html",
+    ] {
+        let r = client()
+            .get(a.url(path))
+            .header("accept-encoding", "gzip, br, zstd")
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers().get("content-encoding").is_none(), "{path}");
-        assert_eq!(r.headers()["content-length"], ARTIFACT_HTML.len().to_string().as_str());
+        assert_eq!(
+            r.headers()["content-length"],
+            ARTIFACT_HTML.len().to_string().as_str()
+        );
         assert_eq!(r.text().await.unwrap(), ARTIFACT_HTML, "{path}");
     }
 }
@@ -120,20 +192,41 @@ async fn compressed_upstream_html_is_decoded_rewritten_and_reencoded() {
     for (path, accept, want_coding) in [
         ("/k3x9q2a/gzip.html", "gzip", Some("gzip")),
         ("/k3x9q2a/br.html", "br", Some("br")),
-        ("/k3x9q2a/gzip.html", "gzip, deflate, br, zstd", Some("zstd")),
+        (
+            "/k3x9q2a/gzip.html",
+            "gzip, deflate, br, zstd",
+            Some("zstd"),
+        ),
         ("/k3x9q2a/br.html", "br, deflate", Some("br")),
     ] {
-        let r = client().get(a.url(path)).header("accept-encoding", accept).send().await.unwrap();
+        let r = client()
+            .get(a.url(path))
+            .header("accept-encoding", accept)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
-        let coding = r.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_owned());
+        let coding = r
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(coding.as_deref(), want_coding, "{path} with {accept}");
         if path.ends_with("gzip.html") {
             assert_eq!(r.headers()["etag"], "W/\"abc\"");
         }
-        assert!(r.headers()["vary"].to_str().unwrap().contains("accept-encoding"));
+        assert!(
+            r.headers()["vary"]
+                .to_str()
+                .unwrap()
+                .contains("accept-encoding")
+        );
         let body = r.bytes().await.unwrap();
         let text = decode(want_coding.unwrap(), &body).await;
-        assert_eq!(String::from_utf8(text).unwrap(), PAGE_HTML_REWRITTEN, "{path} with {accept}");
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            PAGE_HTML_REWRITTEN,
+            "{path} with {accept}"
+        );
     }
 }
 
@@ -144,23 +237,50 @@ async fn plain_text_responses_are_compressed_for_clients_that_accept_it() {
     assert!(plain.headers().get("content-encoding").is_none());
     let want = plain.bytes().await.unwrap();
     for coding in ["gzip", "br", "zstd", "deflate"] {
-        let r = client().get(a.url("/k3x9q2a/json")).header("accept-encoding", coding).send().await.unwrap();
+        let r = client()
+            .get(a.url("/k3x9q2a/json"))
+            .header("accept-encoding", coding)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.headers()["content-encoding"], coding);
         let body = r.bytes().await.unwrap();
-        assert!(body.len() < want.len() / 3, "{coding}: {} of {}", body.len(), want.len());
+        assert!(
+            body.len() < want.len() / 3,
+            "{coding}: {} of {}",
+            body.len(),
+            want.len()
+        );
         assert_eq!(decode(coding, &body).await, want, "{coding}");
     }
     // Not worth it for tiny bodies; never for HEAD.
-    let tiny = client().get(a.url("/k3x9q2a/tiny.json")).header("accept-encoding", "gzip").send().await.unwrap();
+    let tiny = client()
+        .get(a.url("/k3x9q2a/tiny.json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
     assert!(tiny.headers().get("content-encoding").is_none());
-    let head = client().head(a.url("/k3x9q2a/json")).header("accept-encoding", "gzip").send().await.unwrap();
+    let head = client()
+        .head(a.url("/k3x9q2a/json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
     assert!(head.headers().get("content-encoding").is_none());
 }
 
 #[tokio::test]
 async fn large_html_streams_through_the_rewriter() {
     let a = setup().await;
-    let text = client().get(a.url("/k3x9q2a/big.html")).send().await.unwrap().text().await.unwrap();
+    let text = client()
+        .get(a.url("/k3x9q2a/big.html"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let links = text.matches("href=\"/k3x9q2a/run/x\"").count();
     assert!(links > 100_000, "{links}");
     assert_eq!(text.matches("href=\"/run/x\"").count(), 0);
@@ -170,14 +290,22 @@ async fn large_html_streams_through_the_rewriter() {
 async fn server_sent_events_arrive_as_produced() {
     let a = setup().await;
     let start = Instant::now();
-    let mut r = client().get(a.url("/k3x9q2a/sse")).header("accept-encoding", "gzip, br, zstd").send().await.unwrap();
+    let mut r = client()
+        .get(a.url("/k3x9q2a/sse"))
+        .header("accept-encoding", "gzip, br, zstd")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("content-encoding").is_none());
     let first = r.chunk().await.unwrap().unwrap();
     let first_at = start.elapsed();
     assert_eq!(&first[..], b"data: event 0\n\n");
     // The upstream waits 400 ms between events; a buffering proxy would hold
     // the first until the end (800 ms).
-    assert!(first_at < Duration::from_millis(350), "first event after {first_at:?}");
+    assert!(
+        first_at < Duration::from_millis(350),
+        "first event after {first_at:?}"
+    );
     let mut rest = Vec::new();
     while let Some(c) = r.chunk().await.unwrap() {
         rest.extend_from_slice(&c);
@@ -189,15 +317,25 @@ async fn server_sent_events_arrive_as_produced() {
 async fn upgrades_are_tunnelled() {
     let a = setup().await;
     let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
-    s.write_all(b"GET /k3x9q2a/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+    s.write_all(
+        b"GET /k3x9q2a/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut head = vec![0u8; 1024];
     let n = s.read(&mut head).await.unwrap();
     let head = String::from_utf8_lossy(&head[..n]).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
     s.write_all(b"ping through the tunnel").await.unwrap();
     let mut buf = vec![0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf[..n], b"ping through the tunnel");
 }
 
@@ -205,7 +343,10 @@ async fn upgrades_are_tunnelled() {
 async fn h2c_clients_are_served() {
     let a = setup().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let r = c.get(a.url("/k3x9q2a/page.html")).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.text().await.unwrap(), PAGE_HTML_REWRITTEN);
@@ -213,23 +354,43 @@ async fn h2c_clients_are_served() {
 
 #[tokio::test]
 async fn dead_upstream_is_a_502_page_with_retry_after() {
-    let a = adapter(format!("127.0.0.1:{}", free_port()).parse().unwrap()).start().await;
+    let a = adapter(format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .start()
+        .await;
     let r = client().get(a.url("/k3x9q2a/")).send().await.unwrap();
     assert_eq!(r.status(), 502);
     assert_eq!(r.headers()["retry-after"], "5");
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     assert!(r.text().await.unwrap().contains("not answering yet"));
     let ready = client().get(a.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let health = client().get(a.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = client().get(a.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#), "{metrics}");
+    let metrics = client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn slow_upstream_is_a_504() {
-    let a = adapter(start_upstream().await).upstream_timeout(Duration::from_millis(300)).start().await;
+    let a = adapter(start_upstream().await)
+        .upstream_timeout(Duration::from_millis(300))
+        .start()
+        .await;
     let r = client().get(a.url("/k3x9q2a/slow")).send().await.unwrap();
     assert_eq!(r.status(), 504);
 }
@@ -245,30 +406,82 @@ async fn garbage_from_the_client_is_a_400() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
     // A head larger than the bound is refused too, and the adapter lives on.
     let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
-    let huge = format!("GET /k3x9q2a/echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(200_000));
+    let huge = format!(
+        "GET /k3x9q2a/echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
     let _ = s.write_all(huge.as_bytes()).await;
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"), "{text:?}");
-    assert_eq!(client().get(a.url("/healthz")).send().await.unwrap().status(), 200);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"),
+        "{text:?}"
+    );
+    assert_eq!(
+        client()
+            .get(a.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn own_endpoints_live_outside_the_prefix() {
     let a = setup().await;
     let c = client();
-    assert_eq!(c.get(a.url("/healthz")).send().await.unwrap().text().await.unwrap(), "ok\n");
+    assert_eq!(
+        c.get(a.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "ok\n"
+    );
     // The test upstream has no /health, but it answers (404): it is up.
     assert_eq!(c.get(a.url("/readyz")).send().await.unwrap().status(), 200);
-    let _ = c.get(a.url("/k3x9q2a/page.html")).send().await.unwrap().text().await.unwrap();
-    let m = c.get(a.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(m.contains(r#"flowgate_adapter_requests_total{route="ui",status="2xx"} 1"#), "{m}");
-    assert!(m.contains(r#"flowgate_adapter_rewrites_total{kind="html"} 1"#), "{m}");
+    let _ = c
+        .get(a.url("/k3x9q2a/page.html"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = c
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"flowgate_adapter_requests_total{route="ui",status="2xx"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"flowgate_adapter_rewrites_total{kind="html"} 1"#),
+        "{m}"
+    );
     assert!(m.contains("flowgate_adapter_last_activity_timestamp_seconds"));
     assert!(m.contains("flowgate_adapter_response_header_seconds_bucket"));
     // Inside the prefix they are the app's paths, forwarded.
-    assert_eq!(c.get(a.url("/k3x9q2a/healthz")).send().await.unwrap().text().await.unwrap(), "upstream 404");
+    assert_eq!(
+        c.get(a.url("/k3x9q2a/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "upstream 404"
+    );
 }
 
 #[tokio::test]
@@ -281,6 +494,9 @@ async fn rewrite_off_passes_paths_and_bodies_untouched() {
     let a2 = adapter(start_upstream().await).rewrite_off().start().await;
     let r = c.get(a2.url("/k3x9q2a/page.html")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(c.get(a2.url("/outside")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(a2.url("/outside")).send().await.unwrap().status(),
+        404
+    );
     a.stop().await;
 }

@@ -23,7 +23,14 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let upstream = start_upstream().await;
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_flowgate-adapter"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("http://{upstream}"), "--prefix", PREFIX])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--prefix",
+            PREFIX,
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -32,22 +39,42 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     wait_healthy(port);
 
     // A request that takes 1.5 s upstream is in flight when SIGTERM arrives.
-    let in_flight = tokio::spawn(async move { client().get(format!("http://127.0.0.1:{port}/k3x9q2a/drain")).send().await });
+    let in_flight = tokio::spawn(async move {
+        client()
+            .get(format!("http://127.0.0.1:{port}/k3x9q2a/drain"))
+            .send()
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // New connections are refused while the old request drains.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "still accepting after SIGTERM");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting after SIGTERM"
+    );
 
-    let response = in_flight.await.unwrap().expect("in-flight request must complete");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request must complete");
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "finished after SIGTERM");
 
-    let exit = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     let logs = String::from_utf8_lossy(&exit.stderr);
-    assert!(exit.status.success(), "exit {:?}; logs:\n{logs}", exit.status);
+    assert!(
+        exit.status.success(),
+        "exit {:?}; logs:\n{logs}",
+        exit.status
+    );
     assert!(logs.contains("SIGTERM received"), "{logs}");
     assert!(logs.contains("drained"), "{logs}");
 }
@@ -61,5 +88,8 @@ async fn bad_configuration_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--prefix / FLOWGATE_PREFIX is required"), "{err}");
+    assert!(
+        err.contains("--prefix / FLOWGATE_PREFIX is required"),
+        "{err}"
+    );
 }

@@ -53,7 +53,12 @@ pub trait Backend: Send + Sync {
 
     /// Waits until the instance is Ready (or Failed, or the timeout passes),
     /// calling `progress` whenever the phase or message changes.
-    async fn wait_ready(&self, id: &InstanceId, timeout: Duration, progress: &(dyn for<'i> Fn(&'i Instance) + Send + Sync)) -> Result<Instance> {
+    async fn wait_ready(
+        &self,
+        id: &InstanceId,
+        timeout: Duration,
+        progress: &(dyn for<'i> Fn(&'i Instance) + Send + Sync),
+    ) -> Result<Instance> {
         let deadline = Instant::now() + timeout;
         let mut last: Option<(Phase, Option<String>)> = None;
         loop {
@@ -68,13 +73,18 @@ pub trait Backend: Send + Sync {
                 Phase::Failed | Phase::Expired => {
                     return Err(crate::Error::Failed {
                         id: id.to_string(),
-                        reason: instance.message.unwrap_or_else(|| instance.phase.to_string()),
+                        reason: instance
+                            .message
+                            .unwrap_or_else(|| instance.phase.to_string()),
                     });
                 }
                 Phase::Pending => {}
             }
             if Instant::now() >= deadline {
-                return Err(crate::Error::Timeout(format!("instance {id} not ready after {}", humantime::format_duration(timeout))));
+                return Err(crate::Error::Timeout(format!(
+                    "instance {id} not ready after {}",
+                    humantime::format_duration(timeout)
+                )));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -2,7 +2,9 @@
 //! backend. `main.rs` only parses and calls [`run`].
 
 use crate::backend::{Backend, ListFilter};
-use crate::instance::{ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Workload, validate_owner};
+use crate::instance::{
+    ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Workload, validate_owner,
+};
 use crate::kube::KubeBackend;
 use crate::output::{self, Format};
 use crate::settings::{KubeArgs, KubeSettings};
@@ -16,7 +18,13 @@ use std::time::Duration;
 #[command(name = "flowgate", version)]
 pub struct Cli {
     /// Where instances run
-    #[arg(long, env = "FLOWGATE_BACKEND", value_enum, default_value = "kubernetes", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_BACKEND",
+        value_enum,
+        default_value = "kubernetes",
+        global = true
+    )]
     pub backend: BackendKind,
     /// Output format
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
@@ -118,7 +126,9 @@ pub enum Command {
 
 /// Runs a parsed command line; returns what to print.
 pub async fn run(cli: Cli) -> Result<String> {
-    let client = kube::Client::try_default().await.map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
     let settings = KubeSettings::from_args(&cli.kube, client.default_namespace())?;
     let ttl_policy = settings.ttl;
     let backend = KubeBackend::new(client, settings).await?;
@@ -128,7 +138,15 @@ pub async fn run(cli: Cli) -> Result<String> {
         Format::Table => output::table(std::slice::from_ref(i), now()),
     };
     match cli.command {
-        Command::Create { workload, artifacts, sha256, ttl, owner, wait, wait_timeout } => {
+        Command::Create {
+            workload,
+            artifacts,
+            sha256,
+            ttl,
+            owner,
+            wait,
+            wait_timeout,
+        } => {
             let request = CreateRequest {
                 workload: Workload::parse(&workload)?,
                 owner: validate_owner(&owner)?,
@@ -139,7 +157,11 @@ pub async fn run(cli: Cli) -> Result<String> {
             if !created.created {
                 eprintln!("an instance for this workload and these artefacts is already live");
             }
-            let instance = if wait { wait_with_spinner(&backend, &created.instance.id, wait_timeout).await? } else { created.instance };
+            let instance = if wait {
+                wait_with_spinner(&backend, &created.instance.id, wait_timeout).await?
+            } else {
+                created.instance
+            };
             Ok(show_one(&instance))
         }
         Command::Get { id } => Ok(show_one(&backend.get(&InstanceId::parse(&id)?).await?)),
@@ -156,8 +178,11 @@ pub async fn run(cli: Cli) -> Result<String> {
             Ok(format!("deleted {id}\n"))
         }
         Command::Extend { id, ttl } => {
-            let ttl = humantime::parse_duration(&ttl).map_err(|e| Error::invalid("ttl", format!("{ttl:?}: {e}")))?;
-            Ok(show_one(&backend.extend(&InstanceId::parse(&id)?, ttl).await?))
+            let ttl = humantime::parse_duration(&ttl)
+                .map_err(|e| Error::invalid("ttl", format!("{ttl:?}: {e}")))?;
+            Ok(show_one(
+                &backend.extend(&InstanceId::parse(&id)?, ttl).await?,
+            ))
         }
         Command::Gc { dry_run } => {
             let removed = backend.gc(dry_run).await?;
@@ -165,36 +190,66 @@ pub async fn run(cli: Cli) -> Result<String> {
                 Format::Json => output::json(&removed),
                 Format::Table => {
                     let verb = if dry_run { "would remove" } else { "removed" };
-                    let mut s: String = removed.iter().map(|r| format!("{verb} {} {} ({})\n", r.kind, r.name, r.reason)).collect();
+                    let mut s: String = removed
+                        .iter()
+                        .map(|r| format!("{verb} {} {} ({})\n", r.kind, r.name, r.reason))
+                        .collect();
                     s.push_str(&format!("gc: {} object(s) {verb}\n", removed.len()));
                     s
                 }
             })
         }
-        Command::Upgrade { mlflow_image, adapter_image, max_parallel, no_wait, rollout_timeout } => {
+        Command::Upgrade {
+            mlflow_image,
+            adapter_image,
+            max_parallel,
+            no_wait,
+            rollout_timeout,
+        } => {
             let wait = (!no_wait).then_some(rollout_timeout);
             let steps = backend
-                .upgrade(mlflow_image.as_deref(), adapter_image.as_deref(), max_parallel, wait, &|step| match &step.outcome {
-                    Ok(()) => eprintln!("[{}/{}] {} rolled", step.index, step.total, step.id),
-                    Err(e) => eprintln!("[{}/{}] {}: {e}", step.index, step.total, step.id),
-                })
+                .upgrade(
+                    mlflow_image.as_deref(),
+                    adapter_image.as_deref(),
+                    max_parallel,
+                    wait,
+                    &|step| match &step.outcome {
+                        Ok(()) => eprintln!("[{}/{}] {} rolled", step.index, step.total, step.id),
+                        Err(e) => eprintln!("[{}/{}] {}: {e}", step.index, step.total, step.id),
+                    },
+                )
                 .await?;
             let failed = steps.iter().filter(|s| s.outcome.is_err()).count();
             if failed > 0 {
-                return Err(Error::Timeout(format!("{failed} of {} rollouts did not complete", steps.len())));
+                return Err(Error::Timeout(format!(
+                    "{failed} of {} rollouts did not complete",
+                    steps.len()
+                )));
             }
             Ok(format!("upgrade: {} instance(s) rolled\n", steps.len()))
         }
     }
 }
 
-async fn wait_with_spinner(backend: &dyn Backend, id: &InstanceId, timeout: Duration) -> Result<Instance> {
+async fn wait_with_spinner(
+    backend: &dyn Backend,
+    id: &InstanceId,
+    timeout: Duration,
+) -> Result<Instance> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.enable_steady_tick(Duration::from_millis(120));
     spinner.set_message(format!("{id}: waiting"));
     let result = backend
         .wait_ready(id, timeout, &|i| {
-            spinner.set_message(format!("{}: {}{}", i.id, i.phase, i.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()));
+            spinner.set_message(format!(
+                "{}: {}{}",
+                i.id,
+                i.phase,
+                i.message
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            ));
         })
         .await;
     spinner.finish_and_clear();

@@ -46,7 +46,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Builds an [`Error::Invalid`].
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Error::Invalid { field, message: message.into() }
+        Error::Invalid {
+            field,
+            message: message.into(),
+        }
     }
 
     /// The process exit code for the CLI: distinct per kind of failure.
@@ -65,7 +68,9 @@ impl Error {
 impl From<kube::Error> for Error {
     fn from(e: kube::Error) -> Self {
         match &e {
-            kube::Error::Api(status) if status.code == 403 => Error::Forbidden(status.message.clone()),
+            kube::Error::Api(status) if status.code == 403 => {
+                Error::Forbidden(status.message.clone())
+            }
             _ => Error::Kube(e),
         }
     }

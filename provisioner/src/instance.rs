@@ -14,7 +14,9 @@ const RESERVED_IDS: [&str; 3] = ["healthz", "readyz", "metrics"];
 const ID_LEN: usize = 7;
 
 /// A 7-character instance id, `[a-z][a-z0-9]{6}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct InstanceId(String);
 
@@ -41,9 +43,18 @@ impl InstanceId {
         let b = raw.as_bytes();
         let ok = b.len() == ID_LEN
             && b[0].is_ascii_lowercase()
-            && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && b[1..]
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
             && !RESERVED_IDS.contains(&raw);
-        if ok { Ok(Self(raw.to_owned())) } else { Err(Error::invalid("id", format!("{raw:?} is not an instance id ([a-z][a-z0-9]{{6}})"))) }
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(Error::invalid(
+                "id",
+                format!("{raw:?} is not an instance id ([a-z][a-z0-9]{{6}})"),
+            ))
+        }
     }
 
     /// The id as text.
@@ -99,15 +110,29 @@ impl Artifacts {
             _ => {
                 return Err(Error::invalid(
                     "artifacts.url",
-                    format!("{url:?}: the URL must start with {}", allowed_schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ")),
+                    format!(
+                        "{url:?}: the URL must start with {}",
+                        allowed_schemes
+                            .iter()
+                            .map(|s| format!("{s}://"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
                 ));
             }
         }
         if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::invalid("artifacts.url", "too long, or holds spaces or control characters"));
+            return Err(Error::invalid(
+                "artifacts.url",
+                "too long, or holds spaces or control characters",
+            ));
         }
-        let sha256 = adapter::fetch::normalise_checksum(sha256).map_err(|e| Error::invalid("artifacts.sha256", e.to_string()))?;
-        Ok(Self { url: url.to_owned(), sha256 })
+        let sha256 = adapter::fetch::normalise_checksum(sha256)
+            .map_err(|e| Error::invalid("artifacts.sha256", e.to_string()))?;
+        Ok(Self {
+            url: url.to_owned(),
+            sha256,
+        })
     }
 }
 
@@ -120,10 +145,19 @@ pub struct Workload {
 impl Workload {
     /// Validates a workload id: 1 to 253 printable characters.
     pub fn parse(raw: &str) -> Result<Self> {
-        if raw.is_empty() || raw.len() > 253 || raw.chars().any(|c| c.is_control()) || raw.trim() != raw {
-            return Err(Error::invalid("workload", format!("{raw:?}: 1 to 253 printable characters, no surrounding spaces")));
+        if raw.is_empty()
+            || raw.len() > 253
+            || raw.chars().any(|c| c.is_control())
+            || raw.trim() != raw
+        {
+            return Err(Error::invalid(
+                "workload",
+                format!("{raw:?}: 1 to 253 printable characters, no surrounding spaces"),
+            ));
         }
-        Ok(Self { raw: raw.to_owned() })
+        Ok(Self {
+            raw: raw.to_owned(),
+        })
     }
 
     /// As the portal gave it.
@@ -145,8 +179,13 @@ pub fn label_safe(value: &str) -> String {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
-    if ok { value.to_owned() } else { format!("h-{}", &hex::encode(Sha256::digest(value.as_bytes()))[..40]) }
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        value.to_owned()
+    } else {
+        format!("h-{}", &hex::encode(Sha256::digest(value.as_bytes()))[..40])
+    }
 }
 
 /// Where an instance is in its life.
@@ -228,7 +267,11 @@ pub struct TtlPolicy {
 impl Default for TtlPolicy {
     fn default() -> Self {
         // The paper's 24 h by default; a week at most.
-        Self { default: Duration::from_secs(24 * 3600), min: Duration::from_secs(60), max: Duration::from_secs(7 * 24 * 3600) }
+        Self {
+            default: Duration::from_secs(24 * 3600),
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(7 * 24 * 3600),
+        }
     }
 }
 
@@ -237,7 +280,8 @@ impl TtlPolicy {
     pub fn resolve(&self, raw: Option<&str>) -> Result<Duration> {
         let ttl = match raw {
             None => self.default,
-            Some(s) => humantime::parse_duration(s).map_err(|e| Error::invalid("ttl", format!("{s:?}: {e}")))?,
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|e| Error::invalid("ttl", format!("{s:?}: {e}")))?,
         };
         self.check(ttl)
     }
@@ -261,7 +305,8 @@ impl TtlPolicy {
 
 /// Adds a std duration to a timestamp.
 pub fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t.checked_add(jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX)).unwrap_or(Timestamp::MAX)
+    t.checked_add(jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// The owner name used when none is given.
@@ -269,8 +314,12 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// Validates an owner name (from a token file or a flag).
 pub fn validate_owner(raw: &str) -> Result<String> {
-    if raw.is_empty() || raw.len() > 128 || raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Error::invalid("owner", format!("{raw:?}: 1 to 128 characters, no spaces")));
+    if raw.is_empty() || raw.len() > 128 || raw.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Error::invalid(
+            "owner",
+            format!("{raw:?}: 1 to 128 characters, no spaces"),
+        ));
     }
     Ok(raw.to_owned())
 }
@@ -290,16 +339,24 @@ mod tests {
 
     #[test]
     fn id_parsing() {
-        for bad in ["", "abc", "1abcdef", "Abcdefg", "abcdefgh", "abc-def", "healthz", "metrics"] {
+        for bad in [
+            "", "abc", "1abcdef", "Abcdefg", "abcdefgh", "abc-def", "healthz", "metrics",
+        ] {
             assert!(InstanceId::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(InstanceId::parse("k3x9q2a").unwrap().object_name(), "mlflow-k3x9q2a");
+        assert_eq!(
+            InstanceId::parse("k3x9q2a").unwrap().object_name(),
+            "mlflow-k3x9q2a"
+        );
     }
 
     #[test]
     fn workload_labels() {
         assert_eq!(Workload::parse("6543210").unwrap().label_value(), "6543210");
-        assert_eq!(Workload::parse("task.42_a-b").unwrap().label_value(), "task.42_a-b");
+        assert_eq!(
+            Workload::parse("task.42_a-b").unwrap().label_value(),
+            "task.42_a-b"
+        );
         let odd = Workload::parse("user/job #7").unwrap();
         assert!(odd.label_value().starts_with("h-") && odd.label_value().len() == 42);
         assert_eq!(odd.as_str(), "user/job #7");
@@ -313,7 +370,12 @@ mod tests {
         let sha = "A".repeat(64);
         let a = Artifacts::validated("https://x.example/a.tgz", &sha, &["https", "http"]).unwrap();
         assert_eq!(a.sha256, "a".repeat(64));
-        assert!(Artifacts::validated("file:///etc/passwd", &sha, &["https", "http"]).unwrap_err().to_string().contains("must start with"));
+        assert!(
+            Artifacts::validated("file:///etc/passwd", &sha, &["https", "http"])
+                .unwrap_err()
+                .to_string()
+                .contains("must start with")
+        );
         assert!(Artifacts::validated("https://x/a", "zz", &["https"]).is_err());
         assert!(Artifacts::validated("https://x/a b", &sha, &["https"]).is_err());
     }
@@ -323,7 +385,12 @@ mod tests {
         let p = TtlPolicy::default();
         assert_eq!(p.resolve(None).unwrap(), Duration::from_secs(86400));
         assert_eq!(p.resolve(Some("12h")).unwrap(), Duration::from_secs(43200));
-        assert!(p.resolve(Some("30s")).unwrap_err().to_string().contains("outside"));
+        assert!(
+            p.resolve(Some("30s"))
+                .unwrap_err()
+                .to_string()
+                .contains("outside")
+        );
         assert!(p.resolve(Some("30d")).is_err());
         assert!(p.resolve(Some("soon")).is_err());
     }

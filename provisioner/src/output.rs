@@ -19,8 +19,22 @@ pub fn table(instances: &[Instance], now: Timestamp) -> String {
         .iter()
         .map(|i| {
             let left = i.expires_at.duration_since(now);
-            let left = if left.is_negative() { "expired".to_owned() } else { format!("{}h{:02}m", left.as_secs() / 3600, left.as_secs() % 3600 / 60) };
-            [i.id.to_string(), i.workload.clone(), i.phase.to_string(), format!("{} ({left})", i.expires_at.strftime("%Y-%m-%d %H:%M UTC")), i.url.clone()]
+            let left = if left.is_negative() {
+                "expired".to_owned()
+            } else {
+                format!(
+                    "{}h{:02}m",
+                    left.as_secs() / 3600,
+                    left.as_secs() % 3600 / 60
+                )
+            };
+            [
+                i.id.to_string(),
+                i.workload.clone(),
+                i.phase.to_string(),
+                format!("{} ({left})", i.expires_at.strftime("%Y-%m-%d %H:%M UTC")),
+                i.url.clone(),
+            ]
         })
         .collect();
     let header = ["ID", "WORKLOAD", "PHASE", "EXPIRES", "URL"];

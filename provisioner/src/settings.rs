@@ -24,13 +24,29 @@ pub struct KubeArgs {
     #[arg(long, short = 'n', env = "FLOWGATE_NAMESPACE", global = true)]
     pub namespace: Option<String>,
     /// Shared host name the instances live under
-    #[arg(long, env = "FLOWGATE_HOST", default_value = "flowgate.local", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_HOST",
+        default_value = "flowgate.local",
+        global = true
+    )]
     pub host: String,
     /// Scheme of the URLs given to users (the router terminates TLS)
-    #[arg(long, env = "FLOWGATE_URL_SCHEME", default_value = "https", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_URL_SCHEME",
+        default_value = "https",
+        global = true
+    )]
     pub url_scheme: String,
     /// Ingress or Route
-    #[arg(long, env = "FLOWGATE_ROUTE_KIND", value_enum, default_value = "auto", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_ROUTE_KIND",
+        value_enum,
+        default_value = "auto",
+        global = true
+    )]
     pub route_kind: RouteKind,
     /// IngressClass of the Ingresses
     #[arg(long, env = "FLOWGATE_INGRESS_CLASS", global = true)]
@@ -39,25 +55,60 @@ pub struct KubeArgs {
     #[arg(long, env = "FLOWGATE_TLS_SECRET", global = true)]
     pub tls_secret: Option<String>,
     /// MLflow image
-    #[arg(long, env = "FLOWGATE_MLFLOW_IMAGE", default_value = "flowgate/mlflow:0.1.0", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_MLFLOW_IMAGE",
+        default_value = "flowgate/mlflow:0.1.0",
+        global = true
+    )]
     pub mlflow_image: String,
     /// Adapter image (sidecar and init container)
-    #[arg(long, env = "FLOWGATE_ADAPTER_IMAGE", default_value = "flowgate/adapter:0.1.0", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_ADAPTER_IMAGE",
+        default_value = "flowgate/adapter:0.1.0",
+        global = true
+    )]
     pub adapter_image: String,
     /// MLflow container: CPU request,limit
-    #[arg(long, env = "FLOWGATE_MLFLOW_CPU", default_value = "100m,1", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_MLFLOW_CPU",
+        default_value = "100m,1",
+        global = true
+    )]
     pub mlflow_cpu: String,
     /// MLflow container: memory request,limit
-    #[arg(long, env = "FLOWGATE_MLFLOW_MEMORY", default_value = "512Mi,2Gi", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_MLFLOW_MEMORY",
+        default_value = "512Mi,2Gi",
+        global = true
+    )]
     pub mlflow_memory: String,
     /// Adapter and fetch containers: CPU request,limit
-    #[arg(long, env = "FLOWGATE_ADAPTER_CPU", default_value = "20m,500m", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_ADAPTER_CPU",
+        default_value = "20m,500m",
+        global = true
+    )]
     pub adapter_cpu: String,
     /// Adapter and fetch containers: memory request,limit
-    #[arg(long, env = "FLOWGATE_ADAPTER_MEMORY", default_value = "32Mi,256Mi", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_ADAPTER_MEMORY",
+        default_value = "32Mi,256Mi",
+        global = true
+    )]
     pub adapter_memory: String,
     /// Size limit of the artefact volume
-    #[arg(long, env = "FLOWGATE_STORE_SIZE", default_value = "10Gi", global = true)]
+    #[arg(
+        long,
+        env = "FLOWGATE_STORE_SIZE",
+        default_value = "10Gi",
+        global = true
+    )]
     pub store_size: String,
     /// Default time to live
     #[arg(long, env = "FLOWGATE_DEFAULT_TTL", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
@@ -110,12 +161,20 @@ impl KubeSettings {
     pub fn from_args(args: &KubeArgs, default_namespace: &str) -> crate::Result<Self> {
         let pair = |field: &'static str, s: &str| -> crate::Result<(String, String)> {
             match s.split_once(',') {
-                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => Ok((a.trim().to_owned(), b.trim().to_owned())),
-                _ => Err(crate::Error::invalid(field, format!("{s:?}: expected REQUEST,LIMIT such as 100m,1"))),
+                Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => {
+                    Ok((a.trim().to_owned(), b.trim().to_owned()))
+                }
+                _ => Err(crate::Error::invalid(
+                    field,
+                    format!("{s:?}: expected REQUEST,LIMIT such as 100m,1"),
+                )),
             }
         };
         Ok(Self {
-            namespace: args.namespace.clone().unwrap_or_else(|| default_namespace.to_owned()),
+            namespace: args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| default_namespace.to_owned()),
             host: args.host.clone(),
             url_scheme: args.url_scheme.clone(),
             route_kind: args.route_kind,
@@ -128,7 +187,11 @@ impl KubeSettings {
             adapter_cpu: pair("adapter-cpu", &args.adapter_cpu)?,
             adapter_memory: pair("adapter-memory", &args.adapter_memory)?,
             store_size: args.store_size.clone(),
-            ttl: TtlPolicy { default: args.default_ttl, min: Duration::from_secs(60), max: args.max_ttl },
+            ttl: TtlPolicy {
+                default: args.default_ttl,
+                min: Duration::from_secs(60),
+                max: args.max_ttl,
+            },
             stuck_after: args.stuck_after,
         })
     }

@@ -270,9 +270,27 @@ impl Sink<'_> {
     fn create_symlinks(&mut self) -> Result<(), FetchError> {
         let link_paths: HashSet<PathBuf> = self.links.iter().map(|l| l.path.clone()).collect();
         for link in &self.links {
-            let outside = || unsafe_entry(&link.entry, &format!("symbolic link to {} points outside the destination", link.target.display()));
-            let through = || unsafe_entry(&link.entry, "symbolic link leads through another symbolic link");
-            if link.path.ancestors().skip(1).any(|a| link_paths.contains(a)) {
+            let outside = || {
+                unsafe_entry(
+                    &link.entry,
+                    &format!(
+                        "symbolic link to {} points outside the destination",
+                        link.target.display()
+                    ),
+                )
+            };
+            let through = || {
+                unsafe_entry(
+                    &link.entry,
+                    "symbolic link leads through another symbolic link",
+                )
+            };
+            if link
+                .path
+                .ancestors()
+                .skip(1)
+                .any(|a| link_paths.contains(a))
+            {
                 return Err(through());
             }
             match resolve_inside(&link.path, &link.target, &link_paths) {

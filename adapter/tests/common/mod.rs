@@ -22,9 +22,12 @@ pub const BIG_BYTES: usize = 64 << 20;
 
 pub const PAGE_HTML: &str = r#"<!doctype html><html><head><link rel="stylesheet" href="/static-files/main.css"><style>body{background:url(/bg.png)}</style></head><body><a href="/#/experiments/1">exp</a><a href="//cdn.example.org/x">cdn</a><img src="relative.png"></body></html>"#;
 pub const PAGE_HTML_REWRITTEN: &str = r#"<!doctype html><html><head><link rel="stylesheet" href="/k3x9q2a/static-files/main.css"><style>body{background:url(/k3x9q2a/bg.png)}</style></head><body><a href="/k3x9q2a/#/experiments/1">exp</a><a href="//cdn.example.org/x">cdn</a><img src="relative.png"></body></html>"#;
-pub const ARTIFACT_HTML: &str = r#"<html><body><a href="/x">a user's report</a><script>location="/#/y"</script></body></html>"#;
-pub const APP_JS: &str = r#"function go(e){window.open(`/#${e}`)};var n="/#notebook/";var keep="a/#b";"#;
-pub const APP_JS_REWRITTEN: &str = r#"function go(e){window.open(`/k3x9q2a/#${e}`)};var n="/k3x9q2a/#notebook/";var keep="a/#b";"#;
+pub const ARTIFACT_HTML: &str =
+    r#"<html><body><a href="/x">a user's report</a><script>location="/#/y"</script></body></html>"#;
+pub const APP_JS: &str =
+    r#"function go(e){window.open(`/#${e}`)};var n="/#notebook/";var keep="a/#b";"#;
+pub const APP_JS_REWRITTEN: &str =
+    r#"function go(e){window.open(`/k3x9q2a/#${e}`)};var n="/k3x9q2a/#notebook/";var keep="a/#b";"#;
 
 type UpBody = BoxBody<Bytes, Infallible>;
 
@@ -46,7 +49,10 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 pub async fn brotli(data: &[u8]) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut out = Vec::new();
-    async_compression::tokio::bufread::BrotliEncoder::new(data).read_to_end(&mut out).await.unwrap();
+    async_compression::tokio::bufread::BrotliEncoder::new(data)
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
     out
 }
 
@@ -56,7 +62,10 @@ pub async fn decode(coding: &str, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match coding {
         "gzip" => GzipDecoder::new(data).read_to_end(&mut out).await.unwrap(),
-        "br" => BrotliDecoder::new(data).read_to_end(&mut out).await.unwrap(),
+        "br" => BrotliDecoder::new(data)
+            .read_to_end(&mut out)
+            .await
+            .unwrap(),
         "zstd" => ZstdDecoder::new(data).read_to_end(&mut out).await.unwrap(),
         "deflate" => ZlibDecoder::new(data).read_to_end(&mut out).await.unwrap(),
         other => panic!("unexpected coding {other}"),
@@ -66,7 +75,12 @@ pub async fn decode(coding: &str, data: &[u8]) -> Vec<u8> {
 
 async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
     let path = req.uri().path().to_owned();
-    let html = |body: UpBody| Response::builder().header(header::CONTENT_TYPE, "text/html; charset=utf-8").body(body).unwrap();
+    let html = |body: UpBody| {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(body)
+            .unwrap()
+    };
     match path.as_str() {
         "/echo" => {
             let headers: serde_json::Map<String, serde_json::Value> = req
@@ -78,38 +92,74 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
             let uri = req.uri().to_string();
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let json = serde_json::json!({"method": method, "uri": uri, "headers": headers, "body": String::from_utf8_lossy(&body)});
-            Response::builder().header(header::CONTENT_TYPE, "application/json").body(full(json.to_string())).unwrap()
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(full(json.to_string()))
+                .unwrap()
         }
         "/" | "/page.html" => html(full(PAGE_HTML)),
         "/gzip.html" => {
             let mut r = html(full(gzip(PAGE_HTML.as_bytes())));
-            r.headers_mut().insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
-            r.headers_mut().insert(header::ETAG, "\"abc\"".parse().unwrap());
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+            r.headers_mut()
+                .insert(header::ETAG, "\"abc\"".parse().unwrap());
             r
         }
         "/br.html" => {
             let mut r = html(full(brotli(PAGE_HTML.as_bytes()).await));
-            r.headers_mut().insert(header::CONTENT_ENCODING, "br".parse().unwrap());
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, "br".parse().unwrap());
             r
         }
         "/main.css" => Response::builder()
             .header(header::CONTENT_TYPE, "text/css")
-            .body(full("a{background:url(/img/a.png)} b{background:url(//cdn/x.png)}"))
+            .body(full(
+                "a{background:url(/img/a.png)} b{background:url(//cdn/x.png)}",
+            ))
             .unwrap(),
         "/static-files/app.js" => Response::builder()
             .header(header::CONTENT_TYPE, "application/javascript")
             .body(full(APP_JS))
             .unwrap(),
-        "/get-artifact" | "/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/report.html" => html(full(ARTIFACT_HTML)),
-        "/json" => {
-            let body = format!("{{\"runs\":[{}]}}", (0..200).map(|i| format!("{{\"id\":\"{i:032}\"}}")).collect::<Vec<_>>().join(","));
-            Response::builder().header(header::CONTENT_TYPE, "application/json").body(full(body)).unwrap()
+        "/get-artifact" | "/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/report.html" => {
+            html(full(ARTIFACT_HTML))
         }
-        "/tiny.json" => Response::builder().header(header::CONTENT_TYPE, "application/json").body(full("{}")).unwrap(),
-        "/redirect" => Response::builder().status(StatusCode::FOUND).header(header::LOCATION, "/target?x=1").body(full("")).unwrap(),
+        "/json" => {
+            let body = format!(
+                "{{\"runs\":[{}]}}",
+                (0..200)
+                    .map(|i| format!("{{\"id\":\"{i:032}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(full(body))
+                .unwrap()
+        }
+        "/tiny.json" => Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full("{}"))
+            .unwrap(),
+        "/redirect" => Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, "/target?x=1")
+            .body(full(""))
+            .unwrap(),
         "/redirect-abs" => {
-            let host = req.headers().get(header::HOST).unwrap().to_str().unwrap().to_owned();
-            Response::builder().status(StatusCode::FOUND).header(header::LOCATION, format!("http://{host}/abs")).body(full("")).unwrap()
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header(header::LOCATION, format!("http://{host}/abs"))
+                .body(full(""))
+                .unwrap()
         }
         "/cookie" => Response::builder()
             .header(header::SET_COOKIE, "sid=1; Path=/; HttpOnly")
@@ -132,17 +182,25 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .header(header::CONTENT_LENGTH, BIG_BYTES)
-                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
+                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                    chunks,
+                ))))
                 .unwrap()
         }
         "/big.html" => {
             // A 4 MiB HTML body with a link per line, streamed in 16 KiB pieces.
             let line = "<p><a href=\"/run/x\">run</a></p>\n";
             let doc = line.repeat((4 << 20) / line.len());
-            let chunks: Vec<_> = doc.as_bytes().chunks(16384).map(|c| Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(c)))).collect();
+            let chunks: Vec<_> = doc
+                .as_bytes()
+                .chunks(16384)
+                .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/html")
-                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
+                .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                    chunks,
+                ))))
                 .unwrap()
         }
         "/sse" => {
@@ -153,7 +211,10 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
                 if i > 0 {
                     tokio::time::sleep(Duration::from_millis(400)).await;
                 }
-                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))), i + 1))
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))),
+                    i + 1,
+                ))
             });
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/event-stream")
@@ -178,7 +239,10 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
                 .body(full(""))
                 .unwrap()
         }
-        _ => Response::builder().status(StatusCode::NOT_FOUND).body(full("upstream 404")).unwrap(),
+        _ => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(full("upstream 404"))
+            .unwrap(),
     }
 }
 
@@ -190,7 +254,8 @@ pub async fn start_upstream() -> SocketAddr {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let service = service_fn(|req| async move { Ok::<_, Infallible>(upstream_route(req).await) });
+                let service =
+                    service_fn(|req| async move { Ok::<_, Infallible>(upstream_route(req).await) });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
@@ -258,17 +323,28 @@ impl AdapterBuilder {
         let task = tokio::spawn(serve(Proxy::new(config), listener, async move {
             let _ = rx.await;
         }));
-        Adapter { addr, stop: Some(tx), task }
+        Adapter {
+            addr,
+            stop: Some(tx),
+            task,
+        }
     }
 }
 
 /// An HTTP client that does not follow redirects or decode bodies.
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// A free port on loopback (bound and released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -16,7 +16,10 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use objects::{InstanceSpec, deployment, ingress, instance_from_deployment, owner_reference, route, route_resource, service};
+use objects::{
+    InstanceSpec, deployment, ingress, instance_from_deployment, owner_reference, route,
+    route_resource, service,
+};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -67,7 +70,10 @@ impl KubeBackend {
             RouteKind::Auto if routes_served => RouteKind::Route,
             RouteKind::Auto => RouteKind::Ingress,
             RouteKind::Route if !routes_served => {
-                return Err(Error::invalid("route-kind", "route was asked for, but the cluster does not serve route.openshift.io"));
+                return Err(Error::invalid(
+                    "route-kind",
+                    "route was asked for, but the cluster does not serve route.openshift.io",
+                ));
             }
             other => other,
         };
@@ -105,7 +111,9 @@ impl KubeBackend {
         for _ in 0..8 {
             let id = InstanceId::random();
             let name = id.object_name();
-            if self.deployments.get_opt(&name).await?.is_none() && self.services.get_opt(&name).await?.is_none() {
+            if self.deployments.get_opt(&name).await?.is_none()
+                && self.services.get_opt(&name).await?.is_none()
+            {
                 return Ok(id);
             }
         }
@@ -119,27 +127,44 @@ impl KubeBackend {
             request.workload.label_value(),
             digest_label(&request.artifacts.sha256)
         );
-        let found = self.deployments.list(&ListParams::default().labels(&selector)).await?;
+        let found = self
+            .deployments
+            .list(&ListParams::default().labels(&selector))
+            .await?;
         Ok(found
             .items
             .iter()
             .filter_map(|d| instance_from_deployment(d, now).ok())
-            .filter(|i| i.workload == request.workload.as_str() && i.artifacts.sha256 == request.artifacts.sha256)
+            .filter(|i| {
+                i.workload == request.workload.as_str()
+                    && i.artifacts.sha256 == request.artifacts.sha256
+            })
             .find(|i| matches!(i.phase, Phase::Ready | Phase::Pending)))
     }
 
     /// Why the instance's pod cannot start, if it cannot.
     async fn pod_failure(&self, id: &InstanceId) -> Result<Option<String>> {
-        let pods = self.pods.list(&ListParams::default().labels(&format!("{INSTANCE}={id}"))).await?;
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
+            .await?;
         for pod in pods.items {
             let Some(status) = pod.status else { continue };
-            let statuses = status.init_container_statuses.unwrap_or_default().into_iter().chain(status.container_statuses.unwrap_or_default());
+            let statuses = status
+                .init_container_statuses
+                .unwrap_or_default()
+                .into_iter()
+                .chain(status.container_statuses.unwrap_or_default());
             for cs in statuses {
                 let state = cs.state.unwrap_or_default();
                 if let Some(w) = state.waiting {
                     let reason = w.reason.unwrap_or_default();
                     if FATAL_WAITING.contains(&reason.as_str()) {
-                        return Ok(Some(format!("container {}: {reason}: {}", cs.name, w.message.unwrap_or_default())));
+                        return Ok(Some(format!(
+                            "container {}: {reason}: {}",
+                            cs.name,
+                            w.message.unwrap_or_default()
+                        )));
                     }
                 }
                 if let Some(t) = state.terminated {
@@ -178,10 +203,16 @@ impl KubeBackend {
             init.push(json!({"name": "fetch", "image": image}));
         }
         if containers.is_empty() {
-            return Err(Error::invalid("images", "give --mlflow-image and/or --adapter-image"));
+            return Err(Error::invalid(
+                "images",
+                "give --mlflow-image and/or --adapter-image",
+            ));
         }
         let patch = json!({"spec": {"template": {"spec": {"containers": containers, "initContainers": init}}}});
-        let list = self.deployments.list(&ListParams::default().labels(&managed_selector())).await?;
+        let list = self
+            .deployments
+            .list(&ListParams::default().labels(&managed_selector()))
+            .await?;
         let total = list.items.len();
         let mut steps = Vec::new();
         for (batch_no, batch) in list.items.chunks(max_parallel.max(1)).enumerate() {
@@ -214,10 +245,15 @@ impl KubeBackend {
     async fn wait_rollout(&self, name: &str, timeout: Duration) -> std::result::Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let d = self.deployments.get(name).await.map_err(|e| e.to_string())?;
+            let d = self
+                .deployments
+                .get(name)
+                .await
+                .map_err(|e| e.to_string())?;
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let status = d.status.unwrap_or_default();
-            let observed = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+            let observed =
+                status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
             if observed
                 && status.updated_replicas.unwrap_or(0) == want
                 && status.available_replicas.unwrap_or(0) == want
@@ -226,7 +262,10 @@ impl KubeBackend {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!("rollout not complete after {}", humantime::format_duration(timeout)));
+                return Err(format!(
+                    "rollout not complete after {}",
+                    humantime::format_duration(timeout)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -238,7 +277,10 @@ impl Backend for KubeBackend {
     async fn create(&self, request: CreateRequest) -> Result<Created> {
         let now = Timestamp::now();
         if let Some(instance) = self.find_live(&request, now).await? {
-            return Ok(Created { instance, created: false });
+            return Ok(Created {
+                instance,
+                created: false,
+            });
         }
         let ttl = self.settings.ttl.check(request.ttl)?;
         let spec = InstanceSpec {
@@ -254,24 +296,60 @@ impl Backend for KubeBackend {
         // The Deployment first, marked `creating`: if anything after it fails
         // it is deleted (its children go with it), and if even that fails, gc
         // removes it once it has been `creating` for too long.
-        let created = self.deployments.patch(&name, &params, &Patch::Apply(deployment(&spec, &self.settings, "creating"))).await?;
+        let created = self
+            .deployments
+            .patch(
+                &name,
+                &params,
+                &Patch::Apply(deployment(&spec, &self.settings, "creating")),
+            )
+            .await?;
         let children = async {
             let owner = owner_reference(&created)?;
-            self.services.patch(&name, &params, &Patch::Apply(service(&spec, &owner))).await?;
+            self.services
+                .patch(&name, &params, &Patch::Apply(service(&spec, &owner)))
+                .await?;
             match self.route_kind {
                 RouteKind::Route => {
-                    self.routes.patch(&name, &params, &Patch::Apply(route(&spec, &self.settings, &owner))).await?;
+                    self.routes
+                        .patch(
+                            &name,
+                            &params,
+                            &Patch::Apply(route(&spec, &self.settings, &owner)),
+                        )
+                        .await?;
                 }
                 _ => {
-                    self.ingresses.patch(&name, &params, &Patch::Apply(ingress(&spec, &self.settings, &owner))).await?;
+                    self.ingresses
+                        .patch(
+                            &name,
+                            &params,
+                            &Patch::Apply(ingress(&spec, &self.settings, &owner)),
+                        )
+                        .await?;
                 }
             }
-            Ok::<_, Error>(self.deployments.patch(&name, &params, &Patch::Apply(deployment(&spec, &self.settings, "complete"))).await?)
+            Ok::<_, Error>(
+                self.deployments
+                    .patch(
+                        &name,
+                        &params,
+                        &Patch::Apply(deployment(&spec, &self.settings, "complete")),
+                    )
+                    .await?,
+            )
         };
         match children.await {
-            Ok(d) => Ok(Created { instance: instance_from_deployment(&d, Timestamp::now())?, created: true }),
+            Ok(d) => Ok(Created {
+                instance: instance_from_deployment(&d, Timestamp::now())?,
+                created: true,
+            }),
             Err(e) => {
-                if let Err(cleanup) = self.deployments.delete(&name, &DeleteParams::background()).await {
+                if let Err(cleanup) = self
+                    .deployments
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                {
                     tracing::warn!(%name, error = %cleanup, "could not remove the half-made instance; gc will");
                 }
                 Err(e)
@@ -300,7 +378,10 @@ impl Backend for KubeBackend {
             selector.push_str(&format!(",{OWNER}={}", label_safe(o)));
         }
         let now = Timestamp::now();
-        let list = self.deployments.list(&ListParams::default().labels(&selector)).await?;
+        let list = self
+            .deployments
+            .list(&ListParams::default().labels(&selector))
+            .await?;
         let mut out: Vec<Instance> = list
             .items
             .iter()
@@ -314,13 +395,19 @@ impl Backend for KubeBackend {
             .filter(|i| filter.workload.as_deref().is_none_or(|w| i.workload == w))
             .filter(|i| filter.owner.as_deref().is_none_or(|o| i.owner == o))
             .collect();
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(out)
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.managed_deployment(id).await?;
-        self.deployments.delete(&id.object_name(), &DeleteParams::background()).await?;
+        self.deployments
+            .delete(&id.object_name(), &DeleteParams::background())
+            .await?;
         Ok(())
     }
 
@@ -332,23 +419,43 @@ impl Backend for KubeBackend {
         let from = current.expires_at.max(now);
         let expires_at = add(from, ttl).min(add(now, self.settings.ttl.max));
         let patch = json!({"metadata": {"annotations": {ANN_EXPIRES_AT: expires_at.to_string()}}});
-        let d = self.deployments.patch(&id.object_name(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        let d = self
+            .deployments
+            .patch(
+                &id.object_name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
         instance_from_deployment(&d, now)
     }
 
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
         let now = Timestamp::now();
         let mut removed = Vec::new();
-        let deployments = self.deployments.list(&ListParams::default().labels(&managed_selector())).await?;
+        let deployments = self
+            .deployments
+            .list(&ListParams::default().labels(&managed_selector()))
+            .await?;
         // Every instance that has a Deployment: its other objects are not
         // orphans (those of Deployments removed below go with them).
-        let live: HashSet<String> = deployments.items.iter().filter_map(|d| d.labels().get(INSTANCE).cloned()).collect();
+        let live: HashSet<String> = deployments
+            .items
+            .iter()
+            .filter_map(|d| d.labels().get(INSTANCE).cloned())
+            .collect();
         for d in &deployments.items {
             let name = d.name_any();
             let ann = d.annotations();
-            let expired = ann.get(ANN_EXPIRES_AT).and_then(|t| t.parse::<Timestamp>().ok()).is_none_or(|t| t <= now);
+            let expired = ann
+                .get(ANN_EXPIRES_AT)
+                .and_then(|t| t.parse::<Timestamp>().ok())
+                .is_none_or(|t| t <= now);
             let stuck = ann.get(ANN_STATE).map(String::as_str) != Some("complete")
-                && d.metadata.creation_timestamp.as_ref().is_some_and(|t| add(t.0, self.settings.stuck_after) <= now);
+                && d.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .is_some_and(|t| add(t.0, self.settings.stuck_after) <= now);
             let reason = if expired {
                 "expired"
             } else if stuck {
@@ -357,37 +464,63 @@ impl Backend for KubeBackend {
                 continue;
             };
             if !dry_run {
-                self.deployments.delete(&name, &DeleteParams::background()).await?;
+                self.deployments
+                    .delete(&name, &DeleteParams::background())
+                    .await?;
             }
-            removed.push(Removed { kind: "Deployment".into(), name, reason: reason.into() });
+            removed.push(Removed {
+                kind: "Deployment".into(),
+                name,
+                reason: reason.into(),
+            });
         }
         // Leftovers whose Deployment is gone (the garbage collector removes
         // owned ones, but not objects that lost or never had their owner).
-        let orphan = |labels: &std::collections::BTreeMap<String, String>| !labels.get(INSTANCE).is_some_and(|i| live.contains(i));
+        let orphan = |labels: &std::collections::BTreeMap<String, String>| {
+            !labels.get(INSTANCE).is_some_and(|i| live.contains(i))
+        };
         let lp = ListParams::default().labels(&managed_selector());
         for s in self.services.list(&lp).await?.items {
             if orphan(s.labels()) {
                 if !dry_run {
-                    self.services.delete(&s.name_any(), &DeleteParams::background()).await?;
+                    self.services
+                        .delete(&s.name_any(), &DeleteParams::background())
+                        .await?;
                 }
-                removed.push(Removed { kind: "Service".into(), name: s.name_any(), reason: "no Deployment".into() });
+                removed.push(Removed {
+                    kind: "Service".into(),
+                    name: s.name_any(),
+                    reason: "no Deployment".into(),
+                });
             }
         }
         for i in self.ingresses.list(&lp).await?.items {
             if orphan(i.labels()) {
                 if !dry_run {
-                    self.ingresses.delete(&i.name_any(), &DeleteParams::background()).await?;
+                    self.ingresses
+                        .delete(&i.name_any(), &DeleteParams::background())
+                        .await?;
                 }
-                removed.push(Removed { kind: "Ingress".into(), name: i.name_any(), reason: "no Deployment".into() });
+                removed.push(Removed {
+                    kind: "Ingress".into(),
+                    name: i.name_any(),
+                    reason: "no Deployment".into(),
+                });
             }
         }
         if self.routes_served {
             for r in self.routes.list(&lp).await?.items {
                 if orphan(r.labels()) {
                     if !dry_run {
-                        self.routes.delete(&r.name_any(), &DeleteParams::background()).await?;
+                        self.routes
+                            .delete(&r.name_any(), &DeleteParams::background())
+                            .await?;
                     }
-                    removed.push(Removed { kind: "Route".into(), name: r.name_any(), reason: "no Deployment".into() });
+                    removed.push(Removed {
+                        kind: "Route".into(),
+                        name: r.name_any(),
+                        reason: "no Deployment".into(),
+                    });
                 }
             }
         }

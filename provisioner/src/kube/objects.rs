@@ -48,12 +48,19 @@ pub fn labels(spec: &InstanceSpec) -> BTreeMap<String, String> {
         (INSTANCE.into(), spec.id.to_string()),
         (WORKLOAD.into(), label_safe(&spec.workload)),
         (OWNER.into(), label_safe(&spec.owner)),
-        (ARTIFACTS_DIGEST.into(), digest_label(&spec.artifacts.sha256).into()),
+        (
+            ARTIFACTS_DIGEST.into(),
+            digest_label(&spec.artifacts.sha256).into(),
+        ),
     ])
 }
 
 /// The annotations that hold the raw values.
-pub fn annotations(spec: &InstanceSpec, settings: &KubeSettings, state: &str) -> BTreeMap<String, String> {
+pub fn annotations(
+    spec: &InstanceSpec,
+    settings: &KubeSettings,
+    state: &str,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         (ANN_WORKLOAD.into(), spec.workload.clone()),
         (ANN_OWNER.into(), spec.owner.clone()),
@@ -167,7 +174,11 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
 
 /// An ownerReference to `deployment` (which must have come back from the server).
 pub fn owner_reference(deployment: &Deployment) -> Result<OwnerReference> {
-    let uid = deployment.metadata.uid.clone().ok_or_else(|| Error::Internal("Deployment without a uid".into()))?;
+    let uid = deployment
+        .metadata
+        .uid
+        .clone()
+        .ok_or_else(|| Error::Internal("Deployment without a uid".into()))?;
     Ok(OwnerReference {
         api_version: "apps/v1".into(),
         kind: "Deployment".into(),
@@ -221,7 +232,10 @@ pub fn ingress(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) ->
 
 /// route.openshift.io/v1 Route.
 pub fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("route.openshift.io", "v1", "Route"), "routes")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("route.openshift.io", "v1", "Route"),
+        "routes",
+    )
 }
 
 /// The Route: path `/<id>` on the shared host, TLS at the edge.
@@ -244,9 +258,26 @@ pub fn route(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> D
 /// Reads an instance back from its Deployment (labels and annotations are the store).
 pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instance> {
     let ann = d.metadata.annotations.clone().unwrap_or_default();
-    let get = |k: &str| ann.get(k).cloned().ok_or_else(|| Error::Internal(format!("Deployment {:?} lacks annotation {k}", d.metadata.name)));
-    let time = |k: &str| -> Result<Timestamp> { get(k)?.parse().map_err(|e| Error::Internal(format!("annotation {k}: {e}"))) };
-    let id_label = d.metadata.labels.as_ref().and_then(|l| l.get(INSTANCE)).cloned().unwrap_or_default();
+    let get = |k: &str| {
+        ann.get(k).cloned().ok_or_else(|| {
+            Error::Internal(format!(
+                "Deployment {:?} lacks annotation {k}",
+                d.metadata.name
+            ))
+        })
+    };
+    let time = |k: &str| -> Result<Timestamp> {
+        get(k)?
+            .parse()
+            .map_err(|e| Error::Internal(format!("annotation {k}: {e}")))
+    };
+    let id_label = d
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INSTANCE))
+        .cloned()
+        .unwrap_or_default();
     let expires_at = time(ANN_EXPIRES_AT)?;
     let status = d.status.clone().unwrap_or_default();
     let deadline_exceeded = status
@@ -254,10 +285,16 @@ pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instan
         .unwrap_or_default()
         .iter()
         .find(|c| c.type_ == "Progressing" && c.status == "False")
-        .map(|c| c.message.clone().unwrap_or_else(|| c.reason.clone().unwrap_or_default()));
+        .map(|c| {
+            c.message
+                .clone()
+                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+        });
     let (phase, message) = if expires_at <= now {
         (Phase::Expired, None)
-    } else if status.available_replicas.unwrap_or(0) >= 1 && ann.get(ANN_STATE).map(String::as_str) == Some("complete") {
+    } else if status.available_replicas.unwrap_or(0) >= 1
+        && ann.get(ANN_STATE).map(String::as_str) == Some("complete")
+    {
         (Phase::Ready, None)
     } else if let Some(message) = deadline_exceeded {
         (Phase::Failed, Some(message))
@@ -268,7 +305,10 @@ pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instan
         id: InstanceId::parse(&id_label)?,
         workload: get(ANN_WORKLOAD)?,
         owner: get(ANN_OWNER)?,
-        artifacts: Artifacts { url: get(ANN_ARTIFACTS_URL)?, sha256: get(ANN_ARTIFACTS_SHA256)? },
+        artifacts: Artifacts {
+            url: get(ANN_ARTIFACTS_URL)?,
+            sha256: get(ANN_ARTIFACTS_SHA256)?,
+        },
         created_at: time(ANN_CREATED_AT)?,
         expires_at,
         url: get(ANN_URL)?,
@@ -290,7 +330,8 @@ mod tests {
     }
 
     pub(crate) fn settings() -> KubeSettings {
-        let args = Wrap::parse_from(["x", "--host", "ml.example.org", "--ingress-class", "nginx"]).kube;
+        let args =
+            Wrap::parse_from(["x", "--host", "ml.example.org", "--ingress-class", "nginx"]).kube;
         KubeSettings::from_args(&args, "flowgate").unwrap()
     }
 
@@ -299,7 +340,10 @@ mod tests {
             id: InstanceId::parse("k3x9q2a").unwrap(),
             workload: "panda job/123".into(),
             owner: "alice".into(),
-            artifacts: Artifacts { url: "https://store.example/job.tgz".into(), sha256: "ab".repeat(32) },
+            artifacts: Artifacts {
+                url: "https://store.example/job.tgz".into(),
+                sha256: "ab".repeat(32),
+            },
             created_at: "2026-11-26T10:00:00Z".parse().unwrap(),
             expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
         }
@@ -314,18 +358,41 @@ mod tests {
         assert_eq!(labels["app.kubernetes.io/name"], "mlflow");
         assert_eq!(labels["app.kubernetes.io/managed-by"], "flowgate");
         assert_eq!(labels["flowgate.io/instance"], "k3x9q2a");
-        assert!(labels["flowgate.io/workload"].as_str().unwrap().starts_with("h-"));
-        assert_eq!(v["metadata"]["annotations"]["flowgate.io/workload"], "panda job/123");
-        assert_eq!(v["metadata"]["annotations"]["flowgate.io/expires-at"], "2026-11-27T10:00:00Z");
+        assert!(
+            labels["flowgate.io/workload"]
+                .as_str()
+                .unwrap()
+                .starts_with("h-")
+        );
+        assert_eq!(
+            v["metadata"]["annotations"]["flowgate.io/workload"],
+            "panda job/123"
+        );
+        assert_eq!(
+            v["metadata"]["annotations"]["flowgate.io/expires-at"],
+            "2026-11-27T10:00:00Z"
+        );
         let pod = &v["spec"]["template"]["spec"];
         assert_eq!(pod["automountServiceAccountToken"], false);
-        assert!(pod["securityContext"]["runAsUser"].is_null(), "arbitrary UIDs must work");
+        assert!(
+            pod["securityContext"]["runAsUser"].is_null(),
+            "arbitrary UIDs must work"
+        );
         assert_eq!(v["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
         let init = &pod["initContainers"][0];
         assert_eq!(init["args"][0], "fetch");
         assert_eq!(init["args"][4], "ab".repeat(32));
-        for c in pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().unwrap()) {
-            assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{}", c["name"]);
+        for c in pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(pod["initContainers"].as_array().unwrap())
+        {
+            assert_eq!(
+                c["securityContext"]["readOnlyRootFilesystem"], true,
+                "{}",
+                c["name"]
+            );
             assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
             assert!(c["resources"]["limits"]["memory"].is_string());
         }
@@ -333,17 +400,32 @@ mod tests {
         assert_eq!(adapter["env"][0]["value"], "/k3x9q2a");
         assert_eq!(adapter["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(adapter["livenessProbe"]["httpGet"]["path"], "/healthz");
-        assert!(pod["containers"][0]["ports"].is_null(), "MLflow's port is never exposed");
+        assert!(
+            pod["containers"][0]["ports"].is_null(),
+            "MLflow's port is never exposed"
+        );
     }
 
     #[test]
     fn ingress_and_route_point_at_the_service() {
-        let owner = OwnerReference { api_version: "apps/v1".into(), kind: "Deployment".into(), name: "mlflow-k3x9q2a".into(), uid: "u1".into(), ..Default::default() };
+        let owner = OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "mlflow-k3x9q2a".into(),
+            uid: "u1".into(),
+            ..Default::default()
+        };
         let i = serde_json::to_value(ingress(&spec(), &settings(), &owner)).unwrap();
         assert_eq!(i["spec"]["ingressClassName"], "nginx");
         assert_eq!(i["spec"]["rules"][0]["host"], "ml.example.org");
-        assert_eq!(i["spec"]["rules"][0]["http"]["paths"][0]["path"], "/k3x9q2a");
-        assert_eq!(i["spec"]["rules"][0]["http"]["paths"][0]["pathType"], "Prefix");
+        assert_eq!(
+            i["spec"]["rules"][0]["http"]["paths"][0]["path"],
+            "/k3x9q2a"
+        );
+        assert_eq!(
+            i["spec"]["rules"][0]["http"]["paths"][0]["pathType"],
+            "Prefix"
+        );
         assert_eq!(i["metadata"]["ownerReferences"][0]["uid"], "u1");
         let r = serde_json::to_value(route(&spec(), &settings(), &owner)).unwrap();
         assert_eq!(r["apiVersion"], "route.openshift.io/v1");
@@ -363,9 +445,18 @@ mod tests {
         assert_eq!(i.workload, "panda job/123");
         assert_eq!(i.url, "https://ml.example.org/k3x9q2a/");
         assert_eq!(i.phase, Phase::Pending);
-        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus { available_replicas: Some(1), ..Default::default() });
-        assert_eq!(instance_from_deployment(&d, now).unwrap().phase, Phase::Ready);
+        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+            available_replicas: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(
+            instance_from_deployment(&d, now).unwrap().phase,
+            Phase::Ready
+        );
         let later: Timestamp = "2026-11-28T00:00:00Z".parse().unwrap();
-        assert_eq!(instance_from_deployment(&d, later).unwrap().phase, Phase::Expired);
+        assert_eq!(
+            instance_from_deployment(&d, later).unwrap().phase,
+            Phase::Expired
+        );
     }
 }

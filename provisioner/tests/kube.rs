@@ -1,0 +1,539 @@
+//! The Kubernetes backend against a real control plane (testenv/k8s: etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler and kwok, which
+//! makes Pods Ready without running them).
+
+mod support;
+
+use futures_util::future::BoxFuture;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::client::ClientBuilder;
+use provisioner::Error;
+use provisioner::backend::{Backend, ListFilter};
+use provisioner::instance::{Artifacts, CreateRequest, InstanceId, Phase, Workload};
+use provisioner::kube::objects::route_resource;
+use provisioner::settings::RouteKind;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use support::*;
+
+fn request(workload: &str, seed: &str) -> CreateRequest {
+    let sha = format!("{:0>64}", hex_of(seed));
+    CreateRequest {
+        workload: Workload::parse(workload).unwrap(),
+        owner: "alice".into(),
+        artifacts: Artifacts::validated(
+            &format!("https://store.example.test/{seed}.tgz"),
+            &sha,
+            &["https"],
+        )
+        .unwrap(),
+        ttl: Duration::from_secs(24 * 3600),
+    }
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes()
+        .map(|b| format!("{:02x}", b % 16))
+        .collect::<String>()
+        .chars()
+        .take(64)
+        .collect()
+}
+
+async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for _ in 0..120 {
+        if api.get_opt(name).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn create_makes_hardened_owned_objects_that_become_ready() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let created = b.create(request("6543210", "a")).await.unwrap();
+    assert!(created.created);
+    let i = created.instance;
+    let name = i.id.object_name();
+    assert_eq!(i.url, format!("https://ml.example.test/{}/", i.id));
+    assert_eq!(i.phase, Phase::Pending);
+    assert_eq!(
+        i.expires_at.duration_since(i.created_at).as_secs(),
+        24 * 3600
+    );
+
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    let labels = d.metadata.labels.clone().unwrap();
+    assert_eq!(labels["flowgate.io/instance"], i.id.as_str());
+    assert_eq!(labels["flowgate.io/workload"], "6543210");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "flowgate");
+    assert_eq!(
+        d.metadata.annotations.as_ref().unwrap()["flowgate.io/state"],
+        "complete"
+    );
+    let uid = d.metadata.uid.clone().unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    assert_eq!(svc.metadata.owner_references.as_ref().unwrap()[0].uid, uid);
+    let ing = Api::<Ingress>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    assert_eq!(ing.metadata.owner_references.as_ref().unwrap()[0].uid, uid);
+    let rules = ing.spec.unwrap().rules.unwrap();
+    let path = &rules[0].http.as_ref().unwrap().paths[0];
+    assert_eq!(path.path.as_deref(), Some(i.id.prefix().as_str()));
+
+    // The namespace enforces Pod Security `restricted`: a Pod that becomes
+    // Ready was admitted by the real apiserver.
+    let ready = b
+        .wait_ready(&i.id, Duration::from_secs(90), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(ready.phase, Phase::Ready);
+    assert_eq!(b.get(&i.id).await.unwrap().phase, Phase::Ready);
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_lists_filter() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let first = b.create(request("task/77 (retry)", "b")).await.unwrap();
+    let again = b.create(request("task/77 (retry)", "b")).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.instance.id, first.instance.id);
+    let other = b.create(request("task/77 (retry)", "c")).await.unwrap();
+    assert_ne!(other.instance.id, first.instance.id);
+    let mut bob = request("8888", "d");
+    bob.owner = "bob".into();
+    b.create(bob).await.unwrap();
+
+    let deployments = Api::<Deployment>::namespaced(client, &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(deployments.items.len(), 3);
+    let by_workload = b
+        .list(&ListFilter {
+            workload: Some("task/77 (retry)".into()),
+            owner: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_workload.len(), 2);
+    assert!(by_workload.iter().all(|i| i.workload == "task/77 (retry)"));
+    let by_owner = b
+        .list(&ListFilter {
+            workload: None,
+            owner: Some("bob".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_owner.len(), 1);
+    assert_eq!(by_owner[0].workload, "8888");
+    assert_eq!(b.list(&ListFilter::default()).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn extend_and_delete() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let i = b.create(request("1", "e")).await.unwrap().instance;
+    let extended = b
+        .extend(&i.id, Duration::from_secs(12 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        extended.expires_at.duration_since(i.expires_at).as_secs(),
+        12 * 3600
+    );
+    assert!(matches!(
+        b.extend(&i.id, Duration::from_secs(30 * 24 * 3600)).await,
+        Err(Error::Invalid { .. })
+    ));
+    assert_eq!(b.get(&i.id).await.unwrap().expires_at, extended.expires_at);
+
+    b.delete(&i.id).await.unwrap();
+    let name = i.id.object_name();
+    // The controller-manager's garbage collector removes what the Deployment owned.
+    assert!(
+        gone(&Api::<Service>::namespaced(client.clone(), &ns), &name).await,
+        "Service left behind"
+    );
+    assert!(
+        gone(&Api::<Ingress>::namespaced(client.clone(), &ns), &name).await,
+        "Ingress left behind"
+    );
+    assert!(matches!(b.get(&i.id).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.delete(&i.id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        b.get(&InstanceId::parse("zzzzzzz").unwrap()).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn gc_removes_only_expired_instances_and_orphans() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let old = b.create(request("old", "f")).await.unwrap().instance;
+    let live = b.create(request("live", "g")).await.unwrap().instance;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
+    deployments
+        .patch(
+            &old.id.object_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&past),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.get(&old.id).await.unwrap().phase, Phase::Expired);
+    // A Service of ours whose Deployment never existed.
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    let orphan: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mlflow-orphan1", "labels": {"app.kubernetes.io/managed-by": "flowgate", "flowgate.io/instance": "orphan1"}},
+        "spec": {"ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &orphan)
+        .await
+        .unwrap();
+    // Not ours: never touched.
+    let foreign: Service = serde_json::from_value(serde_json::json!({"metadata": {"name": "someone-else"}, "spec": {"ports": [{"port": 80}]}})).unwrap();
+    services
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+
+    let dry = b.gc(true).await.unwrap();
+    let mut names: Vec<_> = dry
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("Deployment {}", old.id.object_name()),
+            "Service mlflow-orphan1".to_string()
+        ]
+    );
+    assert!(
+        deployments
+            .get_opt(&old.id.object_name())
+            .await
+            .unwrap()
+            .is_some(),
+        "dry run removed something"
+    );
+
+    let removed = b.gc(false).await.unwrap();
+    assert_eq!(removed.len(), 2);
+    assert!(gone(&deployments, &old.id.object_name()).await);
+    assert!(gone(&services, &old.id.object_name()).await);
+    assert!(gone(&services, "mlflow-orphan1").await);
+    assert!(services.get_opt("someone-else").await.unwrap().is_some());
+    assert_ne!(b.get(&live.id).await.unwrap().phase, Phase::Expired);
+    assert!(b.gc(false).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn upgrade_rolls_every_instance_to_new_images() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let ids: Vec<_> = [("u1", "h"), ("u2", "i")]
+        .iter()
+        .map(|(w, s)| (*w, *s))
+        .collect();
+    let mut created = Vec::new();
+    for (w, s) in ids {
+        created.push(b.create(request(w, s)).await.unwrap().instance.id);
+    }
+    for id in &created {
+        b.wait_ready(id, Duration::from_secs(90), &|_| {})
+            .await
+            .unwrap();
+    }
+    let seen = std::sync::Mutex::new(Vec::new());
+    let steps = b
+        .upgrade(
+            Some("flowgate/mlflow:0.2.0"),
+            Some("flowgate/adapter:0.2.0"),
+            1,
+            Some(Duration::from_secs(120)),
+            &|s| seen.lock().unwrap().push(s.index),
+        )
+        .await
+        .unwrap();
+    assert_eq!(steps.len(), 2);
+    assert!(steps.iter().all(|s| s.outcome.is_ok()), "{steps:?}");
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+    let deployments = Api::<Deployment>::namespaced(client, &ns);
+    for id in &created {
+        let d = deployments.get(&id.object_name()).await.unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let images: Vec<_> = pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.as_ref().unwrap())
+            .map(|c| c.image.clone().unwrap())
+            .collect();
+        assert_eq!(
+            images,
+            [
+                "flowgate/mlflow:0.2.0",
+                "flowgate/adapter:0.2.0",
+                "flowgate/adapter:0.2.0"
+            ]
+        );
+        assert_eq!(b.get(id).await.unwrap().phase, Phase::Ready);
+    }
+}
+
+#[tokio::test]
+async fn openshift_routes_are_used_when_asked_or_found() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    // The test control plane serves route.openshift.io (the real CRD), so auto picks Route.
+    let auto = backend(client.clone(), settings(&ns).route_kind(RouteKind::Auto)).await;
+    assert_eq!(auto.route_kind(), RouteKind::Route);
+    let i = auto.create(request("r1", "j")).await.unwrap().instance;
+    let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &route_resource());
+    let r = routes.get(&i.id.object_name()).await.unwrap();
+    assert_eq!(r.data["spec"]["path"], i.id.prefix());
+    assert_eq!(r.data["spec"]["to"]["name"], i.id.object_name());
+    assert_eq!(r.data["spec"]["host"], "ml.example.test");
+    assert_eq!(
+        r.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Deployment"
+    );
+    assert!(
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .get_opt(&i.id.object_name())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    auto.delete(&i.id).await.unwrap();
+    assert!(
+        gone(&routes, &i.id.object_name()).await,
+        "Route left behind"
+    );
+}
+
+/// A token for a ServiceAccount bound to the Role in k8s/base.
+async fn least_privilege_token(client: &kube::Client, ns: &str) -> String {
+    let role_yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../k8s/base/provisioner-role.yaml"
+    ))
+    .unwrap();
+    let role: Role = serde_yaml::from_str(&role_yaml).unwrap();
+    Api::<Role>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "flowgate"}})).unwrap();
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "flowgate"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "flowgate-provisioner"},
+        "subjects": [{"kind": "ServiceAccount", "name": "flowgate", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let tr: TokenRequest = serde_json::from_value(
+        serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600}}),
+    )
+    .unwrap();
+    let tr: TokenRequest = sas
+        .create_subresource("token", "flowgate", &PostParams::default(), &tr)
+        .await
+        .unwrap();
+    tr.status.unwrap().token
+}
+
+#[tokio::test]
+async fn the_least_privilege_role_is_enough() {
+    let admin = admin().await;
+    let ns = namespace(&admin).await;
+    let token = least_privilege_token(&admin, &ns).await;
+    let limited = client_with_token(&token).await;
+    // It really is limited.
+    let err = Api::<Secret>::namespaced(limited.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "{err}"
+    );
+
+    for kind in [RouteKind::Ingress, RouteKind::Route] {
+        let b = backend(limited.clone(), settings(&ns).route_kind(kind)).await;
+        let i = b
+            .create(request(&format!("rbac-{kind:?}"), "k"))
+            .await
+            .unwrap()
+            .instance;
+        b.get(&i.id).await.unwrap();
+        assert_eq!(
+            b.list(&ListFilter::default())
+                .await
+                .unwrap()
+                .iter()
+                .filter(|x| x.id == i.id)
+                .count(),
+            1
+        );
+        b.extend(&i.id, Duration::from_secs(3600)).await.unwrap();
+        b.gc(false).await.unwrap();
+        b.upgrade(Some("flowgate/mlflow:0.3.0"), None, 1, None, &|_| {})
+            .await
+            .unwrap();
+        b.delete(&i.id).await.unwrap();
+    }
+}
+
+/// Cuts every request after the first Deployment apply, as if the API server
+/// went away in the middle of a create (the one fault the real server cannot
+/// be made to produce at that exact point).
+#[derive(Clone)]
+struct CutAfterDeploymentApply(Arc<AtomicBool>);
+
+impl<S> tower::Layer<S> for CutAfterDeploymentApply {
+    type Service = Cut<S>;
+    fn layer(&self, inner: S) -> Cut<S> {
+        Cut {
+            inner,
+            cut: Arc::clone(&self.0),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Cut<S> {
+    inner: S,
+    cut: Arc<AtomicBool>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Cut<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, tower::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if self.cut.load(Ordering::SeqCst) {
+            return Box::pin(async { Err("connection refused: the API server is gone".into()) });
+        }
+        let is_deployment_apply =
+            req.method() == http::Method::PATCH && req.uri().path().contains("/deployments/");
+        let cut = Arc::clone(&self.cut);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await.map_err(Into::into);
+            if is_deployment_apply {
+                cut.store(true, Ordering::SeqCst);
+            }
+            response
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_api_server_lost_mid_create_leaves_nothing_gc_cannot_clean() {
+    let admin = admin().await;
+    let ns = namespace(&admin).await;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let faulty = ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&CutAfterDeploymentApply(Arc::default()))
+        .build();
+    let b = backend(faulty, settings(&ns)).await;
+    let err = b.create(request("cut", "l")).await.unwrap_err();
+    assert!(err.to_string().contains("API server is gone"), "{err}");
+
+    // What the server kept: a Deployment still marked `creating`, nothing routed to it.
+    let deployments = Api::<Deployment>::namespaced(admin.clone(), &ns);
+    let left = deployments
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        left[0].metadata.annotations.as_ref().unwrap()["flowgate.io/state"],
+        "creating"
+    );
+    assert!(
+        Api::<Ingress>::namespaced(admin.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let healthy = backend(admin.clone(), settings(&ns)).await;
+    assert!(
+        healthy
+            .list(&ListFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|i| i.phase != Phase::Ready)
+    );
+
+    // gc removes it once it has been half-made for longer than --stuck-after.
+    let gc = backend(admin.clone(), settings(&ns).stuck_after(Duration::ZERO)).await;
+    let removed = gc.gc(false).await.unwrap();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(removed[0].reason.contains("half-made"));
+    let name = left[0].metadata.name.clone().unwrap();
+    assert!(gone(&deployments, &name).await);
+    assert!(gone(&Api::<Service>::namespaced(admin.clone(), &ns), &name).await);
+}

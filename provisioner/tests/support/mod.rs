@@ -1,0 +1,136 @@
+//! A real control plane for the tests: `testenv/k8s/k8s-up` once per test
+//! binary (or the one named by `FLOWGATE_TEST_KUBECONFIG`), a watcher that
+//! stops it when the test process ends, and a fresh namespace per test.
+#![allow(dead_code, missing_docs)]
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use provisioner::kube::KubeBackend;
+use provisioner::settings::{KubeArgs, KubeSettings, RouteKind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The shared control plane, started on first use.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        if let Ok(path) = std::env::var("FLOWGATE_TEST_KUBECONFIG") {
+            return Cluster { kubeconfig: PathBuf::from(path) };
+        }
+        let dir = tempfile::Builder::new().prefix("flowgate-k8s-").tempdir().unwrap().keep();
+        let root = repo_root();
+        let up = Command::new(root.join("testenv/k8s/k8s-up")).arg(&dir).status().expect("running testenv/k8s/k8s-up");
+        assert!(up.success(), "testenv/k8s/k8s-up failed; see {}/logs", dir.display());
+        // Stop the cluster when this test process is gone, whatever happens.
+        let watcher = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {down} {dir} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            down = root.join("testenv/k8s/k8s-down").display(),
+            dir = dir.display()
+        );
+        Command::new("setsid").args(["-f", "bash", "-c", &watcher]).spawn().expect("starting the cluster watcher");
+        Cluster { kubeconfig: dir.join("kubeconfig") }
+    })
+}
+
+/// An admin client.
+pub async fn admin() -> Client {
+    let path = cluster().kubeconfig.clone();
+    let kubeconfig = Kubeconfig::read_from(&path).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// A client authenticated by a bearer token instead of the admin's.
+pub async fn client_with_token(token: &str) -> Client {
+    let path = cluster().kubeconfig.clone();
+    let kubeconfig = Kubeconfig::read_from(&path).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.auth_info.token = Some(token.to_owned().into());
+    Client::try_from(config).unwrap()
+}
+
+/// A fresh namespace enforcing the `restricted` Pod Security level, with its
+/// default ServiceAccount in place (Pods need it).
+pub async fn namespace(client: &Client) -> String {
+    let name = format!("t-{}", provisioner::instance::InstanceId::random());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }},
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+    for _ in 0..100 {
+        if sas.get_opt("default").await.unwrap().is_some() {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("namespace {name} never got its default ServiceAccount");
+}
+
+/// Settings as the CLI would resolve them, for a namespace.
+pub fn settings(ns: &str) -> KubeSettings {
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        kube: KubeArgs,
+    }
+    let args = <Wrap as clap::Parser>::parse_from([
+        "flowgate",
+        "--host",
+        "ml.example.test",
+        "--namespace",
+        ns,
+        "--route-kind",
+        "ingress",
+    ])
+    .kube;
+    KubeSettings::from_args(&args, "default").unwrap()
+}
+
+/// Fluent tweaks on settings.
+pub trait SettingsExt {
+    fn route_kind(self, kind: RouteKind) -> Self;
+    fn stuck_after(self, d: Duration) -> Self;
+}
+
+impl SettingsExt for KubeSettings {
+    fn route_kind(mut self, kind: RouteKind) -> Self {
+        self.route_kind = kind;
+        self
+    }
+    fn stuck_after(mut self, d: Duration) -> Self {
+        self.stuck_after = d;
+        self
+    }
+}
+
+pub async fn backend(client: Client, settings: KubeSettings) -> KubeBackend {
+    KubeBackend::new(client, settings).await.unwrap()
+}
