@@ -125,7 +125,10 @@ def markdown(results):
                f"req/s (oha, latency-corrected); total {m.get('elapsed_s', '?')} s")
     out.append(f"- correctness: {m['checks']} body checks (status + sha256 against the expected "
                f"rewritten/untouched bytes), {len(m['failures'])} failures"
-               + ("" if not m["failures"] else ": " + "; ".join(m["failures"][:5])))
+               + ("" if not m["failures"] else ": " + "; ".join(m["failures"][:5]))
+               + ("" if not m.get("html_equal_by_content") else
+                  "; HTML equal by parse, not byte for byte: " + ", ".join(m["html_equal_by_content"])
+                  + " (lol_html re-serialises a rewritten tag: `<img .../>` becomes `<img ... />`)"))
     out.append("")
     if not m.get("smoke"):
         tg = targets(results)

@@ -1,7 +1,7 @@
 //! `flowgate-adapter`: the proxy (default) or `fetch` (the init container).
 
 use adapter::fetch::{FetchOptions, Limits, Outcome};
-use adapter::server::{Drain, serve, shutdown_signal};
+use adapter::server::{ConnectionLimits, Drain, serve, shutdown_signal};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -84,7 +84,8 @@ fn run_proxy(args: ServeArgs) -> anyhow::Result<()> {
             threads = config.threads,
             "flowgate-adapter ready"
         );
-        match serve(Proxy::new(config), listener, shutdown_signal()).await {
+        let limits = ConnectionLimits::from(&config);
+        match serve(Proxy::new(config), &limits, listener, shutdown_signal()).await {
             Drain::Complete => tracing::info!("drained; exiting"),
             Drain::TimedOut => tracing::warn!("drain timed out; exiting with requests cut"),
         }

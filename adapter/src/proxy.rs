@@ -48,6 +48,16 @@ pub struct Proxy {
     hash_routes: Arc<LiteralSet>,
 }
 
+impl crate::server::Handler for Proxy {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
+        Proxy::handle(self, req, peer)
+    }
+}
+
 /// The transformation a response body gets.
 enum BodyRewrite {
     Html,

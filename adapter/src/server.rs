@@ -1,15 +1,52 @@
 //! Accepting connections: HTTP/1.1 and h2c on one listener, upgrades allowed,
 //! bounded request heads, and a graceful drain when told to stop.
 
-use crate::proxy::Proxy;
+use crate::body::ProxyBody;
+use crate::config::ProxyConfig;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// Something that answers requests: one instance's proxy, or a router that
+/// picks a proxy by path (the provisioner's local backend).
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request; errors are responses too.
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+}
+
+/// Per-connection bounds.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Longest wait for a request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Longest drain after shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl From<&ProxyConfig> for ConnectionLimits {
+    fn from(c: &ProxyConfig) -> Self {
+        Self {
+            header_read_timeout: c.header_read_timeout,
+            max_header_bytes: c.max_header_bytes,
+            drain_timeout: c.drain_timeout,
+        }
+    }
+}
 
 /// How a drain ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -20,14 +57,15 @@ pub enum Drain {
     TimedOut,
 }
 
-/// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting
-/// and waits (up to the configured drain timeout) for in-flight requests.
-pub async fn serve(
-    proxy: Arc<Proxy>,
+/// Serves `handler` on `listener` until `shutdown` resolves, then stops
+/// accepting and waits (up to the drain timeout) for in-flight requests.
+pub async fn serve<H: Handler>(
+    handler: Arc<H>,
+    limits: &ConnectionLimits,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
-    let config = proxy.config();
+    let config = limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -56,10 +94,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
+        let handler = Arc::clone(&handler);
         let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let handler = Arc::clone(&handler);
+            async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());

@@ -2,7 +2,7 @@
 //! proxy tests need, and the adapter started in-process in front of it.
 #![allow(dead_code, missing_docs)]
 
-use adapter::server::{Drain, serve};
+use adapter::server::{ConnectionLimits, Drain, serve};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -320,9 +320,13 @@ impl AdapterBuilder {
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(Proxy::new(config), listener, async move {
-            let _ = rx.await;
-        }));
+        let limits = ConnectionLimits::from(&config);
+        let task = tokio::spawn(async move {
+            serve(Proxy::new(config), &limits, listener, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
         Adapter {
             addr,
             stop: Some(tx),
