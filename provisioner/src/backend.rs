@@ -2,7 +2,8 @@
 //! REST API call only this.
 
 use crate::Result;
-use crate::instance::{CreateRequest, Instance, InstanceId, Phase};
+use crate::events::EventLog;
+use crate::instance::{CreateRequest, Instance, InstanceId, Phase, TtlPolicy};
 use async_trait::async_trait;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,15 @@ pub struct Removed {
 /// Instance lifecycle operations.
 #[async_trait]
 pub trait Backend: Send + Sync {
+    /// URL schemes this backend can fetch artefacts from.
+    fn allowed_schemes(&self) -> &'static [&'static str];
+    /// TTL bounds.
+    fn ttl_policy(&self) -> TtlPolicy;
+    /// The live event log of an instance's launch, where the backend keeps one.
+    fn event_log(&self, _id: &InstanceId) -> Option<EventLog> {
+        None
+    }
+
     /// Creates an instance, or returns the live one for the same workload and checksum.
     async fn create(&self, request: CreateRequest) -> Result<Created>;
     /// One instance.

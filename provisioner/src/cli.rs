@@ -42,11 +42,44 @@ pub struct Cli {
 pub enum BackendKind {
     /// Kubernetes or OpenShift (kubeconfig or in-cluster).
     Kubernetes,
+    /// Local MLflow processes on this machine (with `serve`).
+    Local,
+}
+
+/// Flags of `flowgate serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeOpts {
+    /// Where the REST API listens
+    #[arg(long, env = "FLOWGATE_API_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: std::net::SocketAddr,
+    /// Bearer tokens, one `TOKEN OWNER` per line (required beyond loopback)
+    #[arg(long, env = "FLOWGATE_TOKENS")]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Live instances allowed per owner
+    #[arg(long, env = "FLOWGATE_QUOTA_PER_OWNER", default_value_t = 20)]
+    pub quota_per_owner: usize,
+    /// Live instances allowed in all
+    #[arg(long, env = "FLOWGATE_QUOTA_TOTAL", default_value_t = 200)]
+    pub quota_total: usize,
+    /// Local backend: where instances are reachable as http://ADDR/<id>/
+    #[arg(long, env = "FLOWGATE_LOCAL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub local_listen: std::net::SocketAddr,
+    /// Local backend: the base URL given to users [default: http://<local-listen>]
+    #[arg(long, env = "FLOWGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Local backend: where instances keep their data
+    #[arg(long, env = "FLOWGATE_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Local backend: the mlflow executable
+    #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
+    pub mlflow: std::path::PathBuf,
 }
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve the REST API for the portal (and, with --backend local, the instances)
+    Serve(ServeOpts),
     /// Create an instance for a job's artefacts (or return the live one)
     Create {
         /// The portal's job or task id
@@ -126,6 +159,17 @@ pub enum Command {
 
 /// Runs a parsed command line; returns what to print.
 pub async fn run(cli: Cli) -> Result<String> {
+    if let Command::Serve(opts) = &cli.command {
+        return crate::serve::serve(cli.backend, &cli.kube, opts)
+            .await
+            .map(|()| String::new());
+    }
+    if cli.backend == BackendKind::Local {
+        return Err(Error::invalid(
+            "backend",
+            "local instances belong to a running `flowgate serve --backend local`: use its REST API (see README)",
+        ));
+    }
     let client = kube::Client::try_default()
         .await
         .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
@@ -199,6 +243,7 @@ pub async fn run(cli: Cli) -> Result<String> {
                 }
             })
         }
+        Command::Serve(_) => unreachable!("serve returns above"),
         Command::Upgrade {
             mlflow_image,
             adapter_image,

@@ -93,7 +93,9 @@ impl fmt::Display for InstanceId {
 }
 
 /// Where the job's artefacts are, and their checksum.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 pub struct Artifacts {
     /// `https://`, `http://` (or `file://` for the local backend) URL of the archive.
     pub url: String,
@@ -189,7 +191,17 @@ pub fn label_safe(value: &str) -> String {
 }
 
 /// Where an instance is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+)]
 pub enum Phase {
     /// Created, not serving yet (fetching artefacts, MLflow starting).
     Pending,
@@ -208,9 +220,12 @@ impl fmt::Display for Phase {
 }
 
 /// One MLflow instance as the portal sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
+)]
 pub struct Instance {
     /// The 7-character id.
+    #[schema(value_type = String, example = "k3x9q2a")]
     pub id: InstanceId,
     /// The portal's job or task id.
     pub workload: String,
@@ -220,9 +235,11 @@ pub struct Instance {
     pub artifacts: Artifacts,
     /// When it was created.
     #[schemars(with = "String")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     /// When it will be removed.
     #[schemars(with = "String")]
+    #[schema(value_type = String, format = DateTime)]
     pub expires_at: Timestamp,
     /// Where a browser opens it.
     pub url: String,

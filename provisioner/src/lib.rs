@@ -4,13 +4,17 @@
 //! (the operations) → [`kube`] (the Kubernetes backend; [`kube::objects`]
 //! builds every object) → [`cli`] (the command line).
 
+pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod events;
 pub mod instance;
 pub mod kube;
 pub mod labels;
+pub mod local;
 pub mod output;
+pub mod serve;
 pub mod settings;
 
 pub use error::{Error, Result};

@@ -274,6 +274,14 @@ impl KubeBackend {
 
 #[async_trait]
 impl Backend for KubeBackend {
+    fn allowed_schemes(&self) -> &'static [&'static str] {
+        &["https", "http"]
+    }
+
+    fn ttl_policy(&self) -> crate::instance::TtlPolicy {
+        self.settings.ttl
+    }
+
     async fn create(&self, request: CreateRequest) -> Result<Created> {
         let now = Timestamp::now();
         if let Some(instance) = self.find_live(&request, now).await? {

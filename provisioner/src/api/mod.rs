@@ -1,0 +1,482 @@
+//! `flowgate serve`: the REST API the portal calls (axum), over any
+//! [`Backend`]. Errors are JSON `{error, message}` with the status that fits;
+//! bad input is a 4xx, never a 500 or a panic.
+
+pub mod auth;
+
+use crate::backend::{Backend, ListFilter};
+use crate::events::{self, Event};
+use crate::instance::{
+    ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload, validate_owner,
+};
+use crate::{Error, Result};
+use auth::Tokens;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::{OpenApi, ToSchema};
+
+/// Quotas on live (Pending or Ready) instances.
+#[derive(Clone, Copy, Debug)]
+pub struct Quotas {
+    /// Per owner.
+    pub per_owner: usize,
+    /// For everyone together.
+    pub total: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            per_owner: 20,
+            total: 200,
+        }
+    }
+}
+
+/// What the API needs.
+pub struct ApiState {
+    backend: Arc<dyn Backend>,
+    tokens: Option<Tokens>,
+    quotas: Quotas,
+    registry: Registry,
+    requests: Family<[(&'static str, String); 1], Counter>,
+}
+
+impl ApiState {
+    /// State over a backend.
+    pub fn new(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("flowgate_api");
+        let requests = Family::<[(&'static str, String); 1], Counter>::default();
+        registry.register(
+            "requests",
+            "API requests answered, by status",
+            requests.clone(),
+        );
+        Arc::new(Self {
+            backend,
+            tokens,
+            quotas,
+            registry,
+            requests,
+        })
+    }
+}
+
+/// The body of an error response.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ApiError {
+    /// A stable code: `invalid`, `unauthorized`, `forbidden`, `not_found`, `quota`, `failed`, `timeout`, `upstream`, `internal`.
+    pub error: String,
+    /// For people.
+    pub message: String,
+}
+
+/// An error as a response.
+pub struct ApiFailure(StatusCode, ApiError);
+
+impl ApiFailure {
+    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+        Self(
+            status,
+            ApiError {
+                error: error.into(),
+                message: message.into(),
+            },
+        )
+    }
+}
+
+impl From<Error> for ApiFailure {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota"),
+            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::Failed { .. } => (StatusCode::CONFLICT, "failed"),
+            Error::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Error::Kube(_) => (StatusCode::BAD_GATEWAY, "upstream"),
+            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiFailure>;
+
+/// JSON bodies whose rejections are JSON errors too.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiFailure;
+    async fn from_request(req: Request, state: &S) -> std::result::Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => {
+                let status = match &rejection {
+                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    other => other.status(),
+                };
+                Err(ApiFailure::new(status, "invalid", rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// The caller, from the bearer token (or anonymous when auth is off).
+struct Caller {
+    owner: Option<String>,
+}
+
+impl Caller {
+    fn from_headers(state: &ApiState, headers: &HeaderMap) -> ApiResult<Self> {
+        let Some(tokens) = &state.tokens else {
+            return Ok(Self { owner: None });
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| {
+                ApiFailure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send `Authorization: Bearer <token>`",
+                )
+            })?;
+        let owner = tokens.owner_of(presented.trim()).ok_or_else(|| {
+            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
+        })?;
+        Ok(Self {
+            owner: Some(owner.to_owned()),
+        })
+    }
+
+    /// Callers with a token see and change only their own instances.
+    fn may_touch(&self, instance: &Instance) -> ApiResult<()> {
+        match &self.owner {
+            Some(owner) if *owner != instance.owner => Err(ApiFailure::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("instance {} belongs to another owner", instance.id),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `POST /api/v1/instances`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// The portal's job or task id.
+    pub workload: String,
+    /// The artefact archive.
+    pub artifacts: Artifacts,
+    /// Time to live, e.g. `24h` (default: the server's).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Owner (only without token auth; with a token, the token's owner).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// `POST /api/v1/instances/{id}/extend`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    /// How much longer, e.g. `12h`.
+    pub ttl: String,
+}
+
+/// `GET /api/v1/instances` query.
+#[derive(Deserialize, Debug, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Only this workload.
+    pub workload: Option<String>,
+    /// Only this owner.
+    pub owner: Option<String>,
+}
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Flowgate", description = "Short-lived MLflow instances for job results", version = "1"),
+    paths(create, list, get_one, events, extend, delete),
+    components(schemas(Instance, Artifacts, Phase, CreateBody, ExtendBody, ApiError, Event)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Builds the router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/api/v1/instances", post(create).get(list))
+        .route("/api/v1/instances/{id}", get(get_one).delete(delete))
+        .route("/api/v1/instances/{id}/events", get(events))
+        .route("/api/v1/instances/{id}/extend", post(extend))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(ApiDoc::openapi()) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), count))
+        .with_state(state)
+}
+
+async fn count(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    state
+        .requests
+        .get_or_create(&[("status", response.status().as_u16().to_string())])
+        .inc();
+    response
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &state.registry);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+fn parse_id(raw: &str) -> ApiResult<InstanceId> {
+    InstanceId::parse(raw).map_err(|_| {
+        ApiFailure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no instance {raw:?}"),
+        )
+    })
+}
+
+async fn owned(state: &ApiState, caller: &Caller, id: &InstanceId) -> ApiResult<Instance> {
+    let instance = state.backend.get(id).await?;
+    caller.may_touch(&instance)?;
+    Ok(instance)
+}
+
+/// Create an instance, or return the live one for the same workload and artefacts.
+#[utoipa::path(post, path = "/api/v1/instances", request_body = CreateBody, responses(
+    (status = 201, description = "created", body = Instance),
+    (status = 200, description = "the live instance for this workload and checksum", body = Instance),
+    (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
+async fn create(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let caller = Caller::from_headers(&state, &headers)?;
+    let owner = match (&caller.owner, &body.owner) {
+        (Some(token_owner), Some(asked)) if token_owner != asked => {
+            return Err(ApiFailure::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a token may only create instances for its own owner",
+            ));
+        }
+        (Some(token_owner), _) => token_owner.clone(),
+        (None, Some(asked)) => validate_owner(asked)?,
+        (None, None) => ANONYMOUS.to_owned(),
+    };
+    let backend = &state.backend;
+    let request = CreateRequest {
+        workload: Workload::parse(&body.workload)?,
+        artifacts: Artifacts::validated(
+            &body.artifacts.url,
+            &body.artifacts.sha256,
+            backend.allowed_schemes(),
+        )?,
+        ttl: backend.ttl_policy().resolve(body.ttl.as_deref())?,
+        owner: owner.clone(),
+    };
+    // The same workload and artefacts already live: that instance, quota or not.
+    let live: Vec<Instance> = backend
+        .list(&ListFilter::default())
+        .await?
+        .into_iter()
+        .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
+        .collect();
+    if let Some(existing) = live.iter().find(|i| {
+        i.workload == request.workload.as_str()
+            && i.artifacts.sha256 == request.artifacts.sha256
+            && i.owner == owner
+    }) {
+        return Ok((StatusCode::OK, Json(existing.clone())));
+    }
+    let mine = live.iter().filter(|i| i.owner == owner).count();
+    if mine >= state.quotas.per_owner {
+        return Err(Error::Quota(format!(
+            "{owner} already has {mine} live instances (limit {})",
+            state.quotas.per_owner
+        ))
+        .into());
+    }
+    if live.len() >= state.quotas.total {
+        return Err(Error::Quota(format!(
+            "{} instances are live (limit {})",
+            live.len(),
+            state.quotas.total
+        ))
+        .into());
+    }
+    let created = backend.create(request).await?;
+    let status = if created.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(created.instance)))
+}
+
+/// List instances (a token's caller sees only its own).
+#[utoipa::path(get, path = "/api/v1/instances", params(ListQuery), responses((status = 200, body = Vec<Instance>), (status = 401, body = ApiError)))]
+async fn list(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Instance>>> {
+    let caller = Caller::from_headers(&state, &headers)?;
+    let owner = caller.owner.clone().or(q.owner);
+    Ok(Json(
+        state
+            .backend
+            .list(&ListFilter {
+                workload: q.workload,
+                owner,
+            })
+            .await?,
+    ))
+}
+
+/// One instance.
+#[utoipa::path(get, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
+    responses((status = 200, body = Instance), (status = 404, body = ApiError), (status = 403, body = ApiError)))]
+async fn get_one(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
+    let caller = Caller::from_headers(&state, &headers)?;
+    Ok(Json(owned(&state, &caller, &parse_id(&id)?).await?))
+}
+
+/// Launch progress as server-sent events, until ready or failed; a heartbeat every 15 s.
+#[utoipa::path(get, path = "/api/v1/instances/{id}/events", params(("id" = String, Path, description = "instance id")),
+    responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = Event), (status = 404, body = ApiError)))]
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = std::result::Result<axum::response::sse::Event, Infallible>>>>
+{
+    let caller = Caller::from_headers(&state, &headers)?;
+    let id = parse_id(&id)?;
+    owned(&state, &caller, &id).await?;
+    let stream: futures_util::stream::BoxStream<'static, Event> = match state.backend.event_log(&id)
+    {
+        Some(log) => events::from_log(log).boxed(),
+        None => events::by_polling(Arc::clone(&state.backend), id, Duration::from_secs(1)).boxed(),
+    };
+    let sse = stream.map(|e| {
+        Ok(axum::response::sse::Event::default()
+            .event(e.step.clone())
+            .json_data(&e)
+            .expect("events serialise"))
+    });
+    Ok(Sse::new(sse).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Push the expiry further.
+#[utoipa::path(post, path = "/api/v1/instances/{id}/extend", params(("id" = String, Path, description = "instance id")), request_body = ExtendBody,
+    responses((status = 200, body = Instance), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn extend(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ExtendBody>,
+) -> ApiResult<Json<Instance>> {
+    let caller = Caller::from_headers(&state, &headers)?;
+    let id = parse_id(&id)?;
+    owned(&state, &caller, &id).await?;
+    let ttl = humantime::parse_duration(&body.ttl)
+        .map_err(|e| Error::invalid("ttl", format!("{:?}: {e}", body.ttl)))?;
+    Ok(Json(state.backend.extend(&id, ttl).await?))
+}
+
+/// Delete an instance.
+#[utoipa::path(delete, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ApiError)))]
+async fn delete(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let caller = Caller::from_headers(&state, &headers)?;
+    let id = parse_id(&id)?;
+    owned(&state, &caller, &id).await?;
+    state.backend.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses to serve an open API (no tokens) on anything but loopback.
+pub fn check_listen(listen: std::net::SocketAddr, tokens: bool) -> Result<()> {
+    if !tokens && !listen.ip().is_loopback() {
+        return Err(Error::invalid(
+            "listen",
+            format!(
+                "{listen} is not loopback: give --tokens FILE to serve the API beyond this machine"
+            ),
+        ));
+    }
+    Ok(())
+}

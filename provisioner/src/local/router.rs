@@ -1,0 +1,130 @@
+//! One listener for every local instance: `/<id>/...` goes to that instance's
+//! adapter [`Proxy`] (the sidecar's code, used as a library), so each MLflow sees
+//! what it would see in a pod.
+
+use adapter::Proxy;
+use adapter::body::ProxyBody;
+use adapter::server::Handler;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+/// Instance id → its proxy; ids still starting.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: RwLock<HashMap<String, Arc<Proxy>>>,
+    starting: RwLock<HashSet<String>>,
+}
+
+impl RouteTable {
+    /// Marks an instance as starting (answered with a page that retries).
+    pub fn starting(&self, id: &str) {
+        self.starting
+            .write()
+            .expect("route lock")
+            .insert(id.to_owned());
+    }
+
+    /// Routes `/<id>/` to `proxy`.
+    pub fn insert(&self, id: &str, proxy: Arc<Proxy>) {
+        self.routes
+            .write()
+            .expect("route lock")
+            .insert(id.to_owned(), proxy);
+        self.starting.write().expect("route lock").remove(id);
+    }
+
+    /// Forgets an instance.
+    pub fn remove(&self, id: &str) {
+        self.routes.write().expect("route lock").remove(id);
+        self.starting.write().expect("route lock").remove(id);
+    }
+
+    fn lookup(&self, id: &str) -> Lookup {
+        if let Some(p) = self.routes.read().expect("route lock").get(id) {
+            return Lookup::Ready(Arc::clone(p));
+        }
+        if self.starting.read().expect("route lock").contains(id) {
+            Lookup::Starting
+        } else {
+            Lookup::Unknown
+        }
+    }
+}
+
+enum Lookup {
+    Ready(Arc<Proxy>),
+    Starting,
+    Unknown,
+}
+
+/// The local listener's request handler.
+pub struct LocalRouter {
+    table: Arc<RouteTable>,
+}
+
+impl LocalRouter {
+    /// A router over `table`.
+    pub fn new(table: Arc<RouteTable>) -> Self {
+        Self { table }
+    }
+}
+
+fn page(status: StatusCode, title: &str, text: &str, refresh: bool) -> Response<ProxyBody> {
+    let meta = if refresh {
+        "<meta http-equiv=\"refresh\" content=\"3\">"
+    } else {
+        ""
+    };
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>{meta}</head>\
+         <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{text}</p></body></html>\n"
+    );
+    let mut r = Response::new(ProxyBody::full(html));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if refresh {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("3"));
+    }
+    r
+}
+
+impl Handler for LocalRouter {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let path = req.uri().path();
+        if path == "/healthz" {
+            return Response::new(ProxyBody::full("ok\n"));
+        }
+        let id = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        match self.table.lookup(&id) {
+            Lookup::Ready(proxy) => proxy.handle(req, peer).await,
+            Lookup::Starting => page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Starting",
+                "This MLflow instance is loading its artefacts and starting. This page retries by itself.",
+                true,
+            ),
+            Lookup::Unknown => page(
+                StatusCode::NOT_FOUND,
+                "No such instance",
+                "It may have expired or been deleted.",
+                false,
+            ),
+        }
+    }
+}

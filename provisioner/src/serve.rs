@@ -1,0 +1,105 @@
+//! `flowgate serve`: the REST API over the chosen backend; with the local
+//! backend also the instances' own listener and the expiry reaper. Stops
+//! cleanly on SIGTERM or Ctrl-C.
+
+use crate::api::{ApiState, Quotas, auth::Tokens, check_listen, router};
+use crate::backend::Backend;
+use crate::cli::{BackendKind, ServeOpts};
+use crate::kube::KubeBackend;
+use crate::local::router::LocalRouter;
+use crate::local::{LocalBackend, LocalSettings, default_data_dir};
+use crate::settings::{KubeArgs, KubeSettings};
+use crate::{Error, Result};
+use adapter::server::{ConnectionLimits, serve as serve_http, shutdown_signal};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("{what}: cannot listen on {addr}: {e}")))
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Result<()> {
+    let tokens = match &opts.tokens {
+        Some(path) => Some(Tokens::parse(&std::fs::read_to_string(path).map_err(
+            |e| Error::invalid("tokens", format!("{}: {e}", path.display())),
+        )?)?),
+        None => None,
+    };
+    check_listen(opts.listen, tokens.is_some())?;
+    let api_listener = bind(opts.listen, "REST API").await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let mut local = None;
+    let backend: Arc<dyn Backend> = match kind {
+        BackendKind::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+            let settings = KubeSettings::from_args(kube, client.default_namespace())?;
+            Arc::new(KubeBackend::new(client, settings).await?)
+        }
+        BackendKind::Local => {
+            let instances_listener = bind(opts.local_listen, "instances").await?;
+            let public_url = opts
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", opts.local_listen));
+            let ttl = KubeSettings::from_args(kube, "default")?.ttl;
+            let settings = LocalSettings {
+                data_dir: opts.data_dir.clone().unwrap_or_else(default_data_dir),
+                mlflow: opts.mlflow.clone(),
+                public_url,
+                ttl,
+            };
+            let backend = LocalBackend::open(settings).await?;
+            let routes = Arc::new(LocalRouter::new(backend.routes()));
+            let limits = ConnectionLimits {
+                header_read_timeout: Duration::from_secs(30),
+                max_header_bytes: 64 * 1024,
+                drain_timeout: Duration::from_secs(10),
+            };
+            let until = stopped();
+            tokio::spawn(
+                async move { serve_http(routes, &limits, instances_listener, until).await },
+            );
+            backend.spawn_reaper(Duration::from_secs(30));
+            tracing::info!(instances = %opts.local_listen, "local backend ready");
+            local = Some(backend.clone());
+            Arc::new(backend)
+        }
+    };
+
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let state = ApiState::new(
+        backend,
+        tokens,
+        Quotas {
+            per_owner: opts.quota_per_owner,
+            total: opts.quota_total,
+        },
+    );
+    tracing::info!(api = %opts.listen, backend = ?kind, "flowgate serve ready");
+    axum::serve(api_listener, router(state))
+        .with_graceful_shutdown(stopped())
+        .await
+        .map_err(|e| Error::Internal(format!("REST API: {e}")))?;
+    if let Some(local) = local {
+        tracing::info!("stopping local MLflow processes (their data stays for the next start)");
+        local.stop_all().await;
+    }
+    Ok(())
+}
