@@ -238,6 +238,7 @@ impl LocalBackend {
             Ok(c) => c,
             Err(e) => return failed(&self, e.to_string()),
         };
+        let pgid = child.id();
         let answered = tokio::select! {
             r = process::wait_answering(&mut child, port, &log, START_TIMEOUT) => r,
             _ = &mut stop => {
@@ -267,6 +268,7 @@ impl LocalBackend {
 
         tokio::select! {
             status = child.wait() => {
+                process::kill_group(pgid);
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 failed(&self, format!("MLflow exited ({status}): {}", process::tail(&log)));
             }

@@ -106,6 +106,13 @@ pub async fn stop(child: &mut Child, grace: Duration) {
     }
 }
 
+/// Kills what is left of a process group (workers of a server that crashed).
+pub fn kill_group(pgid: Option<u32>) {
+    if let Some(pid) = pgid {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,743 @@
+//! The REST API over both backends: the same contract against the local
+//! backend (real MLflow processes) and the Kubernetes backend (real control
+//! plane); auth, quotas, validation, idempotency, launch events, restart
+//! recovery and expiry.
+
+mod support;
+
+use provisioner::api::auth::Tokens;
+use provisioner::api::{ApiState, Quotas, router};
+use provisioner::backend::Backend;
+use provisioner::instance::TtlPolicy;
+use provisioner::local::router::LocalRouter;
+use provisioner::local::{LocalBackend, LocalSettings};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The MLflow the local backend runs (made by testenv/deps or ./quickstart).
+fn mlflow() -> PathBuf {
+    let path = std::env::var_os("FLOWGATE_TEST_MLFLOW")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".cache/venvs/current/bin/mlflow"));
+    assert!(
+        path.is_file(),
+        "no MLflow at {}: run testenv/deps (./test does) or set FLOWGATE_TEST_MLFLOW",
+        path.display()
+    );
+    path
+}
+
+/// A real job store (populate.py), moved after writing and packed as a .tgz.
+fn store_archive() -> &'static (PathBuf, String) {
+    static ARCHIVE: OnceLock<(PathBuf, String)> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("flowgate-store-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let python = mlflow().with_file_name("python");
+        let ok = std::process::Command::new(python)
+            .arg(repo().join("testenv/mlflow/populate.py"))
+            .arg("--store")
+            .arg(dir.join("job/mlruns"))
+            .env("MLFLOW_ALLOW_FILE_STORE", "true")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "populate.py failed");
+        let archive = dir.join("store.tgz");
+        let ok = std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(dir.join("job"))
+            .arg("mlruns")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::fs::remove_dir_all(dir.join("job")).unwrap();
+        let sha = sha256_file(&archive);
+        (archive, sha)
+    })
+}
+
+fn sha256_file(p: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+async fn spawn_api(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(ApiState::new(backend, tokens, quotas));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+struct Local {
+    backend: LocalBackend,
+    instances: String,
+    data: PathBuf,
+}
+
+async fn local_backend(data: &Path, ttl: TtlPolicy) -> Local {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = LocalSettings {
+        data_dir: data.to_path_buf(),
+        mlflow: mlflow(),
+        public_url: format!("http://{addr}"),
+        ttl,
+    };
+    let backend = LocalBackend::open(settings).await.unwrap();
+    let routes = Arc::new(LocalRouter::new(backend.routes()));
+    let limits = adapter::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        max_header_bytes: 65536,
+        drain_timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(async move {
+        adapter::server::serve(routes, &limits, listener, std::future::pending()).await
+    });
+    Local {
+        backend,
+        instances: format!("http://{addr}"),
+        data: data.to_path_buf(),
+    }
+}
+
+fn short_ttls() -> TtlPolicy {
+    TtlPolicy {
+        default: Duration::from_secs(3600),
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(7 * 24 * 3600),
+    }
+}
+
+/// Reads an SSE stream to its end; returns (event name, data) pairs.
+async fn events(base: &str, id: &str, auth: Option<&str>) -> Vec<(String, Value)> {
+    let mut req = http().get(format!("{base}/api/v1/instances/{id}/events"));
+    if let Some(t) = auth {
+        req = req.bearer_auth(t);
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(240), req.send())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = tokio::time::timeout(Duration::from_secs(240), resp.text())
+        .await
+        .expect("the event stream must end")
+        .unwrap();
+    text.split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_owned(), serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
+/// The API contract, the same for every backend.
+async fn contract(base: &str, url: &str, sha: &str) {
+    let c = http();
+    let body =
+        json!({"workload": "panda-6543210", "artifacts": {"url": url, "sha256": sha}, "ttl": "2h"});
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(
+        created["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/{id}/"))
+    );
+    assert_eq!(created["owner"], "anonymous");
+    let again: Value = {
+        let r = c
+            .post(format!("{base}/api/v1/instances"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "same workload and checksum: the live instance"
+        );
+        r.json().await.unwrap()
+    };
+    assert_eq!(again["id"], id.as_str());
+    let one: Value = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["workload"], "panda-6543210");
+    let listed: Value = c
+        .get(format!("{base}/api/v1/instances?workload=panda-6543210"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let none: Value = c
+        .get(format!("{base}/api/v1/instances?workload=other"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let extended: Value = c
+        .post(format!("{base}/api/v1/instances/{id}/extend"))
+        .json(&json!({"ttl": "1h"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(extended["expires_at"].as_str().unwrap() > created["expires_at"].as_str().unwrap());
+
+    // Bad input: a JSON error with a 4xx, never a 500.
+    let bad: Vec<(Value, &str)> = vec![
+        (
+            json!({"workload": "w", "artifacts": {"url": url, "sha256": "abc"}}),
+            "sha256",
+        ),
+        (
+            json!({"workload": "w", "artifacts": {"url": "ftp://x/y.tgz", "sha256": sha}}),
+            "must start with",
+        ),
+        (
+            json!({"workload": "w", "artifacts": {"url": url, "sha256": sha}, "ttl": "1ms"}),
+            "outside",
+        ),
+        (
+            json!({"workload": "w", "artifacts": {"url": url, "sha256": sha}, "ttl": "whenever"}),
+            "ttl",
+        ),
+        (
+            json!({"workload": "", "artifacts": {"url": url, "sha256": sha}}),
+            "workload",
+        ),
+        (
+            json!({"workload": "w\u{7}", "artifacts": {"url": url, "sha256": sha}}),
+            "workload",
+        ),
+        (json!({"workload": "w"}), "artifacts"),
+        (
+            json!({"workload": "w", "artifacts": {"url": url, "sha256": sha}, "surprise": 1}),
+            "surprise",
+        ),
+    ];
+    for (body, want) in bad {
+        let r = c
+            .post(format!("{base}/api/v1/instances"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+        let e: Value = r.json().await.unwrap();
+        assert!(e["message"].as_str().unwrap().contains(want), "{body}: {e}");
+        assert!(e["error"].is_string());
+    }
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid");
+    for path in ["zzzzzzz", "NOT-AN-ID", "healthz"] {
+        let r = c
+            .get(format!("{base}/api/v1/instances/{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
+    }
+    let r = c
+        .post(format!("{base}/api/v1/instances/{id}/extend"))
+        .json(&json!({"ttl": "9999d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let r = c
+        .delete(format!("{base}/api/v1/instances/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let doc: Value = c
+        .get(format!("{base}/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/api/v1/instances/{id}/events"]["get"].is_object());
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        c.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("flowgate_api_requests_total")
+    );
+}
+
+#[tokio::test]
+async fn contract_on_the_local_backend() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    contract(&base, &format!("file://{}", archive.display()), sha).await;
+    local.backend.stop_all().await;
+}
+
+#[tokio::test]
+async fn contract_on_the_kubernetes_backend() {
+    let client = support::admin().await;
+    let ns = support::namespace(&client).await;
+    let backend = support::backend(client, support::settings(&ns)).await;
+    let base = spawn_api(Arc::new(backend), None, Quotas::default()).await;
+    contract(
+        &base,
+        "https://store.example.test/job.tgz",
+        &"ab".repeat(32),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn local_launch_serves_the_job_and_reports_each_step() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let c = http();
+    let created: Value = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&json!({"workload": "job-1", "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let steps: Vec<String> = events(&base, &id, None)
+        .await
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        steps,
+        ["created", "downloading", "verified", "starting", "ready"]
+    );
+    let url = created["url"].as_str().unwrap();
+    assert!(url.starts_with(&local.instances));
+    let page = c.get(url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("static-files/"));
+    // MLflow's own API through the instance path, with a browser's Origin.
+    let search: Value = c
+        .post(format!("{url}ajax-api/2.0/mlflow/experiments/search"))
+        .header("origin", local.instances.as_str())
+        .json(&json!({"max_results": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<_> = search["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains(&"flowgate-demo".to_owned()), "{names:?}");
+    // The store was written elsewhere: its artifact paths were remapped to where it lies now.
+    let location = search["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "flowgate-demo")
+        .unwrap()["artifact_location"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        location.contains(&local.data.display().to_string()),
+        "{location}"
+    );
+    // Unknown ids get a 404 page from the router.
+    assert_eq!(
+        c.get(format!("{}/zzzzzzz/", local.instances))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    local.backend.stop_all().await;
+}
+
+#[tokio::test]
+async fn failing_launches_say_why() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let c = http();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cases = [
+        (
+            format!("file://{}", archive.display()),
+            "0".repeat(64),
+            "checksum mismatch",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/gone.tgz"),
+            sha.clone(),
+            "download",
+        ),
+    ];
+    for (i, (url, sha, want)) in cases.iter().enumerate() {
+        let created: Value = c
+            .post(format!("{base}/api/v1/instances"))
+            .json(
+                &json!({"workload": format!("bad-{i}"), "artifacts": {"url": url, "sha256": sha}}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap();
+        let evs = events(&base, id, None).await;
+        let (last, data) = evs.last().unwrap();
+        assert_eq!(last, "failed", "{evs:?}");
+        assert!(data["message"].as_str().unwrap().contains(want), "{data}");
+        let now: Value = c
+            .get(format!("{base}/api/v1/instances/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(now["phase"], "Failed");
+        assert!(now["message"].as_str().unwrap().contains(want));
+    }
+    local.backend.stop_all().await;
+}
+
+#[tokio::test]
+async fn tokens_owners_and_quotas() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let tokens = Tokens::parse("alice-token-000000001 alice\nbob-token-0000000002 bob\n").unwrap();
+    let base = spawn_api(
+        Arc::new(local.backend.clone()),
+        Some(tokens),
+        Quotas {
+            per_owner: 1,
+            total: 10,
+        },
+    )
+    .await;
+    let c = http();
+    let body = |w: &str| json!({"workload": w, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}});
+    let post = |token: Option<&'static str>, b: Value| {
+        let mut r = c.post(format!("{base}/api/v1/instances")).json(&b);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(post(None, body("a")).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("wrong-token-000000000"), body("a"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let r = post(Some("alice-token-000000001"), body("a"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let alice: Value = r.json().await.unwrap();
+    assert_eq!(alice["owner"], "alice");
+    let id = alice["id"].as_str().unwrap();
+    // Quota: alice has one live instance; a second is refused, the same one is returned.
+    let r = post(Some("alice-token-000000001"), body("b"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "quota");
+    assert_eq!(
+        post(Some("alice-token-000000001"), body("a"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Bob cannot see or touch alice's instance, nor create in her name.
+    let r = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .bearer_auth("bob-token-0000000002")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .delete(format!("{base}/api/v1/instances/{id}"))
+        .bearer_auth("bob-token-0000000002")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let listed: Value = c
+        .get(format!("{base}/api/v1/instances"))
+        .bearer_auth("bob-token-0000000002")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 0);
+    let mut as_alice = body("c");
+    as_alice["owner"] = json!("alice");
+    assert_eq!(
+        post(Some("bob-token-0000000002"), as_alice)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let r = c
+        .delete(format!("{base}/api/v1/instances/{id}"))
+        .bearer_auth("alice-token-000000001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    local.backend.stop_all().await;
+}
+
+#[tokio::test]
+async fn restart_readopts_live_instances_and_drops_expired_ones() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let c = http();
+    let (keep_id, gone_id) = {
+        let local = local_backend(data.path(), short_ttls()).await;
+        let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+        let mut ids = Vec::new();
+        for w in ["keep", "gone"] {
+            let v: Value = c
+                .post(format!("{base}/api/v1/instances"))
+                .json(&json!({"workload": w, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = v["id"].as_str().unwrap().to_owned();
+            assert_eq!(events(&base, &id, None).await.last().unwrap().0, "ready");
+            ids.push(id);
+        }
+        local.backend.stop_all().await;
+        (ids[0].clone(), ids[1].clone())
+    };
+    // While the server is down, one instance's time runs out.
+    let record = data
+        .path()
+        .join("instances")
+        .join(&gone_id)
+        .join("instance.json");
+    let mut r: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    r["expires_at"] = json!("2020-01-01T00:00:00Z");
+    std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    assert_eq!(
+        c.get(format!("{base}/api/v1/instances/{gone_id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert!(!data.path().join("instances").join(&gone_id).exists());
+    assert_eq!(
+        events(&base, &keep_id, None).await.last().unwrap().0,
+        "ready"
+    );
+    // The same URL works again (new server, new MLflow port, same id).
+    let page = c
+        .get(format!("{}/{keep_id}/", local.instances))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    local.backend.stop_all().await;
+}
+
+#[tokio::test]
+async fn expiry_and_crashes() {
+    let (archive, sha) = store_archive();
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let c = http();
+    let create = |w: &'static str, ttl: &'static str| {
+        c.post(format!("{base}/api/v1/instances"))
+            .json(&json!({"workload": w, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}, "ttl": ttl}))
+            .send()
+    };
+    let short: Value = create("short", "3s").await.unwrap().json().await.unwrap();
+    let crash: Value = create("crash", "1h").await.unwrap().json().await.unwrap();
+    let short_id = short["id"].as_str().unwrap().to_owned();
+    let crash_id = crash["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        events(&base, &short_id, None).await.last().unwrap().0,
+        "ready"
+    );
+    let evs = events(&base, &crash_id, None).await;
+    assert_eq!(evs.last().unwrap().0, "ready");
+
+    // MLflow dies: the phase says so.
+    let port = evs.iter().find(|(n, _)| n == "starting").unwrap().1["message"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &format!("mlflow.* server .*[-]-port {port}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut phase = Value::Null;
+    for _ in 0..60 {
+        let now: Value = c
+            .get(format!("{base}/api/v1/instances/{crash_id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        phase = now["phase"].clone();
+        if phase == "Failed" {
+            assert!(
+                now["message"].as_str().unwrap().contains("MLflow exited"),
+                "{now}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(phase, "Failed");
+
+    // Time runs out: gc stops the process and deletes the data.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let removed = local.backend.gc(false).await.unwrap();
+    assert!(
+        removed
+            .iter()
+            .any(|r| r.name == short_id && r.reason == "expired"),
+        "{removed:?}"
+    );
+    assert!(!data.path().join("instances").join(&short_id).exists());
+    assert_eq!(
+        c.get(format!("{}/{short_id}/", local.instances))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    local.backend.stop_all().await;
+}
