@@ -97,6 +97,14 @@ impl LocalBackend {
             .join(id.as_str())
     }
 
+    fn url_for(&self, id: &InstanceId) -> String {
+        format!(
+            "{}/{}/",
+            self.inner.settings.public_url.trim_end_matches('/'),
+            id
+        )
+    }
+
     fn save(&self, record: &Instance) -> Result<()> {
         let dir = self.dir(&record.id);
         std::fs::create_dir_all(&dir)
@@ -118,8 +126,10 @@ impl LocalBackend {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             match record {
-                Some(r) if !r.is_expired(now) => {
+                Some(mut r) if !r.is_expired(now) => {
                     tracing::info!(id = %r.id, "re-adopting instance");
+                    // The listener may have moved since the record was written.
+                    r.url = self.url_for(&r.id);
                     self.launch(r);
                 }
                 Some(r) => {

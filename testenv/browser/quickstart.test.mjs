@@ -1,0 +1,75 @@
+// The README's main job, as a person would check it: run ./quickstart (the
+// local backend behind the REST API), open the URL it prints in Debian's headless
+// Chromium, and find the example run and its accuracy on screen.
+//
+//   node --test quickstart.test.mjs
+// Env: FLOWGATE_BIN (flowgate binary; default <repo>/target/debug/flowgate)
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, test } from 'node:test';
+
+import { ROOT, freePort, launchChromium, log, mkTemp, recordRequests } from './lib.mjs';
+
+const SHOTS = process.env.FLOWGATE_SCREENSHOTS || path.join(ROOT, 'target', 'screenshots');
+fs.mkdirSync(SHOTS, { recursive: true });
+
+let quickstart;
+let context;
+const tmp = mkTemp('flowgate-quickstart-');
+
+after(async () => {
+  if (context) await context.close().catch(() => {});
+  if (quickstart && quickstart.exitCode === null) {
+    quickstart.kill('SIGTERM');
+    await new Promise((r) => quickstart.once('exit', r));
+  }
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+test('./quickstart serves the example job in a browser', { timeout: 600_000 }, async () => {
+  const listen = `127.0.0.1:${await freePort()}`;
+  const api = `127.0.0.1:${await freePort()}`;
+  quickstart = spawn(path.join(ROOT, 'quickstart'), [], {
+    cwd: ROOT,
+    env: {
+      ...process.env,
+      FLOWGATE_BIN: process.env.FLOWGATE_BIN || path.join(ROOT, 'target', 'debug', 'flowgate'),
+      FLOWGATE_QUICKSTART_LISTEN: listen,
+      FLOWGATE_QUICKSTART_API: api,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  quickstart.stderr.on('data', (d) => { stderr += d; });
+  const url = await new Promise((resolve, reject) => {
+    let out = '';
+    quickstart.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/is ready: (http:\/\/\S+\/)/);
+      if (m) resolve(m[1]);
+    });
+    quickstart.once('exit', (code) => reject(new Error(`quickstart exited ${code}:\n${stderr}`)));
+  });
+  log(`quickstart printed ${url}`);
+  assert.ok(url.startsWith(`http://${listen}/`), url);
+
+  context = await launchChromium(path.join(tmp, 'profile'));
+  const requests = recordRequests(context);
+  const page = await context.newPage();
+  await page.goto(url);
+  await page.getByText('Model training', { exact: true }).first().click();
+  await page.getByRole('link', { name: 'Experiments', exact: true }).first().click();
+  await page.getByRole('link', { name: 'flowgate-demo', exact: true }).first().click();
+  await page.getByRole('link', { name: 'demo-run-1', exact: true }).first().click();
+  await page.getByRole('heading', { name: 'demo-run-1' }).waitFor();
+  await page.getByText('0.9375', { exact: true }).first().waitFor();
+  await page.screenshot({ path: path.join(SHOTS, 'quickstart-run.png') });
+
+  const prefix = new URL(url).pathname;
+  const strays = requests.filter((r) => /^https?:/.test(r.url) && !new URL(r.url).pathname.startsWith(prefix));
+  assert.deepEqual(strays, [], 'every request stays under the instance path');
+  const failed = requests.filter((r) => r.failure || (r.status >= 400 && !/users\/current$/.test(r.url)));
+  assert.deepEqual(failed, [], 'no request failed');
+});
