@@ -93,12 +93,11 @@ pub fn forward_request_headers(headers: &mut HeaderMap, ctx: &ForwardContext<'_>
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if let Some(host) = ctx.public_host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                headers.insert(X_FORWARDED_HOST, v);
-            }
-        }
+    if let Some(host) = ctx.public_host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        headers.insert(X_FORWARDED_HOST, v);
     }
     match ctx.stripped_prefix {
         Some(prefix) => {
@@ -133,10 +132,10 @@ pub fn forward_request_headers(headers: &mut HeaderMap, ctx: &ForwardContext<'_>
             );
         }
         let referer = headers.get(header::REFERER).and_then(|v| v.to_str().ok());
-        if let Some(new) = referer.and_then(|r| upstream_referer(r, host, ctx)) {
-            if let Ok(v) = HeaderValue::from_str(&new) {
-                headers.insert(header::REFERER, v);
-            }
+        if let Some(new) = referer.and_then(|r| upstream_referer(r, host, ctx))
+            && let Ok(v) = HeaderValue::from_str(&new)
+        {
+            headers.insert(header::REFERER, v);
         }
     }
 }
@@ -182,11 +181,10 @@ pub fn restore_response_headers(
             .get(&name)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| prefix.restore(v.trim(), Some(upstream_origin)))
+            && let Ok(v) = HeaderValue::from_str(&new)
         {
-            if let Ok(v) = HeaderValue::from_str(&new) {
-                headers.insert(name, v);
-                changed += 1;
-            }
+            headers.insert(name, v);
+            changed += 1;
         }
     }
     let refresh = HeaderName::from_static("refresh");
@@ -194,11 +192,10 @@ pub fn restore_response_headers(
         .get(&refresh)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| rewrite_refresh(v, prefix, Some(upstream_origin)))
+        && let Ok(v) = HeaderValue::from_str(&new)
     {
-        if let Ok(v) = HeaderValue::from_str(&new) {
-            headers.insert(refresh, v);
-            changed += 1;
-        }
+        headers.insert(refresh, v);
+        changed += 1;
     }
     if headers.contains_key(header::SET_COOKIE) {
         let cookies: Vec<HeaderValue> = headers

@@ -493,12 +493,11 @@ fn no_transform(headers: &http::HeaderMap) -> bool {
 
 /// A changed body cannot keep a strong validator.
 fn weaken_etag(headers: &mut http::HeaderMap) {
-    if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) {
-        if !etag.starts_with("W/") {
-            if let Ok(v) = HeaderValue::from_str(&format!("W/{etag}")) {
-                headers.insert(header::ETAG, v);
-            }
-        }
+    if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok())
+        && !etag.starts_with("W/")
+        && let Ok(v) = HeaderValue::from_str(&format!("W/{etag}"))
+    {
+        headers.insert(header::ETAG, v);
     }
 }
 

@@ -110,13 +110,13 @@ async fn try_http(
             Attempt::Fail(error)
         };
     }
-    if let Some(len) = response.content_length() {
-        if len > options.limits.max_download_bytes {
-            return Attempt::Fail(FetchError::TooLarge(format!(
-                "the archive is {len} bytes, over the limit of {}",
-                options.limits.max_download_bytes
-            )));
-        }
+    if let Some(len) = response.content_length()
+        && len > options.limits.max_download_bytes
+    {
+        return Attempt::Fail(FetchError::TooLarge(format!(
+            "the archive is {len} bytes, over the limit of {}",
+            options.limits.max_download_bytes
+        )));
     }
     let stream =
         futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);

@@ -85,10 +85,10 @@ fn settings(prefix: Prefix) -> Settings<'static, 'static> {
             Cow::Borrowed(selector),
             ElementContentHandlers::default().element(
                 move |el: &mut lol_html::send::Element<'_, '_>| {
-                    if let Some(value) = el.get_attribute(attribute) {
-                        if let Some(new) = prefix.restore(value.trim(), None) {
-                            el.set_attribute(attribute, &new)?;
-                        }
+                    if let Some(value) = el.get_attribute(attribute)
+                        && let Some(new) = prefix.restore(value.trim(), None)
+                    {
+                        el.set_attribute(attribute, &new)?;
                     }
                     Ok(())
                 },
@@ -100,10 +100,10 @@ fn settings(prefix: Prefix) -> Settings<'static, 'static> {
         Cow::Borrowed(&s.srcset),
         ElementContentHandlers::default().element(
             move |el: &mut lol_html::send::Element<'_, '_>| {
-                if let Some(value) = el.get_attribute("srcset") {
-                    if let Some(new) = rewrite_srcset(&value, &p) {
-                        el.set_attribute("srcset", &new)?;
-                    }
+                if let Some(value) = el.get_attribute("srcset")
+                    && let Some(new) = rewrite_srcset(&value, &p)
+                {
+                    el.set_attribute("srcset", &new)?;
                 }
                 Ok(())
             },
@@ -114,10 +114,10 @@ fn settings(prefix: Prefix) -> Settings<'static, 'static> {
         Cow::Borrowed(&s.style_attribute),
         ElementContentHandlers::default().element(
             move |el: &mut lol_html::send::Element<'_, '_>| {
-                if let Some(value) = el.get_attribute("style") {
-                    if let Some(new) = rewrite_css_str(&value, &p) {
-                        el.set_attribute("style", &new)?;
-                    }
+                if let Some(value) = el.get_attribute("style")
+                    && let Some(new) = rewrite_css_str(&value, &p)
+                {
+                    el.set_attribute("style", &new)?;
                 }
                 Ok(())
             },
@@ -131,13 +131,12 @@ fn settings(prefix: Prefix) -> Settings<'static, 'static> {
                 let is_refresh = el
                     .get_attribute("http-equiv")
                     .is_some_and(|v| v.trim().eq_ignore_ascii_case("refresh"));
-                if is_refresh {
-                    if let Some(new) = el
+                if is_refresh
+                    && let Some(new) = el
                         .get_attribute("content")
                         .and_then(|c| rewrite_refresh(&c, &p, None))
-                    {
-                        el.set_attribute("content", &new)?;
-                    }
+                {
+                    el.set_attribute("content", &new)?;
                 }
                 Ok(())
             },
