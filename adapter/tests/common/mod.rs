@@ -209,7 +209,7 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
                     return None;
                 }
                 if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
                 }
                 Some((
                     Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))),
