@@ -35,9 +35,13 @@ def summarize(results):
             s["core0_util"] = _med(r.get("core0_util") for r in rs)
         else:
             s["rate"] = rs[0]["rate"]
+            # Repetitions where the load generator did not keep the rate are
+            # left out of the medians (unless no repetition kept it).
+            kept = [r for r in rs if not r.get("behind")] or rs
+            s["behind"] = len(rs) - len([r for r in rs if not r.get("behind")])
             for k in ("p50", "p90", "p99", "p99.9"):
-                s[k] = _med(r["latency_ms"][k] for r in rs)
-            s["p99_range"] = _spread([r["latency_ms"]["p99"] for r in rs])
+                s[k] = _med(r["latency_ms"][k] for r in kept)
+            s["p99_range"] = _spread([r["latency_ms"]["p99"] for r in kept])
         out.append(s)
     return out
 
@@ -172,6 +176,8 @@ def markdown(results):
                             continue
                         lo, hi = s["p99_range"]
                         flag = "" if s["correct"] and not s["errors"] else " **WRONG**"
+                        if s.get("behind"):
+                            flag += f" ({s['behind']} of {s['n']} runs left out: rate not kept)"
                         out.append(f"| {wl} | {conns} | {s['rate']} | {c}{flag} | {_fmt(s['p50'], '.2f')} | "
                                    f"{_fmt(s['p90'], '.2f')} | {_fmt(s['p99'], '.2f')} | {_fmt(s['p99.9'], '.2f')} | "
                                    f"{_fmt(lo, '.2f')}–{_fmt(hi, '.2f')} | {_fmt(s['cpu_s_per_10k'], '.3f')} |")

@@ -67,11 +67,19 @@ fn main() -> anyhow::Result<()> {
 
 fn run_proxy(args: ServeArgs) -> anyhow::Result<()> {
     let config = ProxyConfig::resolve(args, std::env::vars())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One worker thread means one thread in all: accepting and serving on the
+    // same thread avoids a cross-thread wake-up per connection.
+    let runtime = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -85,7 +93,11 @@ fn run_proxy(args: ServeArgs) -> anyhow::Result<()> {
             "flowgate-adapter ready"
         );
         let limits = ConnectionLimits::from(&config);
-        match serve(Proxy::new(config), &limits, listener, shutdown_signal()).await {
+        // Spawned, so that the accept loop runs on a worker thread too.
+        let serving = tokio::spawn(async move {
+            serve(Proxy::new(config), &limits, listener, shutdown_signal()).await
+        });
+        match serving.await.context("serving")? {
             Drain::Complete => tracing::info!("drained; exiting"),
             Drain::TimedOut => tracing::warn!("drain timed out; exiting with requests cut"),
         }

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// A digest of the original body, wrong once the body changes.
 const CONTENT_MD5: header::HeaderName = header::HeaderName::from_static("content-md5");
+/// Largest read buffer per upstream connection.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 /// Bodies smaller than this are not worth compressing.
 const MIN_COMPRESS_BYTES: u64 = 1024;
 /// How long /readyz waits for the upstream.
@@ -77,6 +79,9 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(4))
             .pool_max_idle_per_host(1024)
+            // hyper lets a connection's read buffer grow to ~400 KiB; with
+            // hundreds of streaming responses that is the whole memory budget.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(connector.clone());
         let probe = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)

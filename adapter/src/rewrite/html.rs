@@ -5,6 +5,7 @@
 use super::StreamRewriter;
 use super::css::rewrite_css_str;
 use crate::prefix::Prefix;
+use aho_corasick::AhoCorasick;
 use bytes::Bytes;
 use lol_html::html_content::ContentType;
 use lol_html::send::{HtmlRewriter as LolRewriter, Settings};
@@ -46,15 +47,74 @@ struct Selectors {
 
 type Sink = Box<dyn FnMut(&[u8]) + Send>;
 
+/// Most pages an app serves have nothing to rewrite (MLflow's index.html uses
+/// relative URLs only). Up to this much of a body is held back while a cheap
+/// scan looks for anything the rewriter would change; if nothing turns up, the
+/// body goes out as it came and lol_html is never started.
+const SNIFF_LIMIT: usize = 64 * 1024;
+
+/// Words after which a rewrite may follow (ASCII case-insensitive).
+static TRIGGERS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(["url(", "@import", "srcset", "refresh"])
+        .expect("valid patterns")
+});
+
+/// True when `doc[from..]` (with `doc[..from]` as context) holds something
+/// the rewriter might change: a `/` that starts an attribute value, or one of
+/// [`TRIGGERS`]. False positives only cost the full rewrite.
+fn may_need_rewriting(doc: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(8);
+    if TRIGGERS.is_match(&doc[start..]) {
+        return true;
+    }
+    // The last byte of the previous call is looked at again: what follows it
+    // (`/>` ends a tag, it starts no URL) may only have arrived now.
+    let from = from.saturating_sub(1);
+    memchr::memchr_iter(b'/', &doc[from..]).any(|i| {
+        let at = from + i;
+        let Some(&next) = doc.get(at + 1) else {
+            return false;
+        };
+        let before = doc[..at]
+            .iter()
+            .rev()
+            .take(64)
+            .find(|b| !b.is_ascii_whitespace());
+        next != b'>' && matches!(before, Some(b'"' | b'\'' | b'='))
+    })
+}
+
+enum State {
+    /// Nothing rewritable seen yet; the body so far.
+    Sniffing(Vec<u8>),
+    /// lol_html at work.
+    Rewriting {
+        inner: LolRewriter<'static, Sink>,
+        output: Arc<Mutex<Vec<u8>>>,
+    },
+    /// Ended.
+    Done,
+}
+
 /// Streams one HTML document through lol_html.
 pub struct HtmlRewriter {
-    inner: Option<LolRewriter<'static, Sink>>,
-    output: Arc<Mutex<Vec<u8>>>,
+    prefix: Prefix,
+    state: State,
 }
 
 impl HtmlRewriter {
     /// A rewriter for one document.
     pub fn new(prefix: Prefix) -> Self {
+        Self {
+            prefix,
+            state: State::Sniffing(Vec::new()),
+        }
+    }
+
+    /// Starts lol_html and feeds it `held`; returns its output so far.
+    fn start_rewriting(&mut self, held: &[u8]) -> io::Result<Bytes> {
         let output = Arc::new(Mutex::new(Vec::new()));
         let sink_output = Arc::clone(&output);
         let sink: Sink = Box::new(move |bytes: &[u8]| {
@@ -63,16 +123,16 @@ impl HtmlRewriter {
                 .expect("sink lock")
                 .extend_from_slice(bytes);
         });
-        let inner = LolRewriter::new(settings(prefix), sink);
-        Self {
-            inner: Some(inner),
-            output,
-        }
+        let mut inner = LolRewriter::new(settings(self.prefix.clone()), sink);
+        inner.write(held).map_err(io::Error::other)?;
+        let out = take(&output);
+        self.state = State::Rewriting { inner, output };
+        Ok(out)
     }
+}
 
-    fn take_output(&self) -> Bytes {
-        std::mem::take(&mut *self.output.lock().expect("sink lock")).into()
-    }
+fn take(output: &Mutex<Vec<u8>>) -> Bytes {
+    std::mem::take(&mut *output.lock().expect("sink lock")).into()
 }
 
 fn settings(prefix: Prefix) -> Settings<'static, 'static> {
@@ -214,17 +274,33 @@ pub fn rewrite_refresh(
 
 impl StreamRewriter for HtmlRewriter {
     fn feed(&mut self, chunk: &[u8]) -> io::Result<Bytes> {
-        if let Some(inner) = self.inner.as_mut() {
-            inner.write(chunk).map_err(io::Error::other)?;
+        match &mut self.state {
+            State::Sniffing(held) => {
+                let from = held.len();
+                held.extend_from_slice(chunk);
+                if held.len() <= SNIFF_LIMIT && !may_need_rewriting(held, from) {
+                    return Ok(Bytes::new());
+                }
+                let held = std::mem::take(held);
+                self.start_rewriting(&held)
+            }
+            State::Rewriting { inner, output } => {
+                inner.write(chunk).map_err(io::Error::other)?;
+                Ok(take(output))
+            }
+            State::Done => Ok(Bytes::new()),
         }
-        Ok(self.take_output())
     }
 
     fn finish(&mut self) -> io::Result<Bytes> {
-        if let Some(inner) = self.inner.take() {
-            inner.end().map_err(io::Error::other)?;
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Sniffing(held) => Ok(held.into()),
+            State::Rewriting { inner, output } => {
+                inner.end().map_err(io::Error::other)?;
+                Ok(take(&output))
+            }
+            State::Done => Ok(Bytes::new()),
         }
-        Ok(self.take_output())
     }
 }
 
@@ -285,6 +361,26 @@ mod tests {
             r#"srcset="/k3x9q2a/a.png 1x, /k3x9q2a/b.png 2x, https://other.example/c.png 3x""#,
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn pages_with_nothing_to_rewrite_pass_through_untouched() {
+        // Like MLflow's index.html: relative URLs only.
+        let page = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"/><link rel="icon" href="static-files/favicon.ico"/><script>var x="a/b";i.p="static-files/"</script></head><body><div id="root"></div><script src="static-files/static/js/main.js"></script></body></html>"#;
+        let out = assert_chunking_invariant(&make, page.as_bytes());
+        assert_eq!(out, page.as_bytes());
+        assert!(!may_need_rewriting(page.as_bytes(), 0));
+        for trigger in [
+            r#"<a href="/x">"#,
+            "<a href='/x'>",
+            "<a href=/x>",
+            r#"<a href = " /x">"#,
+            "<p style='background:URL(a.png)'>",
+            r#"<img srcset="a.png 1x, /b.png 2x">"#,
+            r#"<meta http-equiv="Refresh" content="0;url=x">"#,
+        ] {
+            assert!(may_need_rewriting(trigger.as_bytes(), 0), "{trigger}");
         }
     }
 

@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the adapter's streaming rewriters, in bytes/s:
 //!   html/*     HtmlRewriter (lol_html + the adapter's handlers) vs. lol_html with
-//!              no handlers (the floor: parsing and serialising only)
+//!              no handlers (the floor: parsing and serialising only) and with
+//!              one do-nothing `*` element handler (the floor for anything that
+//!              reads attributes: every start tag is fully lexed), and the
+//!              prototypes of src/proto.rs (same output, suggested changes)
 //!   literal/*  LiteralRewriter (MLflow's "/#" route literals) on the real main
 //!              bundle vs. copying the same chunks (the floor)
 //! Every iteration builds a new rewriter, as the proxy does per response, and
@@ -12,6 +15,7 @@ use adapter::rewrite::html::HtmlRewriter;
 use adapter::rewrite::literal::{LiteralRewriter, LiteralSet};
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use flowgate_rewriter_bench::proto::{Handlers, ProtoRewriter, Sink};
 use flowgate_rewriter_bench::{CHUNK, PREFIX, corpus_file, links_page};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -36,6 +40,34 @@ fn lol_noop(input: &[u8], out: &mut Vec<u8>) -> usize {
     out.len()
 }
 
+fn lol_star(input: &[u8], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let mut rw = lol_html::HtmlRewriter::new(
+        lol_html::Settings::new().append_element_content_handler(lol_html::element!("*", |_el| Ok(()))),
+        |c: &[u8]| out.extend_from_slice(c),
+    );
+    for chunk in input.chunks(CHUNK) {
+        rw.write(chunk).expect("write");
+    }
+    rw.end().expect("end");
+    out.len()
+}
+
+fn collect(r: &mut dyn StreamRewriter, input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in input.chunks(CHUNK) {
+        out.extend_from_slice(&r.feed(chunk).expect("feed"));
+    }
+    out.extend_from_slice(&r.finish().expect("finish"));
+    out
+}
+
+const PROTOS: [(&str, Sink, Handlers); 3] = [
+    ("proto-tls-sink", Sink::ThreadLocal, Handlers::PerAttribute),
+    ("proto-one-handler", Sink::Mutex, Handlers::One),
+    ("proto-both", Sink::ThreadLocal, Handlers::One),
+];
+
 fn html_inputs() -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
     if let Some((_, b)) = corpus_file("index") {
@@ -54,10 +86,13 @@ fn html(c: &mut Criterion) {
     let prefix = Prefix::new(PREFIX).expect("prefix");
     let mut g = c.benchmark_group("html");
     for (name, input) in html_inputs() {
-        // Same output size each time; a sanity check that it really rewrites.
-        let mut probe = HtmlRewriter::new(prefix.clone());
-        let out = run_stream(&mut probe, &input);
-        assert!(out >= input.len());
+        // It really rewrites, and the prototypes give the adapter's output.
+        let want = collect(&mut HtmlRewriter::new(prefix.clone()), &input);
+        assert!(want.len() >= input.len());
+        for (proto, sink, handlers) in PROTOS {
+            let got = collect(&mut ProtoRewriter::new(prefix.clone(), sink, handlers), &input);
+            assert!(got == want, "{proto} differs from the adapter on {name}");
+        }
         g.throughput(Throughput::Bytes(input.len() as u64));
         if input.len() > 1_000_000 {
             g.sample_size(20);
@@ -74,6 +109,17 @@ fn html(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("lol_html-noop", &name), &input, |b, input| {
             b.iter(|| black_box(lol_noop(black_box(input), &mut buf)))
         });
+        g.bench_with_input(BenchmarkId::new("lol_html-star-noop", &name), &input, |b, input| {
+            b.iter(|| black_box(lol_star(black_box(input), &mut buf)))
+        });
+        for (proto, sink, handlers) in PROTOS {
+            g.bench_with_input(BenchmarkId::new(proto, &name), &input, |b, input| {
+                b.iter(|| {
+                    let mut r = ProtoRewriter::new(prefix.clone(), sink, handlers);
+                    black_box(run_stream(&mut r, black_box(input)))
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -1,6 +1,8 @@
 //! Inputs for the rewriter benchmarks: the MLflow bytes captured by
 //! `bench/capture` (bench/.corpus) and a generated HTML page with many links.
 
+pub mod proto;
+
 use std::path::PathBuf;
 
 /// The instance prefix used throughout the benchmarks.
