@@ -149,7 +149,9 @@ impl Proxy {
             }
         };
         let class = RouteClass::of_upstream_path(upstream_pq.split('?').next().unwrap_or(""));
-        let logged_path = req.uri().path().to_owned();
+        // A cheap clone (shared bytes), kept for the log line.
+        let logged_uri = req.uri().clone();
+        let logged_path = logged_uri.path();
         self.metrics.touch();
         self.metrics.in_flight().inc();
         let response = match self.forward(req, upstream_pq, class, peer).await {
@@ -161,12 +163,12 @@ impl Proxy {
                 {
                     self.metrics.upstream_error(label);
                 }
-                tracing::warn!(error = %e, path = %logged_path, "request failed");
+                tracing::warn!(error = %e, path = logged_path, "request failed");
                 error_response(&e)
             }
         };
         self.metrics.in_flight().dec();
-        self.finish(&method, &logged_path, class, &response, start);
+        self.finish(&method, logged_path, class, &response, start);
         response
     }
 
@@ -258,14 +260,15 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
         let accept = negotiate(parts.headers.get(header::ACCEPT_ENCODING));
-        let public_host = parts
-            .headers
-            .get(header::HOST)
+        // Shared-bytes clones, not copies: the headers are rewritten below.
+        let host_header = parts.headers.get(header::HOST).cloned();
+        let authority = parts.uri.authority().cloned();
+        let public_host = host_header
+            .as_ref()
             .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+            .or_else(|| authority.as_ref().map(|a| a.as_str()));
         let ctx = ForwardContext {
-            public_host: public_host.as_deref(),
+            public_host,
             client_ip: peer.ip(),
             upstream_authority: &self.config.upstream_authority,
             upstream_origin: &self.config.upstream_origin,
