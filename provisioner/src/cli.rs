@@ -6,12 +6,18 @@ use crate::instance::{
     ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Workload, validate_owner,
 };
 use crate::kube::KubeBackend;
+use crate::operator::OperatorConfig;
+use crate::operator::backend::OperatorBackend;
+use crate::operator::leader::LeaseSettings;
+use crate::operator::metrics::Metrics;
 use crate::output::{self, Format};
 use crate::settings::{KubeArgs, KubeSettings};
 use crate::{Error, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Creates, lists, extends and deletes MLflow instances for job results.
 #[derive(Parser, Debug)]
@@ -44,6 +50,37 @@ pub enum BackendKind {
     Kubernetes,
     /// Local MLflow processes on this machine (with `serve`).
     Local,
+    /// MlflowInstance resources, reconciled by `flowgate operator`.
+    Operator,
+}
+
+/// Flags of `flowgate operator`.
+#[derive(clap::Args, Debug)]
+pub struct OperatorOpts {
+    /// Where /metrics and /healthz listen
+    #[arg(long, env = "FLOWGATE_METRICS_LISTEN", default_value = "0.0.0.0:8081")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Elect a leader on a Lease, so that only one replica reconciles
+    #[arg(long, env = "FLOWGATE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease (in --namespace)
+    #[arg(long, env = "FLOWGATE_LEASE_NAME", default_value = "flowgate-operator")]
+    pub lease_name: String,
+    /// How long the Lease is good for without renewal
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How long the leader tries to renew before it steps down
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub renew_deadline: Duration,
+    /// How often candidates try and the leader renews
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_period: Duration,
+    /// This replica's name [default: $POD_NAME or the host name, and a random suffix]
+    #[arg(long, env = "FLOWGATE_IDENTITY")]
+    pub identity: Option<String>,
+    /// Reconciles at once
+    #[arg(long, env = "FLOWGATE_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
 }
 
 /// Flags of `flowgate serve`.
@@ -80,6 +117,10 @@ pub struct ServeOpts {
 pub enum Command {
     /// Serve the REST API for the portal (and, with --backend local, the instances)
     Serve(ServeOpts),
+    /// Run the controller of MlflowInstance resources (until SIGTERM)
+    Operator(OperatorOpts),
+    /// Print the MlflowInstance CustomResourceDefinition (YAML)
+    Crd,
     /// Create an instance for a job's artefacts (or return the live one)
     Create {
         /// The portal's job or task id
@@ -164,6 +205,12 @@ pub async fn run(cli: Cli) -> Result<String> {
             .await
             .map(|()| String::new());
     }
+    if let Command::Crd = &cli.command {
+        return Ok(crate::operator::crd::crd_yaml());
+    }
+    if let Command::Operator(opts) = &cli.command {
+        return run_operator(&cli.kube, opts).await.map(|()| String::new());
+    }
     if cli.backend == BackendKind::Local {
         return Err(Error::invalid(
             "backend",
@@ -175,7 +222,14 @@ pub async fn run(cli: Cli) -> Result<String> {
         .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
     let settings = KubeSettings::from_args(&cli.kube, client.default_namespace())?;
     let ttl_policy = settings.ttl;
-    let backend = KubeBackend::new(client, settings).await?;
+    let chosen = match cli.backend {
+        BackendKind::Operator => Chosen::Operator(Box::new(OperatorBackend::new(client, settings))),
+        _ => Chosen::Kube(Box::new(KubeBackend::new(client, settings).await?)),
+    };
+    let backend: &dyn Backend = match &chosen {
+        Chosen::Kube(b) => b.as_ref(),
+        Chosen::Operator(b) => b.as_ref(),
+    };
     let now = Timestamp::now;
     let show_one = |i: &Instance| match cli.output {
         Format::Json => output::json(i),
@@ -202,7 +256,7 @@ pub async fn run(cli: Cli) -> Result<String> {
                 eprintln!("an instance for this workload and these artefacts is already live");
             }
             let instance = if wait {
-                wait_with_spinner(&backend, &created.instance.id, wait_timeout).await?
+                wait_with_spinner(backend, &created.instance.id, wait_timeout).await?
             } else {
                 created.instance
             };
@@ -243,7 +297,9 @@ pub async fn run(cli: Cli) -> Result<String> {
                 }
             })
         }
-        Command::Serve(_) => unreachable!("serve returns above"),
+        Command::Serve(_) | Command::Operator(_) | Command::Crd => {
+            unreachable!("serve, operator and crd return above")
+        }
         Command::Upgrade {
             mlflow_image,
             adapter_image,
@@ -251,6 +307,12 @@ pub async fn run(cli: Cli) -> Result<String> {
             no_wait,
             rollout_timeout,
         } => {
+            let Chosen::Kube(backend) = &chosen else {
+                return Err(Error::invalid(
+                    "backend",
+                    "the operator re-applies every instance with its own --mlflow-image/--adapter-image: roll the operator's Deployment instead",
+                ));
+            };
             let wait = (!no_wait).then_some(rollout_timeout);
             let steps = backend
                 .upgrade(
@@ -274,6 +336,60 @@ pub async fn run(cli: Cli) -> Result<String> {
             Ok(format!("upgrade: {} instance(s) rolled\n", steps.len()))
         }
     }
+}
+
+/// The backend a command runs against.
+enum Chosen {
+    Kube(Box<KubeBackend>),
+    Operator(Box<OperatorBackend>),
+}
+
+/// `flowgate operator`: the metrics listener and the controller, until
+/// SIGTERM or Ctrl-C.
+async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+    let settings = KubeSettings::from_args(kube_args, client.default_namespace())?;
+    let mut config = OperatorConfig::new(settings);
+    config.concurrency = opts.concurrency;
+    if let Some(identity) = &opts.identity {
+        config.identity = identity.clone();
+    }
+    config.leader_election = opts.leader_elect.then(|| LeaseSettings {
+        name: opts.lease_name.clone(),
+        lease_duration: opts.lease_duration,
+        renew_deadline: opts.renew_deadline,
+        retry_period: opts.retry_period,
+    });
+    let listener = tokio::net::TcpListener::bind(opts.metrics_listen)
+        .await
+        .map_err(|e| {
+            Error::Internal(format!(
+                "metrics: cannot listen on {}: {e}",
+                opts.metrics_listen
+            ))
+        })?;
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        adapter::server::shutdown_signal().await;
+        tracing::info!("shutting down: letting running reconciles finish");
+        stop.cancel();
+    });
+    let app = crate::operator::metrics::router(Arc::clone(&metrics));
+    let until = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { until.cancelled().await })
+            .await
+    });
+    tracing::info!(metrics = %opts.metrics_listen, "flowgate operator: /metrics and /healthz listening");
+    let result = crate::operator::run(client, config, metrics, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = server.await;
+    result
 }
 
 async fn wait_with_spinner(

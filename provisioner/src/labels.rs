@@ -37,6 +37,10 @@ pub const ANN_STATE: &str = "flowgate.io/state";
 pub const MANAGER: &str = "flowgate";
 /// Server-side apply field manager.
 pub const FIELD_MANAGER: &str = "flowgate";
+/// The value of [`MANAGED_BY`] on the objects the operator makes.
+pub const OPERATOR_MANAGER: &str = "flowgate-operator";
+/// The operator's server-side apply field manager.
+pub const OPERATOR_FIELD_MANAGER: &str = "flowgate-operator";
 
 /// Selector for every object Flowgate manages.
 pub fn managed_selector() -> String {

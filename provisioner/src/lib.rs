@@ -2,7 +2,8 @@
 //!
 //! Reading order: [`instance`] (the model and its validation) → [`backend`]
 //! (the operations) → [`kube`] (the Kubernetes backend; [`kube::objects`]
-//! builds every object) → [`cli`] (the command line).
+//! builds every object) → [`operator`] (the `MlflowInstance` custom resource,
+//! its controller and `--backend operator`) → [`cli`] (the command line).
 
 pub mod api;
 pub mod backend;
@@ -13,6 +14,7 @@ pub mod instance;
 pub mod kube;
 pub mod labels;
 pub mod local;
+pub mod operator;
 pub mod output;
 pub mod serve;
 pub mod settings;

@@ -1,4 +1,5 @@
-//! `flowgate serve`: the REST API over the chosen backend; with the local
+//! `flowgate serve`: the REST API over the chosen backend (kubernetes,
+//! operator: MlflowInstance resources, or local); with the local
 //! backend also the instances' own listener and the expiry reaper. Stops
 //! cleanly on SIGTERM or Ctrl-C.
 
@@ -8,6 +9,7 @@ use crate::cli::{BackendKind, ServeOpts};
 use crate::kube::KubeBackend;
 use crate::local::router::LocalRouter;
 use crate::local::{LocalBackend, LocalSettings, default_data_dir};
+use crate::operator::backend::OperatorBackend;
 use crate::settings::{KubeArgs, KubeSettings};
 use crate::{Error, Result};
 use adapter::server::{ConnectionLimits, serve as serve_http, shutdown_signal};
@@ -48,6 +50,13 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
             let settings = KubeSettings::from_args(kube, client.default_namespace())?;
             Arc::new(KubeBackend::new(client, settings).await?)
+        }
+        BackendKind::Operator => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+            let settings = KubeSettings::from_args(kube, client.default_namespace())?;
+            Arc::new(OperatorBackend::new(client, settings))
         }
         BackendKind::Local => {
             let instances_listener = bind(opts.local_listen, "instances").await?;

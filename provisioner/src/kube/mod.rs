@@ -35,6 +35,81 @@ const FATAL_WAITING: [&str; 7] = [
     "RunContainerError",
 ];
 
+/// Resolves `--route-kind auto` (a Route when the API serves
+/// route.openshift.io, else an Ingress); refuses `route` where Routes are not
+/// served. Also returns whether Routes are served.
+pub async fn resolve_route_kind(
+    client: &Client,
+    requested: RouteKind,
+) -> Result<(RouteKind, bool)> {
+    let groups = client.list_api_groups().await?;
+    let routes_served = groups.groups.iter().any(|g| g.name == "route.openshift.io");
+    let kind = match requested {
+        RouteKind::Auto if routes_served => RouteKind::Route,
+        RouteKind::Auto => RouteKind::Ingress,
+        RouteKind::Route if !routes_served => {
+            return Err(Error::invalid(
+                "route-kind",
+                "route was asked for, but the cluster does not serve route.openshift.io",
+            ));
+        }
+        other => other,
+    };
+    Ok((kind, routes_served))
+}
+
+/// Why a pod cannot start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFailure {
+    /// The container (`fetch`, `mlflow`, `adapter`).
+    pub container: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// Why `pod` will not start by itself, if it will not: a container waiting
+/// for a reason that does not fix itself, or one that keeps exiting non-zero.
+pub fn pod_failure(pod: &Pod) -> Option<PodFailure> {
+    let status = pod.status.as_ref()?;
+    let statuses = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for cs in statuses {
+        let state = cs.state.clone().unwrap_or_default();
+        if let Some(w) = state.waiting {
+            let reason = w.reason.unwrap_or_default();
+            if FATAL_WAITING.contains(&reason.as_str()) {
+                return Some(PodFailure {
+                    container: cs.name.clone(),
+                    message: format!(
+                        "container {}: {reason}: {}",
+                        cs.name,
+                        w.message.unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        if let Some(t) = state.terminated
+            && t.exit_code != 0
+            && cs.restart_count >= 2
+        {
+            return Some(PodFailure {
+                container: cs.name.clone(),
+                message: format!(
+                    "container {} exits with code {} ({}): {}",
+                    cs.name,
+                    t.exit_code,
+                    t.reason.unwrap_or_default(),
+                    t.message.unwrap_or_default()
+                ),
+            });
+        }
+    }
+    None
+}
+
 /// Instances on a Kubernetes or OpenShift cluster.
 pub struct KubeBackend {
     settings: KubeSettings,
@@ -64,19 +139,7 @@ impl KubeBackend {
     /// Connects the backend; resolves `--route-kind auto` by asking the API
     /// whether route.openshift.io is served.
     pub async fn new(client: Client, settings: KubeSettings) -> Result<Self> {
-        let groups = client.list_api_groups().await?;
-        let routes_served = groups.groups.iter().any(|g| g.name == "route.openshift.io");
-        let route_kind = match settings.route_kind {
-            RouteKind::Auto if routes_served => RouteKind::Route,
-            RouteKind::Auto => RouteKind::Ingress,
-            RouteKind::Route if !routes_served => {
-                return Err(Error::invalid(
-                    "route-kind",
-                    "route was asked for, but the cluster does not serve route.openshift.io",
-                ));
-            }
-            other => other,
-        };
+        let (route_kind, routes_served) = resolve_route_kind(&client, settings.route_kind).await?;
         let ns = settings.namespace.clone();
         Ok(Self {
             route_kind,
@@ -148,39 +211,7 @@ impl KubeBackend {
             .pods
             .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
             .await?;
-        for pod in pods.items {
-            let Some(status) = pod.status else { continue };
-            let statuses = status
-                .init_container_statuses
-                .unwrap_or_default()
-                .into_iter()
-                .chain(status.container_statuses.unwrap_or_default());
-            for cs in statuses {
-                let state = cs.state.unwrap_or_default();
-                if let Some(w) = state.waiting {
-                    let reason = w.reason.unwrap_or_default();
-                    if FATAL_WAITING.contains(&reason.as_str()) {
-                        return Ok(Some(format!(
-                            "container {}: {reason}: {}",
-                            cs.name,
-                            w.message.unwrap_or_default()
-                        )));
-                    }
-                }
-                if let Some(t) = state.terminated {
-                    if t.exit_code != 0 && cs.restart_count >= 2 {
-                        return Ok(Some(format!(
-                            "container {} exits with code {} ({}): {}",
-                            cs.name,
-                            t.exit_code,
-                            t.reason.unwrap_or_default(),
-                            t.message.unwrap_or_default()
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(None)
+        Ok(pods.items.iter().find_map(pod_failure).map(|f| f.message))
     }
 
     /// Rolls every instance to new images, `max_parallel` at a time, waiting
@@ -298,6 +329,7 @@ impl Backend for KubeBackend {
             artifacts: request.artifacts.clone(),
             created_at: now,
             expires_at: add(now, ttl),
+            controller: None,
         };
         let name = spec.id.object_name();
         let params = Self::apply_params();

@@ -1,7 +1,9 @@
 //! The Kubernetes objects of one instance, built without a server: the
 //! Deployment (init container `fetch`, containers `mlflow` and `adapter`), the
 //! Service, and the Ingress or OpenShift Route. The CLI, the REST API and the
-//! operator all build through these functions.
+//! operator all build through these functions: the provisioner's objects are
+//! owned by their Deployment, the operator's all by their `MlflowInstance`
+//! ([`InstanceSpec::controller`]).
 
 use crate::instance::{Artifacts, Instance, InstanceId, Phase, label_safe};
 use crate::labels::*;
@@ -38,13 +40,29 @@ pub struct InstanceSpec {
     pub created_at: Timestamp,
     /// Expiry.
     pub expires_at: Timestamp,
+    /// The operator's `MlflowInstance` that owns every object, Deployment
+    /// included (the objects are then labelled managed-by
+    /// [`OPERATOR_MANAGER`]). None on the provisioner's path, where the
+    /// Deployment owns the others.
+    pub controller: Option<OwnerReference>,
+}
+
+impl InstanceSpec {
+    /// The `app.kubernetes.io/managed-by` value of the objects.
+    pub fn manager(&self) -> &'static str {
+        if self.controller.is_some() {
+            OPERATOR_MANAGER
+        } else {
+            MANAGER
+        }
+    }
 }
 
 /// The labels every object of the instance carries.
 pub fn labels(spec: &InstanceSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
         (NAME.into(), "mlflow".into()),
-        (MANAGED_BY.into(), MANAGER.into()),
+        (MANAGED_BY.into(), spec.manager().into()),
         (INSTANCE.into(), spec.id.to_string()),
         (WORKLOAD.into(), label_safe(&spec.workload)),
         (OWNER.into(), label_safe(&spec.owner)),
@@ -98,7 +116,7 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
     let labels = labels(spec);
     let selector = BTreeMap::from([(INSTANCE.to_owned(), spec.id.to_string())]);
     let adapter_resources = resources(&s.adapter_cpu, &s.adapter_memory);
-    let value = json!({
+    let mut value = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -169,6 +187,9 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
             },
         },
     });
+    if let Some(owner) = &spec.controller {
+        value["metadata"]["ownerReferences"] = json!([owner]);
+    }
     serde_json::from_value(value).expect("the Deployment template is a valid Deployment")
 }
 
@@ -346,6 +367,7 @@ mod tests {
             },
             created_at: "2026-11-26T10:00:00Z".parse().unwrap(),
             expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
+            controller: None,
         }
     }
 
@@ -457,6 +479,42 @@ mod tests {
         assert_eq!(
             instance_from_deployment(&d, later).unwrap().phase,
             Phase::Expired
+        );
+    }
+
+    #[test]
+    fn the_operator_path_owns_the_deployment_too() {
+        let owner = OwnerReference {
+            api_version: "flowgate.io/v1alpha1".into(),
+            kind: "MlflowInstance".into(),
+            name: "job-1".into(),
+            uid: "u2".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let mut spec = spec();
+        let plain = serde_json::to_value(deployment(&spec, &settings(), "complete")).unwrap();
+        assert!(plain["metadata"]["ownerReferences"].is_null());
+        spec.controller = Some(owner.clone());
+        let d = serde_json::to_value(deployment(&spec, &settings(), "complete")).unwrap();
+        assert_eq!(
+            d["metadata"]["ownerReferences"][0]["kind"],
+            "MlflowInstance"
+        );
+        assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(
+            d["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "flowgate-operator"
+        );
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "flowgate-operator"
+        );
+        let s = serde_json::to_value(service(&spec, &owner)).unwrap();
+        assert_eq!(s["metadata"]["ownerReferences"][0]["uid"], "u2");
+        assert_eq!(
+            s["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "flowgate-operator"
         );
     }
 }

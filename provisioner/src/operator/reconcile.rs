@@ -1,0 +1,814 @@
+//! One reconcile of an `MlflowInstance`: validate the spec, delete it when
+//! expired, else server-side apply its Deployment, Service and Ingress/Route
+//! (built by [`crate::kube::objects`], owned by the resource) and write the
+//! status, with Events on transitions. Errors go to the status and are
+//! retried with exponential backoff.
+
+use super::crd::{MlflowInstance, MlflowInstanceSpec, MlflowInstanceStatus};
+use super::instance_id;
+use super::metrics::Metrics;
+use crate::instance::{Artifacts, InstanceId, Phase, Workload, label_safe, validate_owner};
+use crate::kube::objects::{InstanceSpec, deployment, ingress, route, service};
+use crate::kube::pod_failure;
+use crate::labels::{
+    ARTIFACTS_DIGEST, INSTANCE, OPERATOR_FIELD_MANAGER, OWNER, WORKLOAD, digest_label,
+};
+use crate::settings::{KubeSettings, RouteKind};
+use crate::{Error, Result};
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use rand::Rng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Condition: the instance serves.
+pub const READY: &str = "Ready";
+/// Condition: the `fetch` init container downloaded the archive and its sha256 matched.
+pub const ARTEFACTS_VERIFIED: &str = "ArtefactsVerified";
+/// Condition: the instance is past its expiry.
+pub const EXPIRED: &str = "Expired";
+
+/// Even with no event, every instance is looked at this often.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Backoff after errors: 1 s, 2 s, 4 s ... up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub(crate) struct Context {
+    pub(crate) api: Api<MlflowInstance>,
+    pub(crate) deployments: Api<Deployment>,
+    pub(crate) services: Api<Service>,
+    pub(crate) ingresses: Api<Ingress>,
+    pub(crate) routes: Api<DynamicObject>,
+    pub(crate) pods: Api<Pod>,
+    pub(crate) settings: KubeSettings,
+    pub(crate) route_kind: RouteKind,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Consecutive failures per resource uid, for the backoff.
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    /// How soon a Pending instance is looked at again (pod failures do not
+    /// always change the Deployment).
+    pub(crate) pending_recheck: Duration,
+}
+
+fn key(obj: &MlflowInstance) -> String {
+    obj.metadata.uid.clone().unwrap_or_else(|| obj.name_any())
+}
+
+/// The reconciler given to the Controller.
+pub(crate) async fn reconcile(obj: Arc<MlflowInstance>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&obj, &ctx).await;
+    ctx.metrics
+        .observe(started.elapsed().as_secs_f64(), result.is_err());
+    match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .expect("not poisoned")
+                .remove(&key(&obj));
+        }
+        Err(e) => {
+            tracing::warn!(name = %obj.name_any(), error = %e, "reconcile failed");
+            report_error(&obj, &ctx, e).await;
+        }
+    }
+    result
+}
+
+/// Exponential backoff per resource, with jitter.
+pub(crate) fn error_policy(obj: Arc<MlflowInstance>, _error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut failures = ctx.failures.lock().expect("not poisoned");
+        let n = failures.entry(key(&obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    Action::requeue(backoff(n))
+}
+
+/// The delay after the `n`th consecutive failure (n >= 1).
+pub(crate) fn backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(1)
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    base.mul_f64(rand::rng().random_range(0.9..1.1))
+}
+
+/// The spec, checked as the CLI and the API check theirs.
+struct Checked {
+    workload: String,
+    owner: String,
+    artifacts: Artifacts,
+    expires_at: Timestamp,
+}
+
+fn check(obj: &MlflowInstance) -> std::result::Result<Checked, String> {
+    let spec = &obj.spec;
+    let workload = Workload::parse(&spec.workload).map_err(|e| e.to_string())?;
+    let owner = validate_owner(&spec.owner).map_err(|e| e.to_string())?;
+    let artifacts = Artifacts::validated(
+        &spec.artifacts.url,
+        &spec.artifacts.sha256,
+        &["https", "http"],
+    )
+    .map_err(|e| e.to_string())?;
+    let expires_at = match (&spec.ttl, &spec.expires_at) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err("give exactly one of ttl and expiresAt".into());
+        }
+        _ => obj
+            .expires_at()
+            .ok_or_else(|| format!("invalid ttl {:?}", spec.ttl.as_deref().unwrap_or("")))?,
+    };
+    Ok(Checked {
+        workload: workload.as_str().to_owned(),
+        owner,
+        artifacts,
+        expires_at,
+    })
+}
+
+/// The operator's settings with the resource's image and resource overrides.
+pub(crate) fn settings_for(base: &KubeSettings, spec: &MlflowInstanceSpec) -> KubeSettings {
+    let mut s = base.clone();
+    if let Some(image) = &spec.image {
+        if let Some(m) = &image.mlflow {
+            s.mlflow_image = m.clone();
+        }
+        if let Some(a) = &image.adapter {
+            s.adapter_image = a.clone();
+        }
+    }
+    if let Some(r) = &spec.resources {
+        let pair = |rl: &super::crd::RequestLimit| (rl.request.clone(), rl.limit.clone());
+        if let Some(m) = &r.mlflow {
+            if let Some(cpu) = &m.cpu {
+                s.mlflow_cpu = pair(cpu);
+            }
+            if let Some(mem) = &m.memory {
+                s.mlflow_memory = pair(mem);
+            }
+        }
+        if let Some(a) = &r.adapter {
+            if let Some(cpu) = &a.cpu {
+                s.adapter_cpu = pair(cpu);
+            }
+            if let Some(mem) = &a.memory {
+                s.adapter_memory = pair(mem);
+            }
+        }
+        if let Some(size) = &r.store_size {
+            s.store_size = size.clone();
+        }
+    }
+    s
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {
+    condition3(
+        type_,
+        if status { "True" } else { "False" },
+        reason,
+        message,
+    )
+}
+
+fn condition3(type_: &str, status: &str, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: None,
+    }
+}
+
+/// `new` conditions, keeping the transition time of those whose status did
+/// not change; conditions of other types in `old` stay.
+fn merge_conditions(
+    old: &[Condition],
+    new: Vec<Condition>,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let mut out: Vec<Condition> = old
+        .iter()
+        .filter(|o| !new.iter().any(|n| n.type_ == o.type_))
+        .cloned()
+        .collect();
+    for mut c in new {
+        if let Some(prev) = old.iter().find(|o| o.type_ == c.type_)
+            && prev.status == c.status
+        {
+            c.last_transition_time = prev.last_transition_time.clone();
+        }
+        c.observed_generation = generation;
+        out.push(c);
+    }
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+async fn write_status(
+    ctx: &Context,
+    obj: &MlflowInstance,
+    status: &MlflowInstanceStatus,
+) -> Result<()> {
+    if obj.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": super::crd::API_VERSION,
+        "kind": super::crd::KIND,
+        "status": status,
+    });
+    ctx.api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    obj: &MlflowInstance,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(name = %obj.name_any(), error = %e, "cannot publish an event");
+    }
+}
+
+/// Puts a reconcile error into the status (Ready=False, reason
+/// ReconcileError; the phase stays) and publishes it as a Warning event.
+async fn report_error(obj: &MlflowInstance, ctx: &Context, error: &Error) {
+    let old = obj.status_or_default();
+    let message = match error {
+        Error::Kube(kube::Error::Api(s)) => format!("kubernetes API: {} ({})", s.message, s.code),
+        other => other.to_string(),
+    };
+    let mut status = old.clone();
+    if status.id.is_none() {
+        status.id = obj
+            .metadata
+            .uid
+            .as_deref()
+            .map(|uid| instance_id(uid).to_string());
+    }
+    status.phase = Some(old.phase.unwrap_or(Phase::Pending));
+    status.message = Some(message.clone());
+    status.conditions = merge_conditions(
+        &old.conditions,
+        vec![condition(READY, false, "ReconcileError", &message)],
+        obj.metadata.generation,
+    );
+    if let Err(e) = write_status(ctx, obj, &status).await {
+        tracing::debug!(name = %obj.name_any(), error = %e, "cannot write the error into the status");
+    }
+    if old.message.as_deref() != Some(message.as_str()) {
+        publish(ctx, obj, EventType::Warning, "ReconcileError", message).await;
+    }
+}
+
+/// The labels the operator keeps on the resource (to select by instance,
+/// workload, owner or artefacts).
+fn resource_labels(obj: &MlflowInstance, id: &InstanceId) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (INSTANCE.to_owned(), id.to_string()),
+        (WORKLOAD.to_owned(), label_safe(&obj.spec.workload)),
+        (OWNER.to_owned(), label_safe(&obj.spec.owner)),
+        (
+            ARTIFACTS_DIGEST.to_owned(),
+            label_safe(digest_label(&obj.spec.artifacts.sha256)),
+        ),
+    ])
+}
+
+async fn ensure_labels(obj: &MlflowInstance, ctx: &Context, id: &InstanceId) -> Result<()> {
+    let want = resource_labels(obj, id);
+    let have = obj.labels();
+    if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": super::crd::API_VERSION,
+        "kind": super::crd::KIND,
+        "metadata": {"name": obj.name_any(), "labels": want},
+    });
+    ctx.api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Marks the resource Expired, says so in an Event, and deletes it (its
+/// objects go with it through the garbage collector).
+async fn expire(
+    obj: &MlflowInstance,
+    ctx: &Context,
+    id: &InstanceId,
+    expires_at: Timestamp,
+) -> Result<Action> {
+    let old = obj.status_or_default();
+    let when = format!("expired at {expires_at}");
+    let status = MlflowInstanceStatus {
+        id: Some(id.to_string()),
+        phase: Some(Phase::Expired),
+        url: old.url.clone(),
+        expires_at: Some(Time(expires_at)),
+        ready_replicas: old.ready_replicas,
+        observed_generation: obj.metadata.generation,
+        conditions: merge_conditions(
+            &old.conditions,
+            vec![
+                condition(READY, false, "Expired", &when),
+                condition(EXPIRED, true, "TtlElapsed", &when),
+            ],
+            obj.metadata.generation,
+        ),
+        message: None,
+    };
+    match write_status(ctx, obj, &status).await {
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(Action::await_change()),
+        other => other?,
+    }
+    publish(
+        ctx,
+        obj,
+        EventType::Normal,
+        "Expired",
+        format!("{when}: deleting"),
+    )
+    .await;
+    match ctx
+        .api
+        .delete(&obj.name_any(), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(name = %obj.name_any(), %id, "expired: deleted");
+    Ok(Action::await_change())
+}
+
+/// Server-side applies `object` (field manager `flowgate-operator`, forced).
+/// Hand edits can leave an object ours in a shape no apply merges into (a
+/// second Service port named `http` on another port number, say): when the
+/// apply is refused as invalid but `object` on its own is valid (a dry-run
+/// create says AlreadyExists, not Invalid), the object is deleted and applied
+/// anew, with a Warning event.
+async fn apply<K>(
+    ctx: &Context,
+    obj: &MlflowInstance,
+    uid: &str,
+    kind: &str,
+    api: &Api<K>,
+    object: &K,
+) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let params = PatchParams::apply(OPERATOR_FIELD_MANAGER).force();
+    let status = match api.patch(&name, &params, &Patch::Apply(object)).await {
+        Ok(applied) => return Ok(applied),
+        Err(kube::Error::Api(status)) if status.code == 422 => status,
+        Err(e) => return Err(e.into()),
+    };
+    let ours = api
+        .get_opt(&name)
+        .await?
+        .is_some_and(|existing| controlled_by(existing.owner_references(), uid));
+    if !ours {
+        return Err(kube::Error::Api(status).into());
+    }
+    let dry_run = PostParams {
+        dry_run: true,
+        field_manager: Some(OPERATOR_FIELD_MANAGER.into()),
+    };
+    match api.create(&dry_run, object).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        _ => return Err(kube::Error::Api(status).into()),
+    }
+    let note = format!(
+        "{kind} {name} no longer takes the operator's apply ({}): recreating it",
+        status.message
+    );
+    tracing::warn!(name = %obj.name_any(), "{note}");
+    publish(ctx, obj, EventType::Warning, "Recreated", note).await;
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(api.patch(&name, &params, &Patch::Apply(object)).await?)
+}
+
+/// True when `meta` has a controller ownerReference to the resource `uid`.
+fn controlled_by(
+    owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+    uid: &str,
+) -> bool {
+    owners
+        .iter()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> {
+    if obj.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let uid = obj
+        .metadata
+        .uid
+        .clone()
+        .ok_or_else(|| Error::Internal("MlflowInstance without a uid".into()))?;
+    let id = instance_id(&uid);
+    let name = id.object_name();
+    let generation = obj.metadata.generation;
+    let old = obj.status_or_default();
+    let url = ctx.settings.url_for(&id);
+    ensure_labels(obj, ctx, &id).await?;
+
+    let checked = match check(obj) {
+        Ok(c) => c,
+        Err(message) => {
+            let status = MlflowInstanceStatus {
+                id: Some(id.to_string()),
+                phase: Some(Phase::Failed),
+                url: None,
+                expires_at: None,
+                ready_replicas: None,
+                observed_generation: generation,
+                conditions: merge_conditions(
+                    &old.conditions,
+                    vec![condition(READY, false, "InvalidSpec", &message)],
+                    generation,
+                ),
+                message: Some(message.clone()),
+            };
+            write_status(ctx, obj, &status).await?;
+            if old.phase != Some(Phase::Failed) {
+                publish(ctx, obj, EventType::Warning, "InvalidSpec", message).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let now = Timestamp::now();
+    if checked.expires_at <= now {
+        return expire(obj, ctx, &id, checked.expires_at).await;
+    }
+
+    // Objects of that name that are not ours (another instance, or the
+    // provisioner's path) are never taken over.
+    if let Some(existing) = ctx.deployments.get_opt(&name).await?
+        && !controlled_by(existing.owner_references(), &uid)
+    {
+        let message = format!("a Deployment {name} exists that this resource does not own");
+        let status = MlflowInstanceStatus {
+            id: Some(id.to_string()),
+            phase: Some(Phase::Failed),
+            observed_generation: generation,
+            conditions: merge_conditions(
+                &old.conditions,
+                vec![condition(READY, false, "NameConflict", &message)],
+                generation,
+            ),
+            message: Some(message.clone()),
+            ..Default::default()
+        };
+        write_status(ctx, obj, &status).await?;
+        if old.phase != Some(Phase::Failed) {
+            publish(ctx, obj, EventType::Warning, "NameConflict", message).await;
+        }
+        return Ok(Action::requeue(RESYNC));
+    }
+
+    let mut owner = obj
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Internal("MlflowInstance without a name or uid".into()))?;
+    owner.block_owner_deletion = Some(true);
+    let settings = settings_for(&ctx.settings, &obj.spec);
+    let spec = InstanceSpec {
+        id: id.clone(),
+        workload: checked.workload,
+        owner: checked.owner,
+        artifacts: checked.artifacts,
+        created_at: obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(now, |t| t.0),
+        expires_at: checked.expires_at,
+        controller: Some(owner.clone()),
+    };
+    let d = apply(
+        ctx,
+        obj,
+        &uid,
+        "Deployment",
+        &ctx.deployments,
+        &deployment(&spec, &settings, "complete"),
+    )
+    .await?;
+    apply(
+        ctx,
+        obj,
+        &uid,
+        "Service",
+        &ctx.services,
+        &service(&spec, &owner),
+    )
+    .await?;
+    let exposed_by = match ctx.route_kind {
+        RouteKind::Route => {
+            apply(
+                ctx,
+                obj,
+                &uid,
+                "Route",
+                &ctx.routes,
+                &route(&spec, &settings, &owner),
+            )
+            .await?;
+            "Route"
+        }
+        _ => {
+            apply(
+                ctx,
+                obj,
+                &uid,
+                "Ingress",
+                &ctx.ingresses,
+                &ingress(&spec, &settings, &owner),
+            )
+            .await?;
+            "Ingress"
+        }
+    };
+
+    // Where the instance is.
+    let ds = d.status.clone().unwrap_or_default();
+    let available = ds.available_replicas.unwrap_or(0);
+    let (phase, ready, verified, message) = if available >= 1 {
+        (
+            Phase::Ready,
+            condition(
+                READY,
+                true,
+                "MinimumReplicasAvailable",
+                format!("serving at {url}"),
+            ),
+            condition(
+                ARTEFACTS_VERIFIED,
+                true,
+                "ChecksumMatched",
+                "the archive was fetched and its sha256 matched",
+            ),
+            None,
+        )
+    } else {
+        let pods = ctx
+            .pods
+            .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
+            .await?;
+        let failure = pods.items.iter().find_map(pod_failure);
+        let fetched = pods.items.iter().any(fetch_succeeded);
+        let verified = match &failure {
+            Some(f) if f.container == "fetch" => {
+                condition(ARTEFACTS_VERIFIED, false, "FetchFailed", &f.message)
+            }
+            _ if fetched => condition(
+                ARTEFACTS_VERIFIED,
+                true,
+                "ChecksumMatched",
+                "the archive was fetched and its sha256 matched",
+            ),
+            _ => condition3(
+                ARTEFACTS_VERIFIED,
+                "Unknown",
+                "Fetching",
+                "the fetch init container has not finished",
+            ),
+        };
+        let deadline = ds
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Progressing" && c.status == "False")
+            .map(|c| {
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+            });
+        match (failure, deadline) {
+            (Some(f), _) => {
+                let reason = if f.container == "fetch" {
+                    "FetchFailed"
+                } else {
+                    "ContainerFailing"
+                };
+                (
+                    Phase::Failed,
+                    condition(READY, false, reason, &f.message),
+                    verified,
+                    Some(f.message),
+                )
+            }
+            (None, Some(m)) => (
+                Phase::Failed,
+                condition(READY, false, "ProgressDeadlineExceeded", &m),
+                verified,
+                Some(m),
+            ),
+            (None, None) => (
+                Phase::Pending,
+                condition(
+                    READY,
+                    false,
+                    "Starting",
+                    "waiting for the pod to become ready",
+                ),
+                verified,
+                None,
+            ),
+        }
+    };
+    let status = MlflowInstanceStatus {
+        id: Some(id.to_string()),
+        phase: Some(phase),
+        url: Some(url.clone()),
+        expires_at: Some(Time(checked.expires_at)),
+        ready_replicas: Some(ds.ready_replicas.unwrap_or(0)),
+        observed_generation: generation,
+        conditions: merge_conditions(
+            &old.conditions,
+            vec![
+                ready,
+                verified,
+                condition(
+                    EXPIRED,
+                    false,
+                    "NotExpired",
+                    format!("expires at {}", checked.expires_at),
+                ),
+            ],
+            generation,
+        ),
+        message: message.clone(),
+    };
+    write_status(ctx, obj, &status).await?;
+
+    // Events on transitions.
+    if old.url.is_none() {
+        publish(
+            ctx,
+            obj,
+            EventType::Normal,
+            "Created",
+            format!("applied Deployment, Service and {exposed_by} {name}"),
+        )
+        .await;
+    }
+    if old.phase != Some(phase) {
+        match phase {
+            Phase::Ready => {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Ready",
+                    format!("serving at {url}"),
+                )
+                .await
+            }
+            Phase::Failed => {
+                let reason = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == READY)
+                    .map(|c| c.reason.clone())
+                    .unwrap_or_default();
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    &reason,
+                    message.unwrap_or_default(),
+                )
+                .await;
+            }
+            Phase::Pending if old.phase == Some(Phase::Ready) => {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    "Unavailable",
+                    "no ready replica".into(),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+
+    let until_expiry = checked
+        .expires_at
+        .duration_since(Timestamp::now())
+        .unsigned_abs()
+        + Duration::from_secs(1);
+    let mut next = until_expiry.min(RESYNC);
+    if phase != Phase::Ready {
+        next = next.min(ctx.pending_recheck);
+    }
+    Ok(Action::requeue(next))
+}
+
+/// True when the pod's `fetch` init container finished successfully.
+fn fetch_succeeded(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .is_some_and(|statuses| {
+            statuses.iter().any(|cs| {
+                cs.name == "fetch"
+                    && cs
+                        .state
+                        .as_ref()
+                        .and_then(|s| s.terminated.as_ref())
+                        .is_some_and(|t| t.exit_code == 0)
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let secs = |n| backoff(n).as_secs_f64();
+        assert!((0.9..=1.1).contains(&secs(1)));
+        assert!((1.8..=2.2).contains(&secs(2)));
+        assert!((7.2..=8.8).contains(&secs(4)));
+        assert!((270.0..=330.0).contains(&secs(12)));
+        assert!((270.0..=330.0).contains(&secs(u32::MAX)));
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let mut old = condition(READY, false, "Starting", "x");
+        old.last_transition_time = Time("2026-01-01T00:00:00Z".parse().unwrap());
+        let merged = merge_conditions(
+            std::slice::from_ref(&old),
+            vec![
+                condition(READY, false, "Starting", "y"),
+                condition(EXPIRED, false, "NotExpired", "z"),
+            ],
+            Some(3),
+        );
+        assert_eq!(merged.len(), 2);
+        let ready = merged.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.last_transition_time, old.last_transition_time);
+        assert_eq!(ready.message, "y");
+        assert_eq!(ready.observed_generation, Some(3));
+        let flipped = merge_conditions(
+            &merged,
+            vec![condition(READY, true, "MinimumReplicasAvailable", "")],
+            Some(3),
+        );
+        let ready = flipped.iter().find(|c| c.type_ == READY).unwrap();
+        assert_ne!(ready.last_transition_time, old.last_transition_time);
+    }
+}
