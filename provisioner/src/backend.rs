@@ -61,6 +61,15 @@ pub trait Backend: Send + Sync {
     /// Removes expired instances and leftovers.
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>>;
 
+    /// How many instances are live (Pending or Ready), for the total quota.
+    async fn count_live(&self) -> Result<usize> {
+        let all = self.list(&ListFilter::default()).await?;
+        Ok(all
+            .iter()
+            .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
+            .count())
+    }
+
     /// Waits until the instance is Ready (or Failed, or the timeout passes),
     /// calling `progress` whenever the phase or message changes.
     async fn wait_ready(

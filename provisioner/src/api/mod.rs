@@ -340,31 +340,34 @@ async fn create(
         owner: owner.clone(),
     };
     // The same workload and artefacts already live: that instance, quota or not.
-    let live: Vec<Instance> = backend
-        .list(&ListFilter::default())
+    // The owner's live instances (a label-selected list, not all of them):
+    // the same workload and artefacts already live is that instance, quota or not.
+    let mine: Vec<Instance> = backend
+        .list(&ListFilter {
+            workload: None,
+            owner: Some(owner.clone()),
+        })
         .await?
         .into_iter()
         .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
         .collect();
-    if let Some(existing) = live.iter().find(|i| {
-        i.workload == request.workload.as_str()
-            && i.artifacts.sha256 == request.artifacts.sha256
-            && i.owner == owner
+    if let Some(existing) = mine.iter().find(|i| {
+        i.workload == request.workload.as_str() && i.artifacts.sha256 == request.artifacts.sha256
     }) {
         return Ok((StatusCode::OK, Json(existing.clone())));
     }
-    let mine = live.iter().filter(|i| i.owner == owner).count();
-    if mine >= state.quotas.per_owner {
+    if mine.len() >= state.quotas.per_owner {
         return Err(Error::Quota(format!(
-            "{owner} already has {mine} live instances (limit {})",
+            "{owner} already has {} live instances (limit {})",
+            mine.len(),
             state.quotas.per_owner
         ))
         .into());
     }
-    if live.len() >= state.quotas.total {
+    let total = backend.count_live().await?;
+    if total >= state.quotas.total {
         return Err(Error::Quota(format!(
-            "{} instances are live (limit {})",
-            live.len(),
+            "{total} instances are live (limit {})",
             state.quotas.total
         ))
         .into());

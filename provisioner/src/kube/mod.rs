@@ -470,6 +470,26 @@ impl Backend for KubeBackend {
         instance_from_deployment(&d, now)
     }
 
+    /// Counts unexpired instances from object metadata only (no specs or
+    /// statuses are read: this runs on every create).
+    async fn count_live(&self) -> Result<usize> {
+        let now = Timestamp::now();
+        let metas = self
+            .deployments
+            .list_metadata(&ListParams::default().labels(&managed_selector()))
+            .await?;
+        Ok(metas
+            .items
+            .iter()
+            .filter(|m| {
+                m.annotations()
+                    .get(ANN_EXPIRES_AT)
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .is_some_and(|t| t > now)
+            })
+            .count())
+    }
+
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
         let now = Timestamp::now();
         let mut removed = Vec::new();
