@@ -61,9 +61,14 @@ pub trait Backend: Send + Sync {
     /// Removes expired instances and leftovers.
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>>;
 
-    /// How many instances are live (Pending or Ready), for the total quota.
-    async fn count_live(&self) -> Result<usize> {
-        let all = self.list(&ListFilter::default()).await?;
+    /// How many instances (of `owner`, or of everyone) are live, for quotas.
+    async fn count_live(&self, owner: Option<&str>) -> Result<usize> {
+        let all = self
+            .list(&ListFilter {
+                workload: None,
+                owner: owner.map(str::to_owned),
+            })
+            .await?;
         Ok(all
             .iter()
             .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))

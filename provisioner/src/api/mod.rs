@@ -340,31 +340,29 @@ async fn create(
         owner: owner.clone(),
     };
     // The same workload and artefacts already live: that instance, quota or not.
-    // The owner's live instances (a label-selected list, not all of them):
-    // the same workload and artefacts already live is that instance, quota or not.
-    let mine: Vec<Instance> = backend
+    // The same workload and artefacts already live is that instance, quota or
+    // not. Both lookups are label-selected: a create never reads every instance.
+    let same_workload = backend
         .list(&ListFilter {
-            workload: None,
+            workload: Some(request.workload.as_str().to_owned()),
             owner: Some(owner.clone()),
         })
-        .await?
-        .into_iter()
-        .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
-        .collect();
-    if let Some(existing) = mine.iter().find(|i| {
-        i.workload == request.workload.as_str() && i.artifacts.sha256 == request.artifacts.sha256
+        .await?;
+    if let Some(existing) = same_workload.into_iter().find(|i| {
+        i.artifacts.sha256 == request.artifacts.sha256
+            && matches!(i.phase, Phase::Pending | Phase::Ready)
     }) {
-        return Ok((StatusCode::OK, Json(existing.clone())));
+        return Ok((StatusCode::OK, Json(existing)));
     }
-    if mine.len() >= state.quotas.per_owner {
+    let mine = backend.count_live(Some(&owner)).await?;
+    if mine >= state.quotas.per_owner {
         return Err(Error::Quota(format!(
-            "{owner} already has {} live instances (limit {})",
-            mine.len(),
+            "{owner} already has {mine} live instances (limit {})",
             state.quotas.per_owner
         ))
         .into());
     }
-    let total = backend.count_live().await?;
+    let total = backend.count_live(None).await?;
     if total >= state.quotas.total {
         return Err(Error::Quota(format!(
             "{total} instances are live (limit {})",

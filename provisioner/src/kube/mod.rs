@@ -472,15 +472,22 @@ impl Backend for KubeBackend {
 
     /// Counts unexpired instances from object metadata only (no specs or
     /// statuses are read: this runs on every create).
-    async fn count_live(&self) -> Result<usize> {
+    async fn count_live(&self, owner: Option<&str>) -> Result<usize> {
         let now = Timestamp::now();
+        let mut selector = managed_selector();
+        if let Some(o) = owner {
+            selector.push_str(&format!(",{OWNER}={}", label_safe(o)));
+        }
         let metas = self
             .deployments
-            .list_metadata(&ListParams::default().labels(&managed_selector()))
+            .list_metadata(&ListParams::default().labels(&selector))
             .await?;
         Ok(metas
             .items
             .iter()
+            .filter(|m| {
+                owner.is_none_or(|want| m.annotations().get(ANN_OWNER).is_some_and(|o| o == want))
+            })
             .filter(|m| {
                 m.annotations()
                     .get(ANN_EXPIRES_AT)
