@@ -98,8 +98,10 @@ impl fmt::Display for InstanceId {
 )]
 pub struct Artifacts {
     /// `https://`, `http://` (or `file://` for the local backend) URL of the archive.
+    #[schema(pattern = r"^(https?|file)://\S+$", max_length = 2048)]
     pub url: String,
     /// sha256 of the archive, 64 lower-case hex digits.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub sha256: String,
 }
 

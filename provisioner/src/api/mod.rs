@@ -11,7 +11,6 @@ use crate::instance::{
 };
 use crate::{Error, Result};
 use auth::Tokens;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -136,11 +135,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
             Err(rejection) => {
-                let status = match &rejection {
-                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    other => other.status(),
-                };
-                Err(ApiFailure::new(status, "invalid", rejection.body_text()))
+                // One status for every malformed body (wrong content type,
+                // bad JSON, wrong fields): the message says which.
+                Err(ApiFailure::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    rejection.body_text(),
+                ))
             }
         }
     }
@@ -196,14 +197,21 @@ impl Caller {
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     /// The portal's job or task id.
+    #[schema(
+        min_length = 1,
+        max_length = 253,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]([^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
+    )]
     pub workload: String,
     /// The artefact archive.
     pub artifacts: Artifacts,
-    /// Time to live, e.g. `24h` (default: the server's).
+    /// Time to live, e.g. `24h` (default: the server's; bounds are the server's).
     #[serde(default)]
+    #[schema(pattern = r"^[0-9]+(s|m|h|d)$", example = "24h")]
     pub ttl: Option<String>,
     /// Owner (only without token auth; with a token, the token's owner).
     #[serde(default)]
+    #[schema(pattern = r"^\S{1,128}$")]
     pub owner: Option<String>,
 }
 
@@ -212,6 +220,7 @@ pub struct CreateBody {
 #[serde(deny_unknown_fields)]
 pub struct ExtendBody {
     /// How much longer, e.g. `12h`.
+    #[schema(pattern = r"^[0-9]+(s|m|h|d)$", example = "12h")]
     pub ttl: String,
 }
 
@@ -224,12 +233,23 @@ pub struct ListQuery {
     pub owner: Option<String>,
 }
 
+/// One server-sent event as framed on the wire: `event:` names the step,
+/// `data:` holds an [`Event`] as JSON.
+#[derive(ToSchema)]
+pub struct SseFrame {
+    /// The step (`created`, ..., `ready` or `failed`).
+    pub event: String,
+    /// The [`Event`], as JSON.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
 /// The OpenAPI document.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flowgate", description = "Short-lived MLflow instances for job results", version = "1"),
     paths(create, list, get_one, events, extend, delete),
-    components(schemas(Instance, Artifacts, Phase, CreateBody, ExtendBody, ApiError, Event)),
+    components(schemas(Instance, Artifacts, Phase, CreateBody, ExtendBody, ApiError, Event, SseFrame)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -401,7 +421,7 @@ async fn list(
 
 /// One instance.
 #[utoipa::path(get, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
-    responses((status = 200, body = Instance), (status = 404, body = ApiError), (status = 403, body = ApiError)))]
+    responses((status = 200, body = Instance), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn get_one(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -413,7 +433,7 @@ async fn get_one(
 
 /// Launch progress as server-sent events, until ready or failed; a heartbeat every 15 s.
 #[utoipa::path(get, path = "/api/v1/instances/{id}/events", params(("id" = String, Path, description = "instance id")),
-    responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = Event), (status = 404, body = ApiError)))]
+    responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = SseFrame), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn events(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -439,7 +459,7 @@ async fn events(
 
 /// Push the expiry further.
 #[utoipa::path(post, path = "/api/v1/instances/{id}/extend", params(("id" = String, Path, description = "instance id")), request_body = ExtendBody,
-    responses((status = 200, body = Instance), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, body = Instance), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn extend(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -456,7 +476,7 @@ async fn extend(
 
 /// Delete an instance.
 #[utoipa::path(delete, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
-    responses((status = 204, description = "deleted"), (status = 404, body = ApiError)))]
+    responses((status = 204, description = "deleted"), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn delete(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
