@@ -25,6 +25,23 @@ pub struct ListFilter {
     pub owner: Option<String>,
 }
 
+impl ListFilter {
+    /// The instances that match, oldest first (ties by id).
+    pub fn apply(&self, instances: impl IntoIterator<Item = Instance>) -> Vec<Instance> {
+        let mut out: Vec<Instance> = instances
+            .into_iter()
+            .filter(|i| self.workload.as_deref().is_none_or(|w| i.workload == w))
+            .filter(|i| self.owner.as_deref().is_none_or(|o| i.owner == o))
+            .collect();
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        out
+    }
+}
+
 /// One thing `gc` removed (or would remove, on a dry run).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Removed {

@@ -4,7 +4,6 @@
 
 mod support;
 
-use futures_util::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
@@ -18,7 +17,6 @@ use provisioner::instance::{Artifacts, CreateRequest, InstanceId, Phase, Workloa
 use provisioner::kube::objects::route_resource;
 use provisioner::settings::RouteKind;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::*;
 
@@ -421,64 +419,6 @@ async fn the_least_privilege_role_is_enough() {
             .await
             .unwrap();
         b.delete(&i.id).await.unwrap();
-    }
-}
-
-/// Cuts every request after the first Deployment apply, as if the API server
-/// went away in the middle of a create (the one fault the real server cannot
-/// be made to produce at that exact point).
-#[derive(Clone)]
-struct CutAfterDeploymentApply(Arc<AtomicBool>);
-
-impl<S> tower::Layer<S> for CutAfterDeploymentApply {
-    type Service = Cut<S>;
-    fn layer(&self, inner: S) -> Cut<S> {
-        Cut {
-            inner,
-            cut: Arc::clone(&self.0),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct Cut<S> {
-    inner: S,
-    cut: Arc<AtomicBool>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Cut<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Error: Into<tower::BoxError>,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = tower::BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, tower::BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if self.cut.load(Ordering::SeqCst) {
-            return Box::pin(async { Err("connection refused: the API server is gone".into()) });
-        }
-        let is_deployment_apply =
-            req.method() == http::Method::PATCH && req.uri().path().contains("/deployments/");
-        let cut = Arc::clone(&self.cut);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await.map_err(Into::into);
-            if is_deployment_apply {
-                cut.store(true, Ordering::SeqCst);
-            }
-            response
-        })
     }
 }
 

@@ -6,7 +6,6 @@
 
 mod support;
 
-use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -861,63 +860,6 @@ async fn a_failing_pod_fails_the_instance_with_a_reason() {
 }
 
 // ---------------------------------------------------------------- restarts, replicas, scale
-
-/// Cuts every request after the first Deployment apply: the operator dies
-/// in the middle of a reconcile, as far as the cluster can tell.
-#[derive(Clone)]
-struct CutAfterDeploymentApply(Arc<AtomicBool>);
-
-impl<S> tower::Layer<S> for CutAfterDeploymentApply {
-    type Service = Cut<S>;
-    fn layer(&self, inner: S) -> Cut<S> {
-        Cut {
-            inner,
-            cut: Arc::clone(&self.0),
-        }
-    }
-}
-
-#[derive(Clone)]
-struct Cut<S> {
-    inner: S,
-    cut: Arc<AtomicBool>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Cut<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Error: Into<tower::BoxError>,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = tower::BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, tower::BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if self.cut.load(Ordering::SeqCst) {
-            return Box::pin(async { Err("connection refused: the operator is gone".into()) });
-        }
-        let is_deployment_apply =
-            req.method() == http::Method::PATCH && req.uri().path().contains("/deployments/");
-        let cut = Arc::clone(&self.cut);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await.map_err(Into::into);
-            if is_deployment_apply {
-                cut.store(true, Ordering::SeqCst);
-            }
-            response
-        })
-    }
-}
 
 #[tokio::test]
 async fn an_operator_restarted_mid_reconcile_converges() {

@@ -571,8 +571,10 @@ class Served(unittest.TestCase):
         return srv
 
     def sandboxed(self, argv, top):
-        """Like a pod: read-only root filesystem, private writable /tmp, the store
-        writable, an arbitrary non-root UID in group 0, HOME=/tmp."""
+        """Like a pod: read-only root filesystem, only the store and a private
+        temp folder writable (HOME and TMPDIR, as the pod's /tmp emptyDir), an
+        arbitrary non-root UID in group 0. Nothing is mounted over /tmp itself:
+        the checkout (and so this test's folders) may live below it."""
         if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
             self.skipTest("needs root, unshare and setpriv")
         podtmp = os.path.join(self.tmp, "pod-tmp")
@@ -592,11 +594,11 @@ class Served(unittest.TestCase):
                       f'mount -t tmpfs -o mode=755,size=1m tmpfs "{parent}"; '
                       f'mkdir "{os.path.join(parent, child)}"; '
                       f'mount --bind "{hold}" "{os.path.join(parent, child)}"; ')
-        script = ('set -e; mount --make-rprivate /; mount --bind "$1" "$1"; mount --bind "$2" /tmp; '
+        script = ('set -e; mount --make-rprivate /; mount --bind "$1" "$1"; mount --bind "$2" "$2"; '
                   + expose +
                   'mount -o remount,bind,ro /; shift 2; '
                   f'exec setpriv --reuid={SANDBOX_UID} --regid=0 --clear-groups -- "$@"')
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": podtmp, "TMPDIR": podtmp, "LANG": "C.UTF-8",
                "PYTHONWARNINGS": "ignore"}
         return ["unshare", "--mount", "sh", "-c", script, "sh", top, podtmp] + argv, env
 

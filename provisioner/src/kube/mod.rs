@@ -422,25 +422,14 @@ impl Backend for KubeBackend {
             .deployments
             .list(&ListParams::default().labels(&selector))
             .await?;
-        let mut out: Vec<Instance> = list
-            .items
-            .iter()
-            .filter_map(|d| match instance_from_deployment(d, now) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    tracing::warn!(name = ?d.metadata.name, error = %e, "skipping a malformed instance");
-                    None
-                }
-            })
-            .filter(|i| filter.workload.as_deref().is_none_or(|w| i.workload == w))
-            .filter(|i| filter.owner.as_deref().is_none_or(|o| i.owner == o))
-            .collect();
-        out.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.id.cmp(&b.id))
+        let instances = list.items.iter().filter_map(|d| match instance_from_deployment(d, now) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!(name = ?d.metadata.name, error = %e, "skipping a malformed instance");
+                None
+            }
         });
-        Ok(out)
+        Ok(filter.apply(instances))
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {

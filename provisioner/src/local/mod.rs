@@ -443,12 +443,7 @@ impl Backend for LocalBackend {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
-        Ok(self
-            .snapshot()
-            .into_iter()
-            .filter(|i| filter.workload.as_deref().is_none_or(|w| i.workload == w))
-            .filter(|i| filter.owner.as_deref().is_none_or(|o| i.owner == o))
-            .collect())
+        Ok(filter.apply(self.snapshot()))
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {

@@ -202,18 +202,7 @@ impl Backend for OperatorBackend {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
-        let mut out: Vec<Instance> = self
-            .to_instances(&self.all().await?, Timestamp::now())
-            .into_iter()
-            .filter(|i| filter.workload.as_deref().is_none_or(|w| i.workload == w))
-            .filter(|i| filter.owner.as_deref().is_none_or(|o| i.owner == o))
-            .collect();
-        out.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        Ok(out)
+        Ok(filter.apply(self.to_instances(&self.all().await?, Timestamp::now())))
     }
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {

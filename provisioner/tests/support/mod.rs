@@ -3,6 +3,7 @@
 //! stops it when the test process ends, and a fresh namespace per test.
 #![allow(dead_code, missing_docs)]
 
+use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -11,7 +12,8 @@ use provisioner::kube::KubeBackend;
 use provisioner::settings::{KubeArgs, KubeSettings, RouteKind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub struct Cluster {
@@ -133,4 +135,62 @@ impl SettingsExt for KubeSettings {
 
 pub async fn backend(client: Client, settings: KubeSettings) -> KubeBackend {
     KubeBackend::new(client, settings).await.unwrap()
+}
+
+/// Cuts every request after the first Deployment apply, as if the API server
+/// went away in the middle of a create (the one fault the real server cannot
+/// be made to produce at that exact point).
+#[derive(Clone, Default)]
+pub struct CutAfterDeploymentApply(pub Arc<AtomicBool>);
+
+impl<S> tower::Layer<S> for CutAfterDeploymentApply {
+    type Service = Cut<S>;
+    fn layer(&self, inner: S) -> Cut<S> {
+        Cut {
+            inner,
+            cut: Arc::clone(&self.0),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Cut<S> {
+    inner: S,
+    cut: Arc<AtomicBool>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Cut<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, tower::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if self.cut.load(Ordering::SeqCst) {
+            return Box::pin(async { Err("connection refused: the API server is gone".into()) });
+        }
+        let is_deployment_apply =
+            req.method() == http::Method::PATCH && req.uri().path().contains("/deployments/");
+        let cut = Arc::clone(&self.cut);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await.map_err(Into::into);
+            if is_deployment_apply {
+                cut.store(true, Ordering::SeqCst);
+            }
+            response
+        })
+    }
 }
