@@ -44,19 +44,6 @@ fn hex_of(s: &str) -> String {
         .collect()
 }
 
-async fn gone<K>(api: &Api<K>, name: &str) -> bool
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    for _ in 0..120 {
-        if api.get_opt(name).await.unwrap().is_none() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn create_makes_hardened_owned_objects_that_become_ready() {
     let client = admin().await;

@@ -144,20 +144,6 @@ async fn phase(
     .await
 }
 
-async fn gone<K>(api: &Api<K>, name: &str) -> bool
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    // The garbage collector can be slow while other tests make hundreds of objects.
-    for _ in 0..450 {
-        if api.get_opt(name).await.unwrap().is_none() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
-
 /// An operator running in-process.
 struct Running {
     token: CancellationToken,

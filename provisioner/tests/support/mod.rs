@@ -50,6 +50,21 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
+/// Waits (up to 90 s: the garbage collector can be slow while other tests
+/// make hundreds of objects) until `name` no longer exists.
+pub async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for _ in 0..450 {
+        if api.get_opt(name).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
 /// An admin client.
 pub async fn admin() -> Client {
     let path = cluster().kubeconfig.clone();
