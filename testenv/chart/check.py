@@ -264,7 +264,7 @@ def static(name, rendered_file, chart_values, values_file=None):
         check("tokens Secret from the values, one `TOKEN OWNER` line each",
               [] if sec and [x for x in lines if x] == want_lines else [f"got {sec and sec.get('stringData')}"])
     else:
-        check("no tokens Secret rendered (it is the operator's to make)", [f"Secret {values['tokens']['secretName']}"] if sec else [])
+        check("no tokens Secret rendered (the admin makes it)", [f"Secret {values['tokens']['secretName']}"] if sec else [])
 
     # how the API is exposed
     expose = values["api"]["expose"]

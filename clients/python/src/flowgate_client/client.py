@@ -14,9 +14,7 @@ import httpx
 from . import _sse
 from ._retry import RETRY_STATUSES, backoff_delay, parse_retry_after
 from .errors import (
-    FlowgateError,
     InstanceFailed,
-    NotFound,
     ProtocolError,
     TransportError,
     WaitTimeout,
