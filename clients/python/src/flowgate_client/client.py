@@ -125,7 +125,8 @@ class Client:
 
         When one is live for the same workload and checksum, that one is returned:
         ``Instance.created`` is ``True`` for a new instance (HTTP 201), ``False``
-        for the live one (200).
+        for the live one (200), also when a retry finds the instance that a try
+        whose answer was lost made.
         """
         body: Dict[str, Any] = {"workload": workload, "artifacts": {"url": url, "sha256": sha256}}
         if ttl is not None:
