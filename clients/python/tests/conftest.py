@@ -259,11 +259,14 @@ class FaultProxy:
         except OSError:
             return
         finally:
+            # shutdown, not just close: the pump thread blocked in recv() would keep
+            # the connection open otherwise
             for s in (c, u):
                 try:
-                    s.close()
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     @staticmethod
     def _pump(src, dst):

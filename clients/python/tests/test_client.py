@@ -301,6 +301,30 @@ def test_reconnect_sends_last_event_id(loopback):
     assert len(events) == 2 and "Last-Event-ID" not in events[0] and events[1]["Last-Event-ID"] == "1"
 
 
+def test_silent_stream_is_reopened(loopback):
+    def handle(h):
+        if not h.path.endswith("/events"):
+            reply(h, 200, INSTANCE)
+        elif len([r for r in srv.requests if r[1].endswith("/events")]) == 1:
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.end_headers()
+            h.wfile.write(b'event: created\ndata: {"step":"created","phase":"Pending"}\n\n')
+            h.wfile.flush()
+            time.sleep(20)  # then nothing, not even a heartbeat: a dead path
+        else:
+            sse(h, b'event: created\ndata: {"step":"created","phase":"Pending"}\n\n'
+                   b'event: ready\ndata: {"step":"ready","phase":"Ready","url":"https://h/abcdefg/"}\n\n')
+
+    srv = loopback(handle)
+    steps = []
+    t0 = time.monotonic()
+    with Client(srv.url, stream_idle_timeout=1, backoff=0.01) as fg:
+        assert fg.wait_ready("abcdefg", on_progress=lambda s, ev: steps.append(s), timeout=15).ready
+    assert steps == ["created", "ready"]
+    assert 1 <= time.monotonic() - t0 < 5
+
+
 def test_endless_event_line_is_refused_in_bounded_memory(loopback):
     from flowgate_client import ProtocolError
 

@@ -57,7 +57,9 @@ class Client:
     and for each read. Connection errors, 5xx and 429 are retried up to ``retries``
     times with exponential backoff from ``backoff`` seconds (at most
     ``max_backoff``), waiting what ``Retry-After`` says when it says it (unless it
-    asks for more than ``max_retry_after``: then the error is raised at once).
+    asks for more than ``max_retry_after``: then the error is raised at once). An
+    events stream silent for ``stream_idle_timeout`` seconds (the server sends a
+    heartbeat every 15) is taken as dead and reopened.
     Every call that changes something is safe to repeat: a repeated ``create``
     returns the instance made by the first, ``extend`` sends one
     ``Idempotency-Key`` for all its tries, and a ``delete`` whose retry finds the
@@ -76,6 +78,7 @@ class Client:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 120.0,
+        stream_idle_timeout: float = STREAM_IDLE_TIMEOUT,
         transport: Optional[httpx.BaseTransport] = None,
         verify: Union[bool, str] = True,
         user_agent: str = "flowgate-client-python/0.1",
@@ -91,6 +94,7 @@ class Client:
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
         self.timeout = float(timeout)
+        self.stream_idle_timeout = float(stream_idle_timeout)
         self._http = httpx.Client(
             base_url=root + "/",
             headers=headers,
@@ -218,7 +222,8 @@ class Client:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(instance_id, timeout or 0.0, last_step)
-            read = STREAM_IDLE_TIMEOUT if remaining is None else max(0.05, min(STREAM_IDLE_TIMEOUT, remaining))
+            idle = self.stream_idle_timeout
+            read = idle if remaining is None else max(0.05, min(idle, remaining))
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if last_id is not None:
                 headers["Last-Event-ID"] = last_id
