@@ -117,7 +117,8 @@ def compare(name, kustomize_file, chart_file):
     c = {key(o): strip_meta(o) for o in items(chart_file)}
     problems = []
     for missing in sorted(set(k) - set(c)):
-        problems.append(f"{show(missing)}: in kustomize, not rendered by the chart")
+        hint = " (add its spec under networkPolicies in charts/flowgate/values.yaml)" if missing[1] == "NetworkPolicy" else ""
+        problems.append(f"{show(missing)}: in kustomize, not rendered by the chart{hint}")
     for extra in sorted(set(c) - set(k)):
         problems.append(f"{show(extra)}: rendered by the chart, not in kustomize")
     for both in sorted(set(k) & set(c)):
