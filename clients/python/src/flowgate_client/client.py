@@ -265,7 +265,10 @@ class Client:
             reconnects = 0 if progressed else reconnects + 1
             if reconnects > max(self.retries, 1) * 4:
                 raise TransportError(f"the events stream of {instance_id} keeps ending without progress")
-            delay = retry_ms / 1000.0 if retry_ms is not None else backoff_delay(reconnects, self.backoff, self.max_backoff)
+            if retry_ms is not None:  # the server's `retry:`, within our own bound
+                delay = min(retry_ms / 1000.0, self.max_backoff)
+            else:
+                delay = backoff_delay(reconnects, self.backoff, self.max_backoff)
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(delay)
