@@ -109,12 +109,18 @@ fn stylesheet(rng: &mut fastrand::Rng) -> String {
     for i in 0..rng.usize(1..8) {
         let url = url_value(rng);
         match rng.u8(..5) {
-            0 => css.push_str(&format!("/* {} */", css_url(rng, &url, false))),
+            0 => {
+                let c = css_url(rng, &url, false);
+                css.push_str(&format!("/* {c} */"));
+            }
             1 => css.push_str(&format!(
                 ".s{i}{{content:\"url({})\"}}",
                 url.replace(['"', '\\', '\n'], "")
             )),
-            2 => css.push_str(&css_url(rng, &url, true)),
+            2 => {
+                let c = css_url(rng, &url, true);
+                css.push_str(&c);
+            }
             _ => css.push_str(&format!(
                 ".c{i}{{background:{}}}",
                 css_url(rng, &url, false)
@@ -234,7 +240,8 @@ async fn route(req: Request<Incoming>) -> Response<UpBody> {
     let mut frames = Vec::new();
     let mut rest = &body[..];
     while !rest.is_empty() {
-        let n = rng.usize(1..=rest.len().min(if rng.bool() { 9 } else { 700 }));
+        let max = if rng.bool() { 9 } else { 700 };
+        let n = rng.usize(1..=rest.len().min(max));
         frames.push(Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(
             &rest[..n],
         ))));
@@ -302,11 +309,15 @@ fn check_url(input: &str, output: &str, what: &str) {
         public.origin(),
         "{what}: {input:?} -> {output:?} leaves the origin"
     );
-    assert_eq!(
-        got.path(),
-        format!("/k3x9q2a{}", meant.path()),
-        "{what}: {input:?} -> {output:?}"
-    );
+    // A path the app wrote under the prefix already counts as prefixed (the
+    // adapter cannot tell the two apart); anything else gets the prefix.
+    let under = meant.path() == "/k3x9q2a" || meant.path().starts_with("/k3x9q2a/");
+    let want = if under {
+        meant.path().to_owned()
+    } else {
+        format!("/k3x9q2a{}", meant.path())
+    };
+    assert_eq!(got.path(), want, "{what}: {input:?} -> {output:?}");
     assert_eq!(
         got.query(),
         meant.query(),
@@ -414,21 +425,21 @@ fn check_html(input: &str, output: &str, what: &str) {
         scraper::Html::parse_document(input),
         scraper::Html::parse_document(output),
     );
-    let elements = |d: &scraper::Html| -> Vec<scraper::ElementRef<'_>> {
+    fn elements(d: &scraper::Html) -> Vec<scraper::ElementRef<'_>> {
         d.root_element()
             .descendants()
             .filter_map(scraper::ElementRef::wrap)
             .collect()
-    };
+    }
     let (ea, eb) = (elements(&a), elements(&b));
     assert_eq!(ea.len(), eb.len(), "{what}: element count");
     for (x, y) in ea.iter().zip(&eb) {
         let (x, y) = (x.value(), y.value());
         assert_eq!(x.name(), y.name(), "{what}");
-        for (name, value) in x.attrs() {
-            let new = y
-                .attr(name)
-                .unwrap_or_else(|| panic!("{what}: lost {name}"));
+        let (xa, ya): (Vec<_>, Vec<_>) = (x.attrs().collect(), y.attrs().collect());
+        assert_eq!(xa.len(), ya.len(), "{what}: attributes of {}", x.name());
+        for ((name, value), (new_name, new)) in xa.into_iter().zip(ya) {
+            assert_eq!(name, new_name, "{what}");
             match name {
                 "href" | "src" | "action" => check_url(value, new, &format!("{what} {name}")),
                 "srcset" => {
