@@ -231,7 +231,7 @@ enum State {
     },
     /// lol_html at work.
     Rewriting {
-        inner: LolRewriter<'static, Sink>,
+        inner: Box<LolRewriter<'static, Sink>>,
         output: Arc<Mutex<Vec<u8>>>,
     },
     /// The rest passes through as it is.
@@ -279,7 +279,7 @@ impl HtmlRewriter {
                 .extend_from_slice(bytes);
         });
         let settings = settings(self.prefix.clone(), encoding, Arc::clone(&self.overflowed));
-        let inner = LolRewriter::new(settings, sink);
+        let inner = Box::new(LolRewriter::new(settings, sink));
         self.state = State::Rewriting { inner, output };
         self.write(&held)
     }
