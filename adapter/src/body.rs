@@ -214,3 +214,46 @@ impl Stream for RewriteStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefix::Prefix;
+    use crate::rewrite::css::CssRewriter;
+    use std::task::Waker;
+
+    #[test]
+    fn a_large_body_is_rewritten_a_piece_per_poll() {
+        let css = "a{b:url(/x)}".repeat(100_000);
+        let chunk = Bytes::from(css.clone());
+        let inner: ByteStream = Box::pin(futures_util::stream::iter([Ok(chunk)]));
+        let mut stream = RewriteStream {
+            inner,
+            rewriter: Box::new(CssRewriter::new(Prefix::new("/p").unwrap())),
+            pending: Bytes::new(),
+            finished: false,
+            capped: Counter::default(),
+            reported: false,
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut out = Vec::new();
+        let mut polls = 0;
+        loop {
+            polls += 1;
+            match Pin::new(&mut stream).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(piece))) => {
+                    assert!(piece.len() <= 2 * REWRITE_STEP, "one piece per poll");
+                    out.extend_from_slice(&piece);
+                }
+                Poll::Ready(None) => break,
+                Poll::Ready(Some(Err(e))) => panic!("{e}"),
+                Poll::Pending => {}
+            }
+        }
+        assert!(polls > css.len() / REWRITE_STEP);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            css.replace("url(/x)", "url(/p/x)")
+        );
+    }
+}
