@@ -62,13 +62,15 @@ impl ProxyBody {
     }
 
     /// The upstream body decoded from `decode`, run through `rewriter`, and
-    /// encoded as `encode`, each step optional.
+    /// encoded as `encode`, each step optional. `capped` counts the bodies
+    /// whose rewriter hit a buffer cap.
     pub fn transformed(
         inner: Incoming,
         decode: Option<Coding>,
         rewriter: Option<Box<dyn StreamRewriter>>,
         encode: Option<Coding>,
         sent: Counter,
+        capped: Counter,
     ) -> Self {
         let mut stream: ByteStream = Box::pin(BodyDataStream::new(inner).map_err(io::Error::other));
         if let Some(coding) = decode {
@@ -78,7 +80,10 @@ impl ProxyBody {
             stream = Box::pin(RewriteStream {
                 inner: stream,
                 rewriter,
+                pending: Bytes::new(),
                 finished: false,
+                capped,
+                reported: false,
             });
         }
         if let Some(coding) = encode {
@@ -141,11 +146,32 @@ impl Body for ProxyBody {
     }
 }
 
+/// The most input a rewriter gets in one poll: a large body is rewritten a
+/// piece at a time, giving the runtime back between pieces.
+const REWRITE_STEP: usize = 16 * 1024;
+
 /// Runs a [`StreamRewriter`] over a byte stream.
 struct RewriteStream {
     inner: ByteStream,
     rewriter: Box<dyn StreamRewriter>,
+    /// Input taken from `inner` and not fed yet.
+    pending: Bytes,
     finished: bool,
+    capped: Counter,
+    /// The cap was hit and said so (once per body).
+    reported: bool,
+}
+
+impl RewriteStream {
+    fn check_cap(&mut self) {
+        if !self.reported && self.rewriter.overflowed() {
+            self.reported = true;
+            self.capped.inc();
+            tracing::warn!(
+                "a rewriting buffer cap was hit: the rest of this response passes through unrewritten"
+            );
+        }
+    }
 }
 
 impl Stream for RewriteStream {
@@ -153,27 +179,81 @@ impl Stream for RewriteStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        loop {
-            if this.finished {
-                return Poll::Ready(None);
-            }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if this.pending.is_empty() {
             match ready!(this.inner.as_mut().poll_next(cx)) {
-                Some(Ok(chunk)) => match this.rewriter.feed(&chunk) {
-                    Ok(out) if out.is_empty() => continue,
-                    other => return Poll::Ready(Some(other)),
-                },
+                Some(Ok(chunk)) => this.pending = chunk,
                 Some(Err(e)) => {
                     this.finished = true;
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => {
                     this.finished = true;
-                    match this.rewriter.finish() {
-                        Ok(out) if out.is_empty() => return Poll::Ready(None),
-                        other => return Poll::Ready(Some(other)),
-                    }
+                    let out = this.rewriter.finish();
+                    this.check_cap();
+                    return match out {
+                        Ok(out) if out.is_empty() => Poll::Ready(None),
+                        other => Poll::Ready(Some(other)),
+                    };
                 }
             }
         }
+        let piece = this.pending.split_to(this.pending.len().min(REWRITE_STEP));
+        let out = this.rewriter.feed(&piece);
+        this.check_cap();
+        match out {
+            Ok(out) if out.is_empty() => {
+                // Nothing to send yet: yield, and take the next piece on the
+                // next poll rather than looping here.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            other => Poll::Ready(Some(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefix::Prefix;
+    use crate::rewrite::css::CssRewriter;
+    use std::task::Waker;
+
+    #[test]
+    fn a_large_body_is_rewritten_a_piece_per_poll() {
+        let css = "a{b:url(/x)}".repeat(100_000);
+        let chunk = Bytes::from(css.clone());
+        let inner: ByteStream = Box::pin(futures_util::stream::iter([Ok(chunk)]));
+        let mut stream = RewriteStream {
+            inner,
+            rewriter: Box::new(CssRewriter::new(Prefix::new("/p").unwrap())),
+            pending: Bytes::new(),
+            finished: false,
+            capped: Counter::default(),
+            reported: false,
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut out = Vec::new();
+        let mut polls = 0;
+        loop {
+            polls += 1;
+            match Pin::new(&mut stream).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(piece))) => {
+                    assert!(piece.len() <= 2 * REWRITE_STEP, "one piece per poll");
+                    out.extend_from_slice(&piece);
+                }
+                Poll::Ready(None) => break,
+                Poll::Ready(Some(Err(e))) => panic!("{e}"),
+                Poll::Pending => {}
+            }
+        }
+        assert!(polls > css.len() / REWRITE_STEP);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            css.replace("url(/x)", "url(/p/x)")
+        );
     }
 }

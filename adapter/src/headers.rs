@@ -4,7 +4,7 @@
 //! with the prefix back).
 
 use crate::prefix::Prefix;
-use crate::rewrite::html::rewrite_refresh;
+use crate::rewrite::html::refresh_url;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -169,33 +169,52 @@ fn upstream_referer(referer: &str, public_host: &str, ctx: &ForwardContext<'_>) 
 
 /// Puts the prefix back on URL-bearing response headers. Returns how many
 /// headers changed (for metrics).
+///
+/// `Location`, `Content-Location` and `Refresh` never come out pointing at
+/// another origin unless the app spelt out that origin with its scheme (see
+/// [`Prefix::restore_header`]); a value that cannot be read is dropped rather
+/// than passed on.
 pub fn restore_response_headers(
     headers: &mut HeaderMap,
     prefix: &Prefix,
     upstream_origin: &str,
 ) -> u64 {
     strip_hop_by_hop(headers, false);
-    let mut changed = 0;
-    for name in [header::LOCATION, header::CONTENT_LOCATION] {
-        if let Some(new) = headers
-            .get(&name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| prefix.restore(v.trim(), Some(upstream_origin)))
-            && let Ok(v) = HeaderValue::from_str(&new)
-        {
-            headers.insert(name, v);
-            changed += 1;
-        }
-    }
     let refresh = HeaderName::from_static("refresh");
-    if let Some(new) = headers
-        .get(&refresh)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| rewrite_refresh(v, prefix, Some(upstream_origin)))
-        && let Ok(v) = HeaderValue::from_str(&new)
-    {
-        headers.insert(refresh, v);
-        changed += 1;
+    let mut changed = 0;
+    for name in [header::LOCATION, header::CONTENT_LOCATION, refresh] {
+        if !headers.contains_key(&name) {
+            continue;
+        }
+        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        headers.remove(&name);
+        for value in values {
+            // Browsers read header bytes as UTF-8; so does the decision here.
+            let text = String::from_utf8_lossy(value.as_bytes());
+            let new = if name == header::LOCATION || name == header::CONTENT_LOCATION {
+                prefix.restore_header(&text, upstream_origin)
+            } else {
+                refresh_url(&text).and_then(|range| {
+                    let url = prefix.restore_header(&text[range.clone()], upstream_origin)?;
+                    Some(format!(
+                        "{}{url}{}",
+                        &text[..range.start],
+                        &text[range.end..]
+                    ))
+                })
+            };
+            match new {
+                Some(new) => {
+                    if let Ok(v) = HeaderValue::from_str(&new) {
+                        headers.append(&name, v);
+                    }
+                    changed += 1;
+                }
+                None => {
+                    headers.append(&name, value);
+                }
+            }
+        }
     }
     if headers.contains_key(header::SET_COOKIE) {
         let cookies: Vec<HeaderValue> = headers
@@ -205,13 +224,11 @@ pub fn restore_response_headers(
             .collect();
         headers.remove(header::SET_COOKIE);
         for cookie in cookies {
-            let new = cookie
-                .to_str()
-                .ok()
-                .and_then(|c| restore_cookie_path(c, prefix));
-            match new.and_then(|n| HeaderValue::from_str(&n).ok()) {
-                Some(v) => {
-                    headers.append(header::SET_COOKIE, v);
+            match restore_cookie(cookie.as_bytes(), prefix) {
+                Some(new) => {
+                    if let Ok(v) = HeaderValue::from_bytes(&new) {
+                        headers.append(header::SET_COOKIE, v);
+                    }
                     changed += 1;
                 }
                 None => {
@@ -223,32 +240,50 @@ pub fn restore_response_headers(
     changed
 }
 
-/// `Set-Cookie: a=b; Path=/x` → `Path=<prefix>/x`; `None` when unchanged.
-fn restore_cookie_path(cookie: &str, prefix: &Prefix) -> Option<String> {
+/// Keeps a `Set-Cookie` inside the prefix, reading its attributes as a
+/// browser does (RFC 6265 5.2: attribute names in any case, blanks around
+/// names and values, the last `Path` wins): every `Path` that starts with `/`
+/// and is not under the prefix gets it, and `Domain` is dropped so the cookie
+/// stays host-only. A missing or relative `Path` needs nothing: the browser's
+/// default is the directory of a request path, which is under the prefix.
+/// `None` when unchanged.
+fn restore_cookie(cookie: &[u8], prefix: &Prefix) -> Option<Vec<u8>> {
+    let wsp = |b: &u8| matches!(b, b' ' | b'\t');
+    let trim = |s: &[u8]| -> std::ops::Range<usize> {
+        let start = s.iter().position(|b| !wsp(b)).unwrap_or(s.len());
+        let end = s.iter().rposition(|b| !wsp(b)).map_or(start, |e| e + 1);
+        start..end.max(start)
+    };
+    let first = cookie.iter().position(|&b| b == b';')?;
+    let mut out = cookie[..first].to_vec();
     let mut changed = false;
-    let parts: Vec<String> = cookie
-        .split(';')
-        .enumerate()
-        .map(|(i, attr)| {
-            let trimmed = attr.trim_start();
-            let is_path = i > 0 && trimmed.len() >= 5 && trimmed[..5].eq_ignore_ascii_case("path=");
-            match is_path
-                .then(|| prefix.restore(trimmed[5..].trim(), None))
-                .flatten()
-            {
-                Some(path) => {
-                    changed = true;
-                    format!(
-                        "{}{}{path}",
-                        &attr[..attr.len() - trimmed.len()],
-                        &trimmed[..5]
-                    )
-                }
-                None => attr.to_owned(),
+    for attr in cookie[first + 1..].split(|&b| b == b';') {
+        let eq = attr.iter().position(|&b| b == b'=');
+        let name = &attr[..eq.unwrap_or(attr.len())];
+        let name = &name[trim(name)];
+        if name.eq_ignore_ascii_case(b"domain") {
+            changed = true;
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"path")
+            && let Some(eq) = eq
+        {
+            let value = &attr[eq + 1..];
+            let value = &value[trim(value)];
+            let outside = value.first() == Some(&b'/')
+                && std::str::from_utf8(value).map_or(true, |v| !prefix.contains(v));
+            if outside {
+                out.extend_from_slice(b"; Path=");
+                out.extend_from_slice(prefix.as_str().as_bytes());
+                out.extend_from_slice(value);
+                changed = true;
+                continue;
             }
-        })
-        .collect();
-    changed.then(|| parts.join(";"))
+        }
+        out.push(b';');
+        out.extend_from_slice(attr);
+    }
+    changed.then_some(out)
 }
 
 #[cfg(test)]
@@ -295,14 +330,58 @@ mod tests {
                 "sid=1; Path=/; HttpOnly",
                 "sid=1; Path=/k3x9q2a/; HttpOnly",
             ),
-            ("set-cookie", "sid=1; path=/api", "sid=1; path=/k3x9q2a/api"),
+            ("set-cookie", "sid=1; path=/api", "sid=1; Path=/k3x9q2a/api"),
             ("set-cookie", "sid=1; HttpOnly", "sid=1; HttpOnly"),
             ("set-cookie", "path=/x; Secure", "path=/x; Secure"),
             (
                 "set-cookie",
                 "a=b; Domain=example.org; Path=//x",
-                "a=b; Domain=example.org; Path=//x",
+                "a=b; Path=/k3x9q2a//x",
             ),
+            // Attribute names and blanks as RFC 6265 reads them.
+            ("set-cookie", "a=b; Path =/", "a=b; Path=/k3x9q2a/"),
+            (
+                "set-cookie",
+                "a=b;PATH= /x ;Secure",
+                "a=b; Path=/k3x9q2a/x;Secure",
+            ),
+            ("set-cookie", "a=b; \tpAtH\t=\t/", "a=b; Path=/k3x9q2a/"),
+            // The last Path wins: every one is kept inside.
+            (
+                "set-cookie",
+                "a=b; Path=/k3x9q2a; Path=/",
+                "a=b; Path=/k3x9q2a; Path=/k3x9q2a/",
+            ),
+            (
+                "set-cookie",
+                "a=b; Path=/k3x9q2ab",
+                "a=b; Path=/k3x9q2a/k3x9q2ab",
+            ),
+            ("set-cookie", "a=b; domain=.example.org", "a=b"),
+            ("set-cookie", "a=b; Path=relative", "a=b; Path=relative"),
+            // Open redirects and dot segments.
+            (
+                "location",
+                "http://127.0.0.1:5000/\\evil.example/x",
+                "/k3x9q2a/evil.example/x",
+            ),
+            ("location", "//evil.example/x", "/k3x9q2a/evil.example/x"),
+            ("location", "/../x", "/k3x9q2a/x"),
+            ("location", "/%2e%2e/x", "/k3x9q2a/x"),
+            ("location", "/k3x9q2a/../x", "/k3x9q2a/x"),
+            (
+                "content-location",
+                "/\\evil.example/x",
+                "/k3x9q2a/evil.example/x",
+            ),
+            (
+                "refresh",
+                "0; url=http://127.0.0.1:5000/\\evil.example",
+                "0; url=/k3x9q2a/evil.example",
+            ),
+            ("refresh", "0;/\\evil.example", "0;/k3x9q2a/evil.example"),
+            ("refresh", "1, 'http://127.0.0.1:5000/x'", "1, '/k3x9q2a/x'"),
+            ("refresh", "5", "5"),
         ];
         for (name, input, want) in table {
             let mut h = headers(&[(name, input)]);

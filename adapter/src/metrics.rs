@@ -22,6 +22,7 @@ pub struct Metrics {
     latency: Vec<Histogram>,
     response_bytes: Counter,
     rewrites: [Counter; 5],
+    rewrite_capped: Counter,
     upstream_errors: [Counter; 3],
     in_flight: Gauge,
     last_activity: Gauge,
@@ -84,6 +85,7 @@ impl Metrics {
         let upstream_errors =
             UPSTREAM_ERRORS.map(|k| errors_family.get_or_create(&[("kind", k)]).clone());
         let response_bytes = Counter::default();
+        let rewrite_capped = Counter::default();
         let in_flight = Gauge::default();
         let last_activity = Gauge::default();
         registry.register(
@@ -102,6 +104,11 @@ impl Metrics {
             response_bytes.clone(),
         );
         registry.register("rewrites", "Responses rewritten, by kind", rewrites_family);
+        registry.register(
+            "rewrite_capped",
+            "Responses whose rewriting hit a buffer cap (their rest passed through unrewritten)",
+            rewrite_capped.clone(),
+        );
         registry.register(
             "upstream_errors",
             "Upstream failures, by kind",
@@ -123,6 +130,7 @@ impl Metrics {
             latency,
             response_bytes,
             rewrites,
+            rewrite_capped,
             upstream_errors,
             in_flight,
             last_activity,
@@ -162,6 +170,11 @@ impl Metrics {
         &self.response_bytes
     }
 
+    /// The counter of responses whose rewriting hit a buffer cap.
+    pub fn rewrite_capped(&self) -> &Counter {
+        &self.rewrite_capped
+    }
+
     /// The gauge of requests in flight.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
@@ -195,6 +208,7 @@ mod tests {
         assert!(text.contains(r#"flowgate_adapter_requests_total{route="api",status="5xx"} 1"#));
         assert!(text.contains(r#"flowgate_adapter_rewrites_total{kind="html"} 1"#));
         assert!(text.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#));
+        assert!(text.contains("flowgate_adapter_rewrite_capped_total 0"));
         assert!(text.contains("flowgate_adapter_response_header_seconds_bucket"));
         assert!(!text.contains("flowgate_adapter_last_activity_timestamp_seconds 0\n"));
     }

@@ -386,7 +386,13 @@ impl Proxy {
             let (kind, rewriter): (RewriteKind, Box<dyn StreamRewriter>) = match r {
                 BodyRewrite::Html => (
                     RewriteKind::Html,
-                    Box::new(HtmlRewriter::new(self.config.prefix.clone())),
+                    Box::new(HtmlRewriter::new(
+                        self.config.prefix.clone(),
+                        parts
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok()),
+                    )),
                 ),
                 BodyRewrite::Css => (
                     RewriteKind::Css,
@@ -421,7 +427,14 @@ impl Proxy {
         weaken_etag(headers);
         Response::from_parts(
             parts,
-            ProxyBody::transformed(body, decode, rewriter, encode, sent),
+            ProxyBody::transformed(
+                body,
+                decode,
+                rewriter,
+                encode,
+                sent,
+                self.metrics.rewrite_capped().clone(),
+            ),
         )
     }
 }

@@ -19,6 +19,11 @@ pub trait StreamRewriter: Send {
     fn feed(&mut self, chunk: &[u8]) -> io::Result<Bytes>;
     /// Flushes whatever is left at the end of the body.
     fn finish(&mut self) -> io::Result<Bytes>;
+    /// True once a buffer cap was hit: from there on the body passes through
+    /// unrewritten.
+    fn overflowed(&self) -> bool {
+        false
+    }
 }
 
 /// Runs a rewriter over a whole document at once (tests and small bodies).

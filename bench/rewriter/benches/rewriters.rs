@@ -87,7 +87,7 @@ fn html(c: &mut Criterion) {
     let mut g = c.benchmark_group("html");
     for (name, input) in html_inputs() {
         // It really rewrites, and the prototypes give the adapter's output.
-        let want = collect(&mut HtmlRewriter::new(prefix.clone()), &input);
+        let want = collect(&mut HtmlRewriter::new(prefix.clone(), Some("text/html; charset=utf-8")), &input);
         assert!(want.len() >= input.len());
         for (proto, sink, handlers) in PROTOS {
             let got = collect(&mut ProtoRewriter::new(prefix.clone(), sink, handlers), &input);
@@ -101,7 +101,7 @@ fn html(c: &mut Criterion) {
         }
         g.bench_with_input(BenchmarkId::new("adapter", &name), &input, |b, input| {
             b.iter(|| {
-                let mut r = HtmlRewriter::new(prefix.clone());
+                let mut r = HtmlRewriter::new(prefix.clone(), Some("text/html; charset=utf-8"));
                 black_box(run_stream(&mut r, black_box(input)))
             })
         });

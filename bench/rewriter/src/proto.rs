@@ -12,7 +12,7 @@
 use adapter::Prefix;
 use adapter::rewrite::StreamRewriter;
 use adapter::rewrite::css::rewrite_css_str;
-use adapter::rewrite::html::rewrite_refresh;
+use adapter::rewrite::html::refresh_url;
 use bytes::Bytes;
 use lol_html::html_content::ContentType;
 use lol_html::send::{HtmlRewriter as LolRewriter, Settings};
@@ -128,7 +128,7 @@ type El<'a, 'b> = lol_html::send::Element<'a, 'b>;
 
 fn rewrite_url_attribute(el: &mut El<'_, '_>, attribute: &str, prefix: &Prefix) -> lol_html::HandlerResult {
     if let Some(value) = el.get_attribute(attribute) {
-        if let Some(new) = prefix.restore(value.trim(), None) {
+        if let Some(new) = prefix.restore(value.trim()) {
             el.set_attribute(attribute, &new)?;
         }
     }
@@ -144,7 +144,7 @@ fn rewrite_srcset_attribute(el: &mut El<'_, '_>, prefix: &Prefix) -> lol_html::H
                 let trimmed = candidate.trim_start();
                 let lead = &candidate[..candidate.len() - trimmed.len()];
                 let end = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
-                match prefix.restore(&trimmed[..end], None) {
+                match prefix.restore(&trimmed[..end]) {
                     Some(url) => {
                         changed = true;
                         format!("{lead}{url}{}", &trimmed[end..])
@@ -223,7 +223,7 @@ fn settings(prefix: Prefix, handlers: Handlers) -> Settings<'static, 'static> {
                 .get_attribute("http-equiv")
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("refresh"));
             if is_refresh {
-                if let Some(new) = el.get_attribute("content").and_then(|c| rewrite_refresh(&c, &p, None)) {
+                if let Some(new) = el.get_attribute("content").and_then(|c| rewrite_refresh(&c, &p)) {
                     el.set_attribute("content", &new)?;
                 }
             }
@@ -250,4 +250,11 @@ fn settings(prefix: Prefix, handlers: Handlers) -> Settings<'static, 'static> {
         .fold(Settings::new_send(), |settings, (selector, handler)| {
             settings.append_element_content_handler((selector, handler))
         })
+}
+
+/// The URL of a refresh value with the prefix put back, as the adapter does.
+fn rewrite_refresh(value: &str, prefix: &Prefix) -> Option<String> {
+    let range = refresh_url(value)?;
+    let url = prefix.restore(&value[range.clone()])?;
+    Some(format!("{}{url}{}", &value[..range.start], &value[range.end..]))
 }
