@@ -278,11 +278,12 @@ spec:
         from: All
 EOF
   local p
-  p=(--endpoint="$APISERVER_URL" --token="$ADMIN_TOKEN" --certAuthFilePath="$PKI/ca.crt")
+  p=(endpoint="$APISERVER_URL" token="$ADMIN_TOKEN" certAuthFilePath="$PKI/ca.crt")
   start traefik "$BIN/traefik" \
     --global.checkNewVersion=false \
     --global.sendAnonymousUsage=false \
     --log.level=INFO \
+    --log.noColor=true \
     --accesslog=true \
     --accesslog.filepath="$DIR/logs/traefik-access.log" \
     --entryPoints.web.address="127.0.0.1:$1" \
