@@ -308,10 +308,16 @@ node_fileserver_up() { # port
 # (node_down_pods: the kubelet tears the pods down while it still can) and
 # after (node_down: whatever is left, by force).
 node_down_pods() {
+  local pid name
   local kubectl=("$BIN/kubectl" --kubeconfig="$DIR/kubeconfig" --request-timeout=5s)
   [ -s "$DIR/kubeconfig" ] || return 0
+  # Only with the API server and the kubelet of DIR still running.
+  local up=0
+  while read -r pid name; do
+    case "$name" in kube-apiserver|kubelet) ours "$pid" && up=$((up + 1)) ;; esac
+  done < "$DIR/pids"
+  [ "$up" = 2 ] || return 0
   # No new pods: stop the controllers and the scheduler first.
-  local pid name
   while read -r pid name; do
     case "$name" in kube-controller-manager|kube-scheduler|traefik) ;; *) continue ;; esac
     ours "$pid" && kill -TERM "$pid" 2>/dev/null
