@@ -188,13 +188,15 @@ resolvConf: ""
 volumePluginDir: $k/plugins
 registerNode: true
 serializeImagePulls: false
+# The disk is shared with everything else on the machine: evict or collect
+# images only when it is really full.
 evictionHard:
   memory.available: 100Mi
-  nodefs.available: 1%
-  imagefs.available: 1%
+  nodefs.available: 200Mi
+  imagefs.available: 200Mi
   nodefs.inodesFree: 1%
-imageGCHighThresholdPercent: 99
-imageGCLowThresholdPercent: 98
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 maxPods: 110
 shutdownGracePeriod: 0s
 EOF
