@@ -12,6 +12,11 @@
 //   FLOWGATE_WALK_PREFIX    instance path (default /k3x9q2a)
 //   FLOWGATE_SCREENSHOTS    where screenshots go (default <repo>/target/screenshots)
 //   FLOWGATE_KEEP_TMP=1     keep the temp dir (store, logs, browser profile)
+//   FLOWGATE_WALK_URL       walk an instance that runs already (a pod behind an Ingress):
+//                           http://mlflow.example.test:PORT/<id>/ (Chromium resolves that
+//                           host to 127.0.0.1); starts no MLflow and no adapter; needs
+//                           FLOWGATE_WALK_SUMMARY, populate.py's JSON for the instance's
+//                           store (still on disk: the artifacts are compared byte for byte)
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -25,7 +30,8 @@ import {
 
 const VERSIONS = (process.env.FLOWGATE_WALK_VERSIONS || 'current,1.9.1').split(',').map((s) => s.trim()).filter(Boolean);
 const DIRECT = process.env.FLOWGATE_WALK_DIRECT === '1';
-const PREFIX = process.env.FLOWGATE_WALK_PREFIX || '/k3x9q2a';
+const TARGET = process.env.FLOWGATE_WALK_URL ? new URL(process.env.FLOWGATE_WALK_URL) : null;
+const PREFIX = TARGET ? TARGET.pathname.replace(/\/+$/, '') : (process.env.FLOWGATE_WALK_PREFIX || '/k3x9q2a');
 const SHOTS = process.env.FLOWGATE_SCREENSHOTS || path.join(ROOT, 'target', 'screenshots');
 const STEP_TIMEOUT = 20000;
 
@@ -52,6 +58,18 @@ fs.mkdirSync(SHOTS, { recursive: true });
 async function setUp(version, sqlite, env) {
   const t0 = Date.now();
   env.tmp = mkTemp(`flowgate-walk-${version}-`);
+  if (TARGET) {
+    // A running instance: only Chromium's host mapping and the store's summary.
+    assert.equal(TARGET.hostname, PUBLIC_HOST, `FLOWGATE_WALK_URL's host must be ${PUBLIC_HOST} (Chromium maps it to 127.0.0.1)`);
+    assert.ok(process.env.FLOWGATE_WALK_SUMMARY, 'FLOWGATE_WALK_URL needs FLOWGATE_WALK_SUMMARY (populate.py output)');
+    env.summary = JSON.parse(fs.readFileSync(process.env.FLOWGATE_WALK_SUMMARY, 'utf8'));
+    env.port = Number(TARGET.port || 80);
+    env.host = TARGET.host;
+    env.root = `${PREFIX}/`;
+    env.base = `http://${env.host}${env.root}`;
+    log(`${version}: walking the running instance ${env.base} (mlflow ${env.summary.mlflow_version})`);
+    return;
+  }
   env.venv = venv(version);
   env.store = path.join(env.tmp, sqlite ? 'store' : 'mlruns');
   env.summary = populate(env.venv, env.store, { sqlite });
@@ -205,7 +223,7 @@ for (const spec of VERSIONS) {
   const [version, storeKind = 'file'] = spec.split(':');
   const sqlite = storeKind === 'sqlite';
   const label = sqlite ? `${version}-sqlite` : version;
-  describe(`MLflow ${version} (${sqlite ? 'SQLite' : 'file'} store) ${DIRECT ? 'direct (no adapter)' : `behind flowgate-adapter at ${PREFIX}/`}`, () => {
+  describe(`MLflow ${version} (${sqlite ? 'SQLite' : 'file'} store) ${DIRECT ? 'direct (no adapter)' : TARGET ? `running at ${TARGET}` : `behind flowgate-adapter at ${PREFIX}/`}`, () => {
     const env = {};
     before(async () => {
       try {

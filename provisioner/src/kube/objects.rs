@@ -162,6 +162,8 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
                             ],
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
                             "resources": resources(&s.mlflow_cpu, &s.mlflow_memory),
+                            // MLflow outlives the adapter's drain (see below).
+                            "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
                             "securityContext": restricted(),
                         },
                         {
@@ -180,6 +182,11 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
                             "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
                             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 3},
                             "resources": adapter_resources,
+                            // The Ingress controller sees the pod leave its
+                            // endpoints a moment after the kubelet sends SIGTERM:
+                            // keep serving until then (a rollout under load
+                            // otherwise fails requests with 502).
+                            "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
                             "securityContext": restricted(),
                         },
                     ],
