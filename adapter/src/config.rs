@@ -2,6 +2,7 @@
 //! fallbacks (envy), resolved into one typed [`ProxyConfig`]. Resolution takes
 //! the environment as an iterator, so tests never touch the process's own.
 
+use crate::host::{InvalidHost, PublicHosts};
 use crate::prefix::{InvalidPrefix, Prefix};
 use clap::{Args, ValueEnum};
 use http::{HeaderValue, Uri};
@@ -21,6 +22,23 @@ pub enum RewriteMode {
 }
 
 impl FromStr for RewriteMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as ValueEnum>::from_str(s, true)
+    }
+}
+
+/// An on/off setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl FromStr for Switch {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         <Self as ValueEnum>::from_str(s, true)
@@ -60,6 +78,21 @@ pub struct ServeArgs {
     /// Upstream path that /readyz probes [env: FLOWGATE_READY_PATH] [default: /health]
     #[arg(long)]
     pub ready_path: Option<String>,
+    /// Host names browsers use, comma-separated, port optional; other Hosts get 421 [env: FLOWGATE_PUBLIC_HOST] [default: any Host, with a warning]
+    #[arg(long)]
+    pub public_host: Option<String>,
+    /// off: GET, HEAD and the UI's read-only POSTs only, anything else 403; on: every method [env: FLOWGATE_WRITES] [default: off]
+    #[arg(long, value_enum)]
+    pub writes: Option<Switch>,
+    /// Longest wait for a new connection's first request head, and for any request head [env: FLOWGATE_HEADER_TIMEOUT] [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// Longest a connection stays open with no request in flight [env: FLOWGATE_IDLE_TIMEOUT] [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Most client connections open at once; more are closed at accept [env: FLOWGATE_MAX_CONNECTIONS] [default: 1024]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
 }
 
 /// The same settings as read from `FLOWGATE_*` variables.
@@ -75,6 +108,11 @@ struct EnvArgs {
     connect_timeout: Option<String>,
     drain_timeout: Option<String>,
     ready_path: Option<String>,
+    public_host: Option<String>,
+    writes: Option<String>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -94,6 +132,9 @@ pub enum ConfigError {
     /// The prefix is malformed.
     #[error(transparent)]
     Prefix(#[from] InvalidPrefix),
+    /// A public host is malformed.
+    #[error("public-host: {0}")]
+    PublicHost(#[from] InvalidHost),
     /// The environment could not be read.
     #[error("environment: {0}")]
     Env(#[from] envy::Error),
@@ -110,8 +151,16 @@ pub struct ProxyConfig {
     pub upstream_authority: HeaderValue,
     /// The upstream's origin, `http://host:port`.
     pub upstream_origin: String,
+    /// The same, as the `Origin` header sent upstream.
+    pub upstream_origin_header: HeaderValue,
     /// The instance prefix.
     pub prefix: Prefix,
+    /// The prefix as the `X-Forwarded-Prefix` header value.
+    pub prefix_header: HeaderValue,
+    /// The hosts browsers use; `None`: any (a standalone adapter).
+    pub public_hosts: Option<PublicHosts>,
+    /// Forward every method (on) or only reads (off).
+    pub writes: bool,
     /// Strip and rewrite (on) or pass through (off).
     pub rewrite: bool,
     /// Compress text responses for clients that accept it.
@@ -126,8 +175,12 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Upstream path probed by /readyz.
     pub ready_path: String,
-    /// Longest wait for a client's request headers.
+    /// Longest wait for a client's request headers (and a new connection's first).
     pub header_read_timeout: Duration,
+    /// Longest a connection stays open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most client connections at once.
+    pub max_connections: usize,
     /// Largest request head accepted (bytes).
     pub max_header_bytes: usize,
 }
@@ -190,12 +243,44 @@ impl ProxyConfig {
                 message: "must start with '/'".into(),
             });
         }
+        let public_hosts = args
+            .public_host
+            .or(env.public_host)
+            .map(|list| list.parse::<PublicHosts>())
+            .transpose()?;
+        let writes = pick(args.writes, env.writes, "writes")?.unwrap_or(Switch::Off) == Switch::On;
+        let max_connections =
+            pick(args.max_connections, env.max_connections, "max-connections")?.unwrap_or(1024);
+        if max_connections == 0 || u32::try_from(max_connections).is_err() {
+            return Err(ConfigError::Invalid {
+                name: "max-connections",
+                message: "must be between 1 and 4294967295".into(),
+            });
+        }
+        let positive = |d: Duration, name| {
+            if d.is_zero() {
+                Err(ConfigError::Invalid {
+                    name,
+                    message: "must be longer than zero".into(),
+                })
+            } else {
+                Ok(d)
+            }
+        };
+        let upstream_origin_header =
+            HeaderValue::from_str(&upstream_origin).expect("checked as an authority");
+        let prefix_header =
+            HeaderValue::from_str(prefix.as_str()).expect("a prefix is a valid header value");
         Ok(Self {
             listen,
             upstream,
             upstream_authority,
             upstream_origin,
+            upstream_origin_header,
             prefix,
+            prefix_header,
+            public_hosts,
+            writes,
             rewrite,
             compress,
             threads,
@@ -218,7 +303,25 @@ impl ProxyConfig {
                 Duration::from_secs(25),
             )?,
             ready_path,
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: positive(
+                duration(
+                    args.header_timeout,
+                    env.header_timeout,
+                    "header-timeout",
+                    Duration::from_secs(30),
+                )?,
+                "header-timeout",
+            )?,
+            idle_timeout: positive(
+                duration(
+                    args.idle_timeout,
+                    env.idle_timeout,
+                    "idle-timeout",
+                    Duration::from_secs(30),
+                )?,
+                "idle-timeout",
+            )?,
+            max_connections,
             max_header_bytes: 64 * 1024,
         })
     }
@@ -294,6 +397,52 @@ mod tests {
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));
         assert_eq!(c.ready_path, "/health");
         assert!(c.threads >= 1);
+        assert_eq!(c.public_hosts, None);
+        assert!(!c.writes, "read-only unless told otherwise");
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.prefix_header, "/k3x9q2a");
+        assert_eq!(c.upstream_origin_header, "http://127.0.0.1:5000");
+    }
+
+    #[test]
+    fn public_hosts_writes_and_connection_bounds() {
+        let c = ProxyConfig::resolve(
+            ServeArgs::default(),
+            env(&[
+                ("FLOWGATE_PREFIX", "/k3x9q2a"),
+                ("FLOWGATE_PUBLIC_HOST", "mlflow.example.org, localhost:8080"),
+                ("FLOWGATE_WRITES", "on"),
+                ("FLOWGATE_HEADER_TIMEOUT", "5s"),
+                ("FLOWGATE_IDLE_TIMEOUT", "2m"),
+                ("FLOWGATE_MAX_CONNECTIONS", "64"),
+            ]),
+        )
+        .unwrap();
+        let hosts = c.public_hosts.unwrap();
+        assert!(hosts.allows("mlflow.example.org:443") && hosts.allows("localhost:8080"));
+        assert!(!hosts.allows("localhost:8081"));
+        assert!(c.writes);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.max_connections, 64);
+        let args = ServeArgs {
+            writes: Some(Switch::Off),
+            public_host: Some("flagged.example".into()),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(
+            args,
+            env(&[
+                ("FLOWGATE_PREFIX", "/k3x9q2a"),
+                ("FLOWGATE_WRITES", "on"),
+                ("FLOWGATE_PUBLIC_HOST", "env.example"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.writes);
+        assert!(c.public_hosts.unwrap().allows("flagged.example"));
     }
 
     #[test]
@@ -377,6 +526,29 @@ mod tests {
         assert!(
             err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_LISTEN", "nowhere")])
                 .starts_with("listen:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_WRITES", "sometimes")])
+                .starts_with("writes:")
+        );
+        assert!(
+            err(&[
+                ("FLOWGATE_PREFIX", "/a"),
+                ("FLOWGATE_PUBLIC_HOST", "https://mlflow.example.org")
+            ])
+            .starts_with("public-host:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_PUBLIC_HOST", " , ")])
+                .starts_with("public-host:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_MAX_CONNECTIONS", "0")])
+                .starts_with("max-connections:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_HEADER_TIMEOUT", "0s")])
+                .starts_with("header-timeout:")
         );
     }
 }

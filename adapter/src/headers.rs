@@ -63,14 +63,17 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 
 /// What the upstream request needs to know about the incoming one.
 pub struct ForwardContext<'a> {
-    /// The host the browser used (`Host`, or the HTTP/2 authority).
+    /// The host the browser used (`Host`, or the HTTP/2 authority); with
+    /// `--public-host`, already checked to be one of them.
     pub public_host: Option<&'a str>,
     /// The peer's address.
     pub client_ip: IpAddr,
     /// The upstream's authority (`127.0.0.1:5000`), sent as its `Host`.
     pub upstream_authority: &'a HeaderValue,
     /// The upstream's origin (`http://127.0.0.1:5000`).
-    pub upstream_origin: &'a str,
+    pub upstream_origin: &'a HeaderValue,
+    /// The `X-Forwarded-Prefix` value, when the prefix is stripped (rewrite on).
+    pub forwarded_prefix: Option<&'a HeaderValue>,
     /// The prefix, when it is stripped (rewrite on).
     pub stripped_prefix: Option<&'a Prefix>,
 }
@@ -79,81 +82,88 @@ pub struct ForwardContext<'a> {
 pub fn forward_request_headers(headers: &mut HeaderMap, ctx: &ForwardContext<'_>, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
 
-    // X-Forwarded-For: append this hop's peer.
-    let peer = ctx.client_ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {peer}"),
-        _ => peer,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    // The router in front (ingress, OpenShift router) sets these when it
-    // terminates TLS; keep its word, fill in what is missing.
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    if let Some(host) = ctx.public_host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-        && let Ok(v) = HeaderValue::from_str(host)
+    // X-Forwarded-For: the chain as sent (every line of it), then this hop's peer.
+    let mut xff = String::new();
+    for prior in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
     {
-        headers.insert(X_FORWARDED_HOST, v);
+        xff.push_str(prior);
+        xff.push_str(", ");
     }
-    match ctx.stripped_prefix {
-        Some(prefix) => {
-            headers.insert(
-                X_FORWARDED_PREFIX,
-                HeaderValue::from_str(prefix.as_str()).expect("prefix is a valid header value"),
-            );
-        }
-        None => {
-            headers.remove(&X_FORWARDED_PREFIX);
-        }
-    }
+    xff.push_str(&ctx.client_ip.to_string());
+    match HeaderValue::from_str(&xff) {
+        Ok(v) => headers.insert(X_FORWARDED_FOR, v),
+        Err(_) => headers.insert(
+            X_FORWARDED_FOR,
+            ctx.client_ip
+                .to_string()
+                .parse()
+                .expect("an IP address is a valid header value"),
+        ),
+    };
+    // -Proto, -Host and -Prefix are the adapter's word, never the client's
+    // (nor `Forwarded`, which says the same): the app builds URLs from them.
+    headers.remove(FORWARDED);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match ctx.public_host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    match ctx.forwarded_prefix {
+        Some(prefix) => headers.insert(X_FORWARDED_PREFIX, prefix.clone()),
+        None => headers.remove(X_FORWARDED_PREFIX),
+    };
 
     // The app rejects Host headers it does not know (MLflow 3.5+: DNS-rebinding
     // guard), so it gets its own.
     headers.insert(header::HOST, ctx.upstream_authority.clone());
 
-    // MLflow 3.5+ refuses writes whose Origin is not localhost. A same-origin
-    // request from the browser becomes the upstream's own origin; a cross-site
-    // one goes through as it is, so the app still blocks it.
-    if let Some(host) = ctx.public_host {
-        let same_origin = headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|origin| {
-                authority_of(origin).is_some_and(|a| a.eq_ignore_ascii_case(host))
-            });
-        if same_origin {
-            headers.insert(
-                header::ORIGIN,
-                HeaderValue::from_str(ctx.upstream_origin).expect("origin is a valid header value"),
-            );
-        }
-        let referer = headers.get(header::REFERER).and_then(|v| v.to_str().ok());
-        if let Some(new) = referer.and_then(|r| upstream_referer(r, host, ctx))
-            && let Ok(v) = HeaderValue::from_str(&new)
-        {
-            headers.insert(header::REFERER, v);
-        }
+    // MLflow 3.5+ refuses writes whose Origin is not localhost. The browser's
+    // own origin (exactly `http(s)://<the public host>`) becomes the
+    // upstream's; any other goes through as it is, so the app still blocks it.
+    let Some(host) = ctx.public_host else {
+        return;
+    };
+    let own_origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|origin| after_own_origin(origin, host))
+        .is_some_and(str::is_empty);
+    if own_origin {
+        headers.insert(header::ORIGIN, ctx.upstream_origin.clone());
+    }
+    let referer = headers.get(header::REFERER).and_then(|v| v.to_str().ok());
+    if let Some(new) = referer.and_then(|r| upstream_referer(r, host, ctx))
+        && let Ok(v) = HeaderValue::from_str(&new)
+    {
+        headers.insert(header::REFERER, v);
     }
 }
 
-/// `scheme://authority/...` → `authority`.
-fn authority_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    Some(&rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// When `url` is on the origin `http(s)://<host>`, what follows the origin:
+/// empty, or a path, query or fragment.
+fn after_own_origin<'a>(url: &'a str, host: &str) -> Option<&'a str> {
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        url.get(..scheme.len())
+            .filter(|s| s.eq_ignore_ascii_case(scheme))
+            .map(|_| &url[scheme.len()..])
+    })?;
+    let after = rest
+        .get(..host.len())
+        .filter(|a| a.eq_ignore_ascii_case(host))
+        .map(|_| &rest[host.len()..])?;
+    matches!(after.bytes().next(), None | Some(b'/' | b'?' | b'#')).then_some(after)
 }
 
-/// A same-origin Referer as the upstream would have produced it.
+/// A Referer on the browser's own origin, as the upstream would have produced it.
 fn upstream_referer(referer: &str, public_host: &str, ctx: &ForwardContext<'_>) -> Option<String> {
-    let authority = authority_of(referer)?;
-    if !authority.eq_ignore_ascii_case(public_host) {
-        return None;
-    }
-    let path_start = referer.find("://")? + 3 + authority.len();
-    let path = &referer[path_start..];
+    let path = after_own_origin(referer, public_host)?;
     let path = match ctx.stripped_prefix {
         Some(prefix) => {
             match prefix.match_path(&path[..path.find(['?', '#']).unwrap_or(path.len())]) {
@@ -164,7 +174,7 @@ fn upstream_referer(referer: &str, public_host: &str, ctx: &ForwardContext<'_>) 
         }
         None => path,
     };
-    Some(format!("{}{}", ctx.upstream_origin, path))
+    Some(format!("{}{}", ctx.upstream_origin.to_str().ok()?, path))
 }
 
 /// Puts the prefix back on URL-bearing response headers. Returns how many
@@ -428,13 +438,16 @@ mod tests {
     fn forward(pairs: &[(&str, &str)]) -> HeaderMap {
         let prefix = prefix();
         let authority = HeaderValue::from_static("127.0.0.1:5000");
+        let origin = HeaderValue::from_static("http://127.0.0.1:5000");
+        let prefix_header = HeaderValue::from_static("/k3x9q2a");
         let mut h = headers(pairs);
         let public_host = h.get("host").map(|v| v.to_str().unwrap().to_owned());
         let ctx = ForwardContext {
             public_host: public_host.as_deref(),
             client_ip: "10.1.2.3".parse().unwrap(),
             upstream_authority: &authority,
-            upstream_origin: "http://127.0.0.1:5000",
+            upstream_origin: &origin,
+            forwarded_prefix: Some(&prefix_header),
             stripped_prefix: Some(&prefix),
         };
         forward_request_headers(&mut h, &ctx, false);
@@ -457,9 +470,82 @@ mod tests {
         assert_eq!(h["origin"], "http://127.0.0.1:5000");
         assert_eq!(h["referer"], "http://127.0.0.1:5000/#/experiments/1");
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "mlflow.example.test:8443");
         assert_eq!(h["x-forwarded-prefix"], "/k3x9q2a");
+    }
+
+    #[test]
+    fn forwarded_headers_are_the_adapters_word() {
+        let h = forward(&[
+            ("host", "mlflow.example.test"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-for", "192.0.2.2, 192.0.2.3"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-host", "evil2.example"),
+            ("x-forwarded-prefix", "/elsewhere"),
+            ("forwarded", "for=192.0.2.9;host=evil.example;proto=https"),
+        ]);
+        let all = |name: &str| -> Vec<&str> {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            all("x-forwarded-for"),
+            ["192.0.2.1, 192.0.2.2, 192.0.2.3, 10.1.2.3"]
+        );
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert_eq!(all("x-forwarded-host"), ["mlflow.example.test"]);
+        assert_eq!(all("x-forwarded-prefix"), ["/k3x9q2a"]);
+        assert!(all("forwarded").is_empty());
+    }
+
+    #[test]
+    fn only_the_exact_own_origin_is_translated() {
+        let table = [
+            ("http://mlflow.example.test", "http://127.0.0.1:5000"),
+            ("HTTPS://MLflow.Example.Test", "http://127.0.0.1:5000"),
+            (
+                "http://mlflow.example.test:8080",
+                "http://mlflow.example.test:8080",
+            ),
+            (
+                "http://mlflow.example.test.evil.example",
+                "http://mlflow.example.test.evil.example",
+            ),
+            (
+                "http://mlflow.example.test@evil.example",
+                "http://mlflow.example.test@evil.example",
+            ),
+            ("http://mlflow.example.test/", "http://mlflow.example.test/"),
+            ("ftp://mlflow.example.test", "ftp://mlflow.example.test"),
+            ("null", "null"),
+        ];
+        for (origin, want) in table {
+            let h = forward(&[("host", "mlflow.example.test"), ("origin", origin)]);
+            assert_eq!(h["origin"], want, "{origin}");
+        }
+        let referers = [
+            (
+                "http://mlflow.example.test/k3x9q2a/#/x",
+                "http://127.0.0.1:5000/#/x",
+            ),
+            ("https://mlflow.example.test?q", "http://127.0.0.1:5000?q"),
+            (
+                "http://mlflow.example.test.evil.example/k3x9q2a/",
+                "http://mlflow.example.test.evil.example/k3x9q2a/",
+            ),
+            (
+                "http://mlflow.example.test:81/k3x9q2a/",
+                "http://mlflow.example.test:81/k3x9q2a/",
+            ),
+        ];
+        for (referer, want) in referers {
+            let h = forward(&[("host", "mlflow.example.test"), ("referer", referer)]);
+            assert_eq!(h["referer"], want, "{referer}");
+        }
     }
 
     #[test]

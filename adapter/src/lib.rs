@@ -3,8 +3,9 @@
 //! runs as the pod's init container.
 //!
 //! Reading order: [`config`] (what it is told) → [`server`] (connections) →
-//! [`proxy`] (one request) → [`headers`] and [`rewrite`] (what changes on the way
-//! out) → [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
+//! [`proxy`] (one request: [`host`], [`route`] and [`policy`] decide whether it
+//! is forwarded) → [`headers`] and [`rewrite`] (what changes on the way out) →
+//! [`plan`], [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
 
 pub mod body;
 pub mod coding;
@@ -12,7 +13,10 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod headers;
+pub mod host;
 pub mod metrics;
+pub mod plan;
+pub mod policy;
 pub mod prefix;
 pub mod proxy;
 pub mod rewrite;

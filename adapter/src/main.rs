@@ -89,9 +89,18 @@ fn run_proxy(args: ServeArgs) -> anyhow::Result<()> {
             upstream = %config.upstream,
             prefix = %config.prefix,
             rewrite = config.rewrite,
+            writes = config.writes,
+            public_host = config.public_hosts.as_ref().map(|h| h.to_string()),
             threads = config.threads,
             "flowgate-adapter ready"
         );
+        if config.public_hosts.is_none() {
+            tracing::warn!(
+                "no --public-host (FLOWGATE_PUBLIC_HOST): answering for any Host, so a page \
+                 on another name that resolves here (DNS rebinding) reaches the app; set it \
+                 to the host names browsers use"
+            );
+        }
         let limits = ConnectionLimits::from(&config);
         // Spawned, so that the accept loop runs on a worker thread too.
         let serving = tokio::spawn(async move {

@@ -14,6 +14,29 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const REWRITE_KINDS: [&str; 5] = ["header", "html", "css", "script", "compress"];
 const UPSTREAM_ERRORS: [&str; 3] = ["connect", "upstream", "timeout"];
+const REFUSALS: [&str; 3] = ["read_only", "host", "path"];
+
+/// Why a request was answered by the adapter instead of being forwarded.
+#[derive(Clone, Copy, Debug)]
+pub enum Refusal {
+    /// A write to a read-only instance (403).
+    ReadOnly = 0,
+    /// A `Host` that is not a public host (421).
+    Host = 1,
+    /// A path that does not decode (400).
+    Path = 2,
+}
+
+/// Connection-level series, shared with the accept loop.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at accept because `--max-connections` were open.
+    pub refused: Counter,
+    /// Connections closed for silence: no request head in time, or idle.
+    pub idle_closed: Counter,
+}
 
 /// The adapter's metrics.
 pub struct Metrics {
@@ -26,6 +49,9 @@ pub struct Metrics {
     upstream_errors: [Counter; 3],
     in_flight: Gauge,
     last_activity: Gauge,
+    refused: [Counter; 3],
+    abandoned: Counter,
+    connections: ConnectionMetrics,
 }
 
 /// What kind of rewrite happened, for [`Metrics::rewrite`].
@@ -84,6 +110,35 @@ impl Metrics {
         let rewrites = REWRITE_KINDS.map(|k| rewrites_family.get_or_create(&[("kind", k)]).clone());
         let upstream_errors =
             UPSTREAM_ERRORS.map(|k| errors_family.get_or_create(&[("kind", k)]).clone());
+        let refused_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let refused = REFUSALS.map(|k| refused_family.get_or_create(&[("reason", k)]).clone());
+        let abandoned = Counter::default();
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "refused_requests",
+            "Requests answered by the adapter, not forwarded: read_only (403), host (421), path (400)",
+            refused_family,
+        );
+        registry.register(
+            "abandoned_requests",
+            "Requests whose client left before the response was ready",
+            abandoned.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Client connections closed at accept: --max-connections were open",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "idle_closed_connections",
+            "Client connections closed for sending no request in time",
+            connections.idle_closed.clone(),
+        );
         let response_bytes = Counter::default();
         let rewrite_capped = Counter::default();
         let in_flight = Gauge::default();
@@ -134,7 +189,25 @@ impl Metrics {
             upstream_errors,
             in_flight,
             last_activity,
+            refused,
+            abandoned,
+            connections,
         }
+    }
+
+    /// Counts a request answered by the adapter itself.
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
+    }
+
+    /// Counts a request whose client left before the response was ready.
+    pub fn abandoned(&self) {
+        self.abandoned.inc();
+    }
+
+    /// The connection-level series.
+    pub fn connections(&self) -> &ConnectionMetrics {
+        &self.connections
     }
 
     /// Records an answered request.
@@ -199,6 +272,8 @@ mod tests {
         m.request(RouteClass::Api, 502, Duration::from_millis(1));
         m.rewrite(RewriteKind::Html, 1);
         m.upstream_error("connect");
+        m.refused(Refusal::ReadOnly);
+        m.connections().refused.inc();
         m.touch();
         let text = m.encode();
         assert!(
@@ -209,6 +284,10 @@ mod tests {
         assert!(text.contains(r#"flowgate_adapter_rewrites_total{kind="html"} 1"#));
         assert!(text.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#));
         assert!(text.contains("flowgate_adapter_rewrite_capped_total 0"));
+        assert!(text.contains(r#"flowgate_adapter_refused_requests_total{reason="read_only"} 1"#));
+        assert!(text.contains(r#"flowgate_adapter_refused_requests_total{reason="host"} 0"#));
+        assert!(text.contains("flowgate_adapter_refused_connections_total 1"));
+        assert!(text.contains("flowgate_adapter_open_connections 0"));
         assert!(text.contains("flowgate_adapter_response_header_seconds_bucket"));
         assert!(!text.contains("flowgate_adapter_last_activity_timestamp_seconds 0\n"));
     }

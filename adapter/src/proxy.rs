@@ -1,23 +1,27 @@
-//! The request path: own endpoints, prefix matching, forwarding to the
-//! upstream, and shaping the response (headers, body rewriting, compression).
+//! The request path: own endpoints, the checks that decide whether a request
+//! is forwarded at all (public host, canonical path inside the prefix,
+//! read-only policy), forwarding to the upstream, and shaping the response
+//! (headers, then the body as [`crate::plan`] decides).
 
 use crate::body::ProxyBody;
-use crate::coding::{BodyCoding, Coding, body_coding, negotiate};
+use crate::coding::{Coding, negotiate};
 use crate::config::ProxyConfig;
 use crate::error::{ProxyError, Result};
 use crate::headers::{
     ForwardContext, forward_request_headers, is_upgrade_request, restore_response_headers,
     strip_hop_by_hop,
 };
-use crate::metrics::{Metrics, RewriteKind};
+use crate::metrics::{ConnectionMetrics, Metrics, Refusal, RewriteKind};
+use crate::plan::{BodyPlan, BodyRewrite, BodySettings, ResponseFacts, plan};
+use crate::policy::read_only_allows;
 use crate::prefix::PathMatch;
 use crate::rewrite::StreamRewriter;
 use crate::rewrite::css::CssRewriter;
 use crate::rewrite::html::HtmlRewriter;
 use crate::rewrite::literal::{LiteralRewriter, LiteralSet};
-use crate::route::RouteClass;
+use crate::route::{RouteClass, canonical_path};
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Empty;
@@ -33,12 +37,12 @@ use std::time::{Duration, Instant};
 const CONTENT_MD5: header::HeaderName = header::HeaderName::from_static("content-md5");
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
-/// Bodies smaller than this are not worth compressing.
-const MIN_COMPRESS_BYTES: u64 = 1024;
 /// How long /readyz waits for the upstream.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a browser should wait before retrying when the upstream is down.
 const RETRY_AFTER_SECONDS: &str = "5";
+/// The status logged for a request whose client left before the answer.
+const CLIENT_GONE: u16 = 499;
 
 /// The proxy: configuration, upstream connection pool and metrics, shared by
 /// every connection.
@@ -58,13 +62,76 @@ impl crate::server::Handler for Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         Proxy::handle(self, req, peer)
     }
+
+    fn connection_metrics(&self) -> Option<&ConnectionMetrics> {
+        Some(self.metrics.connections())
+    }
 }
 
-/// The transformation a response body gets.
-enum BodyRewrite {
-    Html,
-    Css,
-    Script,
+/// One request's record: the access-log line and the metrics, written when it
+/// is dropped — also when the client leaves before the upstream answers and
+/// the request's future is dropped half-way.
+struct Exchange<'a> {
+    proxy: &'a Proxy,
+    method: Method,
+    uri: Uri,
+    start: Instant,
+    class: RouteClass,
+    in_flight: bool,
+    status: Option<StatusCode>,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(proxy: &'a Proxy, req: &Request<Incoming>) -> Self {
+        Self {
+            proxy,
+            method: req.method().clone(),
+            // A cheap clone (shared bytes), kept for the log line.
+            uri: req.uri().clone(),
+            start: Instant::now(),
+            class: RouteClass::Outside,
+            in_flight: false,
+            status: None,
+        }
+    }
+
+    fn enter_in_flight(&mut self) {
+        self.proxy.metrics.touch();
+        self.proxy.metrics.in_flight().inc();
+        self.in_flight = true;
+    }
+
+    fn answer(&mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.status = Some(response.status());
+        response
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        let metrics = &self.proxy.metrics;
+        if self.in_flight {
+            metrics.in_flight().dec();
+        }
+        let elapsed = self.start.elapsed();
+        let status = match self.status {
+            Some(s) => s.as_u16(),
+            None => {
+                metrics.abandoned();
+                CLIENT_GONE
+            }
+        };
+        metrics.request(self.class, status, elapsed);
+        tracing::info!(
+            target: "flowgate::access",
+            method = %self.method,
+            path = self.uri.path(),
+            status,
+            route = self.class.label(),
+            micros = elapsed.as_micros() as u64,
+            client_gone = self.status.is_none(),
+        );
+    }
 }
 
 impl Proxy {
@@ -113,48 +180,66 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path();
-        if let Some(response) = self.own_endpoint(&method, path).await {
+        if let Some(response) = self.own_endpoint(req.method(), req.uri().path()).await {
             self.metrics
                 .request(RouteClass::Own, response.status().as_u16(), start.elapsed());
             return response;
         }
+        let mut exchange = Exchange::new(&self, &req);
+        let response = self.route(req, peer, &mut exchange).await;
+        exchange.answer(response)
+    }
+
+    /// Everything but the own endpoints.
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        exchange: &mut Exchange<'_>,
+    ) -> Response<ProxyBody> {
+        if let Some(hosts) = &self.config.public_hosts
+            && !request_host(&req).is_some_and(|h| hosts.allows(h))
+        {
+            self.metrics.refused(Refusal::Host);
+            return plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("misdirected request: this adapter answers for {hosts}\n"),
+            );
+        }
+        let path = match canonical_path(req.uri().path()) {
+            Ok(path) => path,
+            Err(e) => {
+                self.metrics.refused(Refusal::Path);
+                return plain(StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
+            }
+        };
         let prefix = &self.config.prefix;
-        let upstream_pq = match prefix.match_path(path) {
-            PathMatch::Inside(rest) if self.config.rewrite => with_query(rest, req.uri().query()),
-            PathMatch::Inside(_) => req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| path.to_owned(), |pq| pq.as_str().to_owned()),
+        let rest = match prefix.match_path(&path) {
+            PathMatch::Inside(rest) => rest,
             PathMatch::Bare => {
-                let location = with_query(&format!("{prefix}/"), req.uri().query());
-                let response = redirect(&location);
-                self.finish(&method, req.uri().path(), RouteClass::Ui, &response, start);
-                return response;
+                exchange.class = RouteClass::Ui;
+                return redirect(&with_query(&format!("{prefix}/"), req.uri().query()));
             }
             PathMatch::Outside => {
-                let response = plain(
+                return plain(
                     StatusCode::NOT_FOUND,
                     format!("not found: this adapter serves {prefix}/\n"),
                 );
-                self.finish(
-                    &method,
-                    req.uri().path(),
-                    RouteClass::Outside,
-                    &response,
-                    start,
-                );
-                return response;
             }
         };
-        let class = RouteClass::of_upstream_path(upstream_pq.split('?').next().unwrap_or(""));
-        // A cheap clone (shared bytes), kept for the log line.
-        let logged_uri = req.uri().clone();
-        let logged_path = logged_uri.path();
-        self.metrics.touch();
-        self.metrics.in_flight().inc();
-        let response = match self.forward(req, upstream_pq, class, peer).await {
+        // Classified and checked on the path the app will route, which is
+        // also the path forwarded.
+        let class = RouteClass::of_upstream_path(rest);
+        exchange.class = class;
+        if !self.config.writes && !read_only_allows(req.method(), rest) {
+            self.metrics.refused(Refusal::ReadOnly);
+            return read_only(req.method(), rest);
+        }
+        let forwarded = if self.config.rewrite { rest } else { &*path };
+        let upstream_pq = with_query(forwarded, req.uri().query());
+        drop(path);
+        exchange.enter_in_flight();
+        match self.forward(req, upstream_pq, class, peer).await {
             Ok(response) => response,
             Err(e) => {
                 if let Some(label) =
@@ -163,37 +248,13 @@ impl Proxy {
                 {
                     self.metrics.upstream_error(label);
                 }
-                tracing::warn!(error = %e, path = logged_path, "request failed");
+                tracing::warn!(error = %e, path = exchange.uri.path(), "request failed");
                 error_response(&e)
             }
-        };
-        self.metrics.in_flight().dec();
-        self.finish(&method, logged_path, class, &response, start);
-        response
+        }
     }
 
-    fn finish(
-        &self,
-        method: &Method,
-        path: &str,
-        class: RouteClass,
-        response: &Response<ProxyBody>,
-        start: Instant,
-    ) {
-        let elapsed = start.elapsed();
-        self.metrics
-            .request(class, response.status().as_u16(), elapsed);
-        tracing::info!(
-            target: "flowgate::access",
-            %method,
-            path,
-            status = response.status().as_u16(),
-            route = class.label(),
-            micros = elapsed.as_micros() as u64,
-        );
-    }
-
-    /// `/healthz`, `/readyz` and `/metrics`, outside every prefix.
+    /// `/healthz`, `/readyz` and `/metrics`, outside every prefix, on any Host.
     async fn own_endpoint(&self, method: &Method, path: &str) -> Option<Response<ProxyBody>> {
         if !matches!(*method, Method::GET | Method::HEAD) {
             return None;
@@ -267,19 +328,21 @@ impl Proxy {
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| authority.as_ref().map(|a| a.as_str()));
+        let config = &self.config;
         let ctx = ForwardContext {
             public_host,
             client_ip: peer.ip(),
-            upstream_authority: &self.config.upstream_authority,
-            upstream_origin: &self.config.upstream_origin,
-            stripped_prefix: self.config.rewrite.then_some(&self.config.prefix),
+            upstream_authority: &config.upstream_authority,
+            upstream_origin: &config.upstream_origin_header,
+            forwarded_prefix: config.rewrite.then_some(&config.prefix_header),
+            stripped_prefix: config.rewrite.then_some(&config.prefix),
         };
         forward_request_headers(&mut parts.headers, &ctx, upgrade);
         parts.uri = self.upstream_uri(&upstream_pq)?;
         parts.version = Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let timeout = self.config.upstream_timeout;
+        let timeout = config.upstream_timeout;
         let mut response =
             match tokio::time::timeout(timeout, self.client.request(upstream_req)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
@@ -306,13 +369,14 @@ impl Proxy {
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
             });
-            let (parts, _) = response.into_parts();
+            let (mut parts, _) = response.into_parts();
+            one_date(&mut parts.headers);
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
         Ok(self.shape_response(response, class, accept, is_head))
     }
 
-    /// Puts the prefix back on headers, and chooses what the body goes through.
+    /// Puts the prefix back on headers, marks artefacts, and runs the body plan.
     fn shape_response(
         &self,
         response: Response<Incoming>,
@@ -322,6 +386,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         let sent = self.metrics.response_bytes().clone();
+        one_date(&mut parts.headers);
         if self.config.rewrite {
             let n = restore_response_headers(
                 &mut parts.headers,
@@ -334,52 +399,22 @@ impl Proxy {
         } else {
             strip_hop_by_hop(&mut parts.headers, false);
         }
-
-        let status = parts.status;
-        let body_may_change = class != RouteClass::Artifact
-            && !is_head
-            && status.is_success()
-            && status != StatusCode::NO_CONTENT
-            && status != StatusCode::PARTIAL_CONTENT
-            && !no_transform(&parts.headers);
-        if !body_may_change {
-            return Response::from_parts(parts, ProxyBody::passthrough(body, sent));
+        if class == RouteClass::Artifact {
+            sandbox(&mut parts.headers);
         }
-        let media = MediaType::of(parts.headers.get(header::CONTENT_TYPE));
-        let coding = body_coding(parts.headers.get(header::CONTENT_ENCODING));
-        let rewrite = if self.config.rewrite {
-            match media {
-                MediaType::Html => Some(BodyRewrite::Html),
-                MediaType::Css => Some(BodyRewrite::Css),
-                MediaType::Script if class == RouteClass::Static => Some(BodyRewrite::Script),
-                _ => None,
-            }
-        } else {
-            None
-        };
-        let small = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|n| n < MIN_COMPRESS_BYTES);
-        let compress =
-            self.config.compress && accept.is_some() && media.is_compressible() && !small;
 
-        let (decode, encode) = match (coding, &rewrite) {
-            // Stacked or unknown codings cannot be opened: pass through.
-            (BodyCoding::Opaque, _) => {
-                return Response::from_parts(parts, ProxyBody::passthrough(body, sent));
-            }
-            (BodyCoding::Known(c), Some(_)) => (Some(c), accept),
-            (BodyCoding::Known(_), None) => {
-                return Response::from_parts(parts, ProxyBody::passthrough(body, sent));
-            }
-            (BodyCoding::Identity, _) if rewrite.is_some() || compress => {
-                (None, accept.filter(|_| compress))
-            }
-            (BodyCoding::Identity, _) => {
-                return Response::from_parts(parts, ProxyBody::passthrough(body, sent));
-            }
+        let facts = ResponseFacts::of(class, is_head, parts.status, &parts.headers);
+        let settings = BodySettings {
+            rewrite: self.config.rewrite,
+            compress: self.config.compress,
+        };
+        let BodyPlan::Transform {
+            decode,
+            rewrite,
+            encode,
+        } = plan(&facts, accept, settings)
+        else {
+            return Response::from_parts(parts, ProxyBody::passthrough(body, sent));
         };
 
         let rewriter: Option<Box<dyn StreamRewriter>> = rewrite.map(|r| {
@@ -421,7 +456,7 @@ impl Proxy {
                 headers.remove(header::CONTENT_ENCODING);
             }
         }
-        if media.is_compressible() {
+        if facts.media.is_compressible() {
             headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
         }
         weaken_etag(headers);
@@ -439,77 +474,53 @@ impl Proxy {
     }
 }
 
-/// Response media types the adapter treats differently.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum MediaType {
-    Html,
-    Css,
-    Script,
-    /// Other text worth compressing (JSON, SVG, plain text, ...).
-    OtherText,
-    /// Server-sent events: never buffered, never compressed.
-    EventStream,
-    Other,
-}
-
-impl MediaType {
-    fn of(content_type: Option<&HeaderValue>) -> Self {
-        let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
-            return MediaType::Other;
-        };
-        let essence = value.split(';').next().unwrap_or("").trim();
-        let is = |t: &str| essence.eq_ignore_ascii_case(t);
-        if is("text/html") || is("application/xhtml+xml") {
-            MediaType::Html
-        } else if is("text/css") {
-            MediaType::Css
-        } else if is("application/javascript")
-            || is("text/javascript")
-            || is("application/x-javascript")
-        {
-            MediaType::Script
-        } else if is("text/event-stream") {
-            MediaType::EventStream
-        } else if starts_with_ignore_case(essence, "text/")
-            || is("application/json")
-            || is("application/xml")
-            || is("image/svg+xml")
-            || is("application/manifest+json")
-            || ends_with_ignore_case(essence, "+json")
-            || ends_with_ignore_case(essence, "+xml")
-        {
-            MediaType::OtherText
-        } else {
-            MediaType::Other
-        }
-    }
-
-    fn is_compressible(self) -> bool {
-        matches!(
-            self,
-            MediaType::Html | MediaType::Css | MediaType::Script | MediaType::OtherText
-        )
+/// The `Host` a request names: its `Host` header, or the HTTP/2 `:authority`.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        Some(host) => host.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
     }
 }
 
-fn starts_with_ignore_case(s: &str, p: &str) -> bool {
-    s.len() >= p.len() && s.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+/// An artefact is a user's bytes, served on the instance's origin: it may run
+/// no script there (an HTML or SVG report), and its type is not to be guessed.
+fn sandbox(headers: &mut HeaderMap) {
+    headers.append(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
 }
 
-fn ends_with_ignore_case(s: &str, p: &str) -> bool {
-    s.len() >= p.len() && s.as_bytes()[s.len() - p.len()..].eq_ignore_ascii_case(p.as_bytes())
+/// HTTP allows one `Date`; an upstream that sends several keeps its first.
+fn one_date(headers: &mut HeaderMap) {
+    if let header::Entry::Occupied(mut dates) = headers.entry(header::DATE)
+        && dates.iter().nth(1).is_some()
+    {
+        let first = dates.get().clone();
+        dates.insert(first);
+    }
 }
 
-/// `Cache-Control: no-transform` forbids changing the body.
-fn no_transform(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
-        })
+/// A write to a read-only instance: 403 with an error MLflow's UI can show.
+fn read_only(method: &Method, path: &str) -> Response<ProxyBody> {
+    // The path is canonical (quotes, backslashes and controls are encoded or
+    // refused) and a method is a token, so neither needs JSON escaping.
+    let body = format!(
+        "{{\"error_code\":\"PERMISSION_DENIED\",\"message\":\"This MLflow instance is read-only: {method} {path} is not forwarded.\"}}\n"
+    );
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// A changed body cannot keep a strong validator.

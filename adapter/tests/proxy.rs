@@ -57,7 +57,7 @@ async fn outside_the_prefix_is_404_and_never_forwarded() {
 
 #[tokio::test]
 async fn upstream_sees_its_own_host_and_forwarded_headers() {
-    let a = setup().await;
+    let a = adapter(start_upstream().await).writes_on().start().await;
     let public = format!("mlflow.example.test:{}", a.addr.port());
     let v = echo(
         &a,
@@ -90,7 +90,7 @@ async fn upstream_sees_its_own_host_and_forwarded_headers() {
 
 #[tokio::test]
 async fn cross_site_origin_is_not_laundered() {
-    let a = setup().await;
+    let a = adapter(start_upstream().await).writes_on().start().await;
     let v = echo(
         &a,
         client()
@@ -499,4 +499,331 @@ async fn rewrite_off_passes_paths_and_bodies_untouched() {
         404
     );
     a.stop().await;
+}
+
+const SANDBOXED: &str = "sandbox";
+
+/// Every spelling of an artefact path that the app routes as one is one:
+/// byte-identical, never rewritten, sandboxed.
+#[tokio::test]
+async fn artefacts_are_artefacts_however_they_are_spelled() {
+    let a = setup().await;
+    for target in [
+        "/k3x9q2a/get-artifact?path=report.html",
+        "/k3x9q2a/%67et-artifact?path=report.html",
+        "/k3x9q2a/%67%65%74-artifact?path=report.html",
+        "/k3x9q2a//get-artifact?path=report.html",
+        "/k3x9q2a/%2Fget-artifact?path=report.html",
+        "/k3x9q2a/static-files/../get-artifact?path=report.html",
+        "/k3x9q2a/x/%2e%2E/get-artifact?path=report.html",
+        "/k3x9q2a/./get-artifact?path=report.html",
+        "/k3x9q2a/ajax-api/2.0/mlflow-%61rtifacts/%61rtifacts/0/r/artifacts/report.html",
+        "/k3x9q2a/ajax-api/2.0/mlflow-artifacts/artifacts/0/r/artifacts/./report.html",
+    ] {
+        let r = raw_request(a.addr, "GET", target, &[("Accept-Encoding", "gzip, br")]).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        assert_eq!(r.text(), ARTIFACT_HTML, "{target}");
+        assert_eq!(r.header("content-encoding"), None, "{target}");
+        assert_eq!(r.all("content-security-policy"), [SANDBOXED], "{target}");
+        assert_eq!(r.all("x-content-type-options"), ["nosniff"], "{target}");
+    }
+    // A UI page is rewritten and not sandboxed.
+    let r = raw_request(a.addr, "GET", "/k3x9q2a/%70age.html", &[]).await;
+    assert_eq!(r.text(), PAGE_HTML_REWRITTEN);
+    assert!(r.header("content-security-policy").is_none());
+}
+
+#[tokio::test]
+async fn paths_are_forwarded_as_the_app_will_route_them() {
+    let a = setup().await;
+    let uri = |r: &RawResponse| -> String {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["uri"].as_str().unwrap().to_owned()
+    };
+    for (target, want) in [
+        ("/k3x9q2a/echo?a=%2F", "/echo?a=%2F"),
+        ("/k3x9q2a/%65cho", "/echo"),
+        ("/%6b3x9q2a/echo", "/echo"),
+        ("/k3x9q2a/x/../echo", "/echo"),
+        ("/k3x9q2a//echo", "/echo"),
+    ] {
+        let r = raw_request(a.addr, "GET", target, &[]).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        assert_eq!(uri(&r), want, "{target}");
+    }
+    // Dot segments never climb out of the prefix.
+    for target in [
+        "/k3x9q2a/../echo",
+        "/k3x9q2a/%2e%2e/echo",
+        "/k3x9q2a/..%2Fecho",
+    ] {
+        let r = raw_request(a.addr, "GET", target, &[]).await;
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        assert!(
+            r.text().contains("this adapter serves /k3x9q2a/"),
+            "{target}"
+        );
+    }
+    // Paths the app could not decode either are refused before it.
+    for target in ["/k3x9q2a/%FF", "/k3x9q2a/a%00b", "/k3x9q2a/a%0D%0Ab"] {
+        let r = raw_request(a.addr, "GET", target, &[]).await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+    }
+}
+
+#[tokio::test]
+async fn read_only_by_default() {
+    let a = setup().await;
+    let c = client();
+    for (method, path) in [
+        ("POST", "/k3x9q2a/echo"),
+        ("POST", "/k3x9q2a/ajax-api/2.0/mlflow/runs/delete"),
+        ("POST", "/k3x9q2a/ajax-api/2.0/mlflow/experiments/create"),
+        ("PUT", "/k3x9q2a/ajax-api/2.0/mlflow-artifacts/artifacts/x"),
+        (
+            "DELETE",
+            "/k3x9q2a/ajax-api/2.0/mlflow/registered-models/delete",
+        ),
+        (
+            "PATCH",
+            "/k3x9q2a/ajax-api/2.0/mlflow/registered-models/update",
+        ),
+        ("OPTIONS", "/k3x9q2a/ajax-api/2.0/mlflow/runs/search"),
+    ] {
+        let r = c
+            .request(method.parse().unwrap(), a.url(path))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v["error_code"], "PERMISSION_DENIED", "{method} {path}");
+        assert!(v["message"].as_str().unwrap().contains("read-only"));
+    }
+    // Spelled differently, a write is still a write; a read still a read.
+    for (target, want) in [
+        ("/k3x9q2a/ajax-api/2.0/mlflow/runs/search/../delete", 403),
+        ("/k3x9q2a/ajax-api/2.0/mlflow/runs/%64elete", 403),
+        ("/k3x9q2a/ajax-api/2.0/mlflow/runs/delete/../search", 200),
+        ("/k3x9q2a/ajax-api/2.0/mlflow/runs/%73earch", 200),
+    ] {
+        let r = raw_request(a.addr, "POST", target, &[]).await;
+        assert_eq!(r.status, want, "{target}: {}", r.text());
+    }
+    // The UI's reads go through, and reach the app as POSTs.
+    let r = c
+        .post(a.url("/k3x9q2a/ajax-api/2.0/mlflow/runs/search"))
+        .body("{\"experiment_ids\":[\"0\"]}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["uri"], "/ajax-api/2.0/mlflow/runs/search");
+    let m = c
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"flowgate_adapter_refused_requests_total{reason="read_only"} 9"#),
+        "{m}"
+    );
+    // --writes on forwards every method.
+    let w = adapter(start_upstream().await).writes_on().start().await;
+    let r = c
+        .post(w.url("/k3x9q2a/ajax-api/2.0/mlflow/runs/delete"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["method"], "POST");
+}
+
+#[tokio::test]
+async fn other_hosts_are_misdirected() {
+    let a = adapter(start_upstream().await)
+        .public_host("mlflow.example.test, other.example.test:8443")
+        .start()
+        .await;
+    let port = a.addr.port().to_string();
+    for (host, want) in [
+        (format!("mlflow.example.test:{port}"), 200),
+        ("MLflow.Example.Test".to_owned(), 200),
+        ("other.example.test:8443".to_owned(), 200),
+        ("other.example.test".to_owned(), 421),
+        (format!("127.0.0.1:{port}"), 421),
+        ("rebound.evil.example".to_owned(), 421),
+        ("mlflow.example.test.evil.example".to_owned(), 421),
+    ] {
+        let r = raw_request(a.addr, "GET", "/k3x9q2a/echo", &[("Host", &host)]).await;
+        assert_eq!(r.status, want, "Host: {host}: {}", r.text());
+    }
+    // Probes and scrapes come by IP.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = raw_request(a.addr, "GET", path, &[("Host", "10.0.0.7:8080")]).await;
+        assert_eq!(r.status, 200, "{path}");
+    }
+    // No Host at all (HTTP/1.0) is not ours either.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    s.write_all(b"GET /k3x9q2a/echo HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(
+        buf.starts_with(b"HTTP/1.0 421") || buf.starts_with(b"HTTP/1.1 421"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    let m = client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"flowgate_adapter_refused_requests_total{reason="host"} 5"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn origin_is_translated_only_for_the_public_origin() {
+    let a = adapter(start_upstream().await)
+        .public_host("mlflow.example.test")
+        .writes_on()
+        .start()
+        .await;
+    let port = a.addr.port();
+    let public = format!("mlflow.example.test:{port}");
+    for (origin, translated) in [
+        (format!("http://{public}"), true),
+        (format!("https://{public}"), true),
+        (format!("http://{public}.evil.example"), false),
+        ("http://mlflow.example.test:1".to_owned(), false),
+        ("http://evil.example".to_owned(), false),
+        ("null".to_owned(), false),
+    ] {
+        let r = raw_request(
+            a.addr,
+            "POST",
+            "/k3x9q2a/echo",
+            &[
+                ("Host", &public),
+                ("Origin", &origin),
+                ("Referer", &format!("{origin}/k3x9q2a/#/x")),
+            ],
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let upstream = v["headers"]["host"].as_str().unwrap();
+        let (want_origin, want_referer) = if translated {
+            (
+                format!("http://{upstream}"),
+                format!("http://{upstream}/#/x"),
+            )
+        } else {
+            (origin.clone(), format!("{origin}/k3x9q2a/#/x"))
+        };
+        assert_eq!(v["headers"]["origin"], want_origin, "{origin}");
+        assert_eq!(v["headers"]["referer"], want_referer, "{origin}");
+    }
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_replaced_not_passed_on() {
+    let a = adapter(start_upstream().await)
+        .public_host("mlflow.example.test")
+        .start()
+        .await;
+    let r = raw_request(
+        a.addr,
+        "GET",
+        "/k3x9q2a/echo",
+        &[
+            ("Host", "mlflow.example.test"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Prefix", "/elsewhere"),
+            ("X-Forwarded-For", "192.0.2.1"),
+            ("X-Forwarded-For", "192.0.2.2"),
+            ("Forwarded", "host=evil.example"),
+        ],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-host"], "mlflow.example.test");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-prefix"], "/k3x9q2a");
+    assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, 127.0.0.1");
+    assert!(h.get("forwarded").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn one_date_header() {
+    let a = setup().await;
+    for target in ["/k3x9q2a/two-dates", "/k3x9q2a/echo", "/k3x9q2a/page.html"] {
+        let r = raw_request(a.addr, "GET", target, &[]).await;
+        assert_eq!(r.all("date").len(), 1, "{target}: {:?}", r.headers);
+    }
+    let r = raw_request(a.addr, "GET", "/k3x9q2a/two-dates", &[]).await;
+    assert_eq!(r.all("date"), ["Tue, 01 Dec 2026 07:00:00 GMT"]);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_early_is_counted_and_logged_once() {
+    use tokio::io::AsyncWriteExt;
+    let a = setup().await;
+    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    s.write_all(b"GET /k3x9q2a/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&during, "flowgate_adapter_in_flight_requests"), 1.0);
+    drop(s);
+    // The upstream answers /slow after 3 s; the gauge must not wait for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&after, "flowgate_adapter_in_flight_requests"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "flowgate_adapter_abandoned_requests_total"),
+        1.0
+    );
+    assert!(
+        after.contains(r#"flowgate_adapter_requests_total{route="ui",status="4xx"} 1"#),
+        "{after}"
+    );
 }

@@ -77,6 +77,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 header_read_timeout: Duration::from_secs(30),
                 max_header_bytes: 64 * 1024,
                 drain_timeout: Duration::from_secs(10),
+                ..Default::default()
             };
             let until = stopped();
             tokio::spawn(

@@ -118,6 +118,7 @@ async fn local_backend(data: &Path, ttl: TtlPolicy) -> Local {
         header_read_timeout: Duration::from_secs(30),
         max_header_bytes: 65536,
         drain_timeout: Duration::from_secs(1),
+        ..Default::default()
     };
     tokio::spawn(async move {
         adapter::server::serve(routes, &limits, listener, std::future::pending()).await

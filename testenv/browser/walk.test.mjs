@@ -81,8 +81,10 @@ async function setUp(version, sqlite, env) {
     env.root = '/';
   } else {
     env.port = await freePort();
+    // read-only (the default: no --writes), answering only for the public host
     env.adapter = await startAdapter({
       port: env.port, upstreamPort: env.mlflowPort, prefix: PREFIX, logFile: path.join(env.tmp, 'adapter.log'),
+      extraArgs: ['--public-host', PUBLIC_HOST],
     });
     env.host = `${PUBLIC_HOST}:${env.port}`;
     env.root = `${PREFIX}/`;
@@ -290,6 +292,11 @@ for (const spec of VERSIONS) {
       log(`${label}: ${requests.length} requests, ${outside.length} outside ${env.base}, ${bad.length} failed` +
         (refetched.length ? `, re-fetched (no outcome reported by the browser): ${refetched.join(', ')}` : ''));
       assert.deepEqual(outside, [], `requests left ${env.base}`);
+      // a read-only instance refuses nothing the UI does while reading
+      const refused = requests.filter((r) => r.status === 403 || r.status === 421).map((r) => `${r.method} ${r.url} -> ${r.status}`);
+      assert.deepEqual(refused, [], 'the read-only adapter refused a request of the UI');
+      const posts = [...new Set(requests.filter((r) => r.method !== 'GET').map((r) => `${r.method} ${new URL(r.url).pathname}`))];
+      log(`${label}: non-GET requests of the UI: ${posts.join(', ') || 'none'}`);
       assert.deepEqual(bad, [], `requests failed (console errors: ${JSON.stringify(consoleErrors.slice(0, 10))})`);
       // the walk loaded what it shows through the instance path
       const api = requests.filter((r) => r.url.startsWith(env.base + 'ajax-api/'));
@@ -346,6 +353,60 @@ for (const spec of VERSIONS) {
     });
 
     if (!DIRECT) {
+      it('artefacts spelled as MLflow decodes them pass byte-identical and sandboxed', { timeout: 30000 }, async () => {
+        const runId = env.summary.run.id;
+        const artifactsDir = new URL(env.summary.run.artifact_uri).pathname;
+        const onDisk = fs.readFileSync(path.join(artifactsDir, 'report.html'));
+        const query = `?path=report.html&run_uuid=${runId}`;
+        for (const spelling of ['get-artifact', '%67et-artifact', '%67%65%74-artifact', '/get-artifact', 'static-files/../get-artifact', 'x/%2e%2e/get-artifact']) {
+          const r = await request({
+            port: env.port,
+            path: `${env.root}${spelling}${query}`,
+            headers: { Host: env.host, 'Accept-Encoding': 'gzip, deflate, br' },
+          });
+          assert.equal(r.status, 200, `${spelling}: ${r.status} ${r.body.toString().slice(0, 200)}`);
+          assert.equal(r.headers['content-encoding'], undefined, `${spelling}: not re-encoded`);
+          assert.equal(sha256(r.body), sha256(onDisk), `${spelling}: bytes`);
+          assert.equal(r.headers['content-security-policy'], 'sandbox', spelling);
+          assert.equal(r.headers['x-content-type-options'], 'nosniff', spelling);
+          assert.equal(typeof r.headers.date, 'string', `${spelling}: one Date`);
+        }
+      });
+
+      it('writes are refused (403, JSON) and never reach MLflow; other Hosts get 421', { timeout: 30000 }, async () => {
+        const publicHost = `${PUBLIC_HOST}:${env.port}`;
+        const write = (p, body) => request({
+          port: env.port,
+          method: 'POST',
+          path: `${env.root}${p}`,
+          headers: {
+            Host: publicHost, Origin: `http://${publicHost}`, 'Content-Type': 'application/json',
+          },
+          body: JSON.stringify(body),
+        });
+        const create = version.startsWith('1.') ? 'ajax-api/2.0/preview/mlflow/experiments/create' : 'ajax-api/2.0/mlflow/experiments/create';
+        for (const [p, body] of [
+          [create, { name: 'ssrf', artifact_location: 'http://169.254.169.254/latest/' }],
+          ['ajax-api/2.0/mlflow/runs/delete', { run_id: env.summary.run.id }],
+          ['ajax-api/2.0/mlflow/runs/%64elete', { run_id: env.summary.run.id }],
+        ]) {
+          const r = await write(p, body);
+          assert.equal(r.status, 403, `POST ${p}: ${r.status} ${r.body.toString().slice(0, 200)}`);
+          assert.equal(JSON.parse(r.body.toString()).error_code, 'PERMISSION_DENIED');
+        }
+        // the store is as it was: the run is alive, no experiment was added
+        const runs = await write('ajax-api/2.0/mlflow/runs/search', { experiment_ids: [env.summary.experiment.id] });
+        assert.equal(runs.status, 200);
+        const ids = JSON.parse(runs.body.toString()).runs.map((x) => x.info.run_id || x.info.run_uuid);
+        assert.ok(ids.includes(env.summary.run.id), `run still there: ${ids}`);
+        const exps = await request({ port: env.port, path: `${env.root}ajax-api/2.0/${version.startsWith('1.') ? 'preview/mlflow/experiments/list' : 'mlflow/experiments/search?max_results=100'}`, headers: { Host: publicHost } });
+        assert.equal(exps.status, 200, exps.body.toString().slice(0, 200));
+        assert.ok(!exps.body.toString().includes('ssrf'), 'no experiment created');
+        // DNS rebinding: the same adapter under another name
+        const rebound = await request({ port: env.port, path: env.root, headers: { Host: `rebound.example:${env.port}` } });
+        assert.equal(rebound.status, 421);
+      });
+
       it('the instance path without its slash redirects to it', { timeout: 15000 }, async () => {
         const r = await request({ port: env.port, path: PREFIX, headers: { Host: env.host } });
         assert.ok([301, 302, 303, 307, 308].includes(r.status), `GET ${PREFIX}: ${r.status}`);

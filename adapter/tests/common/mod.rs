@@ -82,7 +82,7 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
             .unwrap()
     };
     match path.as_str() {
-        "/echo" => {
+        "/echo" | "/ajax-api/2.0/mlflow/runs/search" | "/ajax-api/2.0/mlflow/runs/delete" => {
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()
@@ -138,6 +138,11 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
                 .body(full(body))
                 .unwrap()
         }
+        "/two-dates" => Response::builder()
+            .header(header::DATE, "Tue, 01 Dec 2026 07:00:00 GMT")
+            .header(header::DATE, "Tue, 01 Dec 2026 07:00:01 GMT")
+            .body(full("two dates"))
+            .unwrap(),
         "/tiny.json" => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
             .body(full("{}"))
@@ -305,6 +310,16 @@ impl AdapterBuilder {
         self
     }
 
+    pub fn writes_on(mut self) -> Self {
+        self.args.writes = Some(adapter::config::Switch::On);
+        self
+    }
+
+    pub fn public_host(mut self, hosts: &str) -> Self {
+        self.args.public_host = Some(hosts.into());
+        self
+    }
+
     pub fn upstream_timeout(mut self, d: Duration) -> Self {
         self.args.upstream_timeout = Some(d);
         self
@@ -351,4 +366,120 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Every value of a header (name in lower case).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).first().copied()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `method target` over a fresh connection exactly as written (no URL
+/// normalisation, unlike an HTTP client) and reads the whole answer.
+pub async fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = format!("{method} {target} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Connection: close\r\nContent-Length: 0\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("answer within 10 s")
+        .unwrap();
+    parse_response(&buf)
+}
+
+fn parse_response(buf: &[u8]) -> RawResponse {
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(buf)));
+    let head = std::str::from_utf8(&buf[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    let mut body = buf[end + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                    .unwrap();
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The value of an unlabelled series in a Prometheus exposition.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
