@@ -20,9 +20,11 @@ nofile=$(_flowgate_limit 1024 -n)
 nproc=$(_flowgate_limit 32768 -u)
 ulimit_flags=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")
 # podman run ...
-podman_run=(podman --runtime runc --cgroup-manager cgroupfs run "${ulimit_flags[@]}")
-# buildah bud ... (RUN steps in runc, OCI isolation, like `docker build`)
-buildah_bud=(buildah bud --isolation oci --runtime runc --pull=never --layers "${ulimit_flags[@]}")
+podman_run=(podman --runtime runc --cgroup-manager cgroupfs run --pull=never "${ulimit_flags[@]}")
+# buildah bud ... (RUN steps in runc, OCI isolation, like `docker build`; no layer
+# cache: intermediate images would cost GBs of disk, the content tag and the cargo
+# and pip caches do the caching)
+buildah_bud=(buildah bud --isolation oci --runtime runc --pull=never --layers=false "${ulimit_flags[@]}")
 
 # Debian packages this needs; installed when missing (the machine has apt access).
 images_debs=(buildah podman runc containernetworking-plugins debootstrap skopeo uidmap fuse-overlayfs curl ca-certificates)
