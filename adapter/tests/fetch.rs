@@ -481,3 +481,109 @@ fn the_binary_reports_failures_with_a_nonzero_exit() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.tgz"));
 }
+
+/// Archives as jobs really write them: `tar -C dir -czf job.tgz .` and Python's
+/// `shutil.make_archive` (tar and zip) start with a `./` entry for the root.
+#[tokio::test]
+async fn archives_made_by_tar_and_shutil_install() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job");
+    std::fs::create_dir_all(job.join("mlruns/0/r1/metrics")).unwrap();
+    std::fs::write(job.join("mlruns/0/meta.yaml"), "name: Default\n").unwrap();
+    std::fs::write(
+        job.join("mlruns/0/r1/metrics/accuracy"),
+        "1700000000000 0.9375 19\n",
+    )
+    .unwrap();
+    let tgz = tmp.path().join("tar.tgz");
+    let out = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&job)
+        .arg("-czf")
+        .arg(&tgz)
+        .arg(".")
+        .output()
+        .expect("tar");
+    assert!(out.status.success(), "{out:?}");
+    let script = "import shutil, sys\n\
+                  print(shutil.make_archive(sys.argv[1] + '/shutil', 'gztar', root_dir=sys.argv[2]))\n\
+                  print(shutil.make_archive(sys.argv[1] + '/shutil', 'zip', root_dir=sys.argv[2]))\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(tmp.path())
+        .arg(&job)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{out:?}");
+    let mut files = HashMap::new();
+    for name in ["tar.tgz", "shutil.tar.gz", "shutil.zip"] {
+        files.insert(
+            format!("/{name}"),
+            std::fs::read(tmp.path().join(name)).unwrap(),
+        );
+    }
+    // the tar archives really hold the root entry this is about
+    for name in ["/tar.tgz", "/shutil.tar.gz"] {
+        let raw = flate2::read::GzDecoder::new(&files[name][..]);
+        let first = tar::Archive::new(raw)
+            .entries()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .unwrap()
+            .into_owned();
+        assert_eq!(first, Path::new("."), "{name}");
+    }
+    let addr = serve_files(files.clone()).await;
+    for (name, data) in &files {
+        let dest = tmp
+            .path()
+            .join(format!("dest-{}", name.trim_start_matches('/')));
+        let outcome = fetch(&options(format!("http://{addr}{name}"), sha(data), &dest))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(matches!(outcome, Outcome::Installed { .. }), "{name}");
+        assert_eq!(
+            std::fs::read_to_string(dest.join("mlruns/0/r1/metrics/accuracy")).unwrap(),
+            "1700000000000 0.9375 19\n",
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.join("mlruns/0/meta.yaml")).unwrap(),
+            "name: Default\n"
+        );
+    }
+}
+
+/// A root entry is only ever a directory: as a file or a link it is refused.
+#[tokio::test]
+async fn a_root_entry_that_is_not_a_directory_is_refused() {
+    let as_file = tar_gz(&[file("./", b"x"), file("a", b"y")]);
+    let as_link = tar_gz(&[Entry {
+        name: ".",
+        kind: tar::EntryType::Symlink,
+        link: "/etc",
+        data: b"",
+    }]);
+    let addr = serve_files(HashMap::from([
+        ("/file".into(), as_file.clone()),
+        ("/link".into(), as_link.clone()),
+    ]))
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("store");
+    for (path, data) in [("/file", &as_file), ("/link", &as_link)] {
+        let err = fetch(&options(format!("http://{addr}{path}"), sha(data), &dest))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Unsafe { .. }), "{path}: {err:?}");
+        assert!(!dest.exists());
+    }
+}
+
+#[test]
+fn the_default_entry_cap_is_far_below_a_million() {
+    assert!(Limits::default().max_entries <= 100_000);
+}

@@ -107,6 +107,12 @@ pub struct ServeOpts {
     /// Local backend: where instances keep their data
     #[arg(long, env = "FLOWGATE_DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Host names (host or host:port, comma-separated) the API and the local
+    /// instances answer; any other Host gets a 421 [default: the listen addresses
+    /// and localhost on their ports, the public URL's host, and --host with the
+    /// kubernetes and operator backends]
+    #[arg(long, env = "FLOWGATE_PUBLIC_HOST")]
+    pub public_host: Option<String>,
     /// Local backend: the mlflow executable
     #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
     pub mlflow: std::path::PathBuf,
@@ -138,6 +144,9 @@ pub enum Command {
         /// Who asks
         #[arg(long, default_value = ANONYMOUS)]
         owner: String,
+        /// Let visitors write (create experiments, delete runs); default: read-only
+        #[arg(long)]
+        writes: bool,
         /// Wait until the instance serves (or fails)
         #[arg(long)]
         wait: bool,
@@ -242,6 +251,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             sha256,
             ttl,
             owner,
+            writes,
             wait,
             wait_timeout,
         } => {
@@ -250,6 +260,7 @@ pub async fn run(cli: Cli) -> Result<String> {
                 owner: validate_owner(&owner)?,
                 artifacts: Artifacts::validated(&artifacts, &sha256, &["https", "http"])?,
                 ttl: ttl_policy.resolve(ttl.as_deref())?,
+                writes,
             };
             let created = backend.create(request).await?;
             if !created.created {

@@ -250,6 +250,10 @@ pub struct Instance {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Whether visitors may write (create experiments, delete runs, ...): off,
+    /// the default, makes the instance a read-only viewer.
+    #[serde(default)]
+    pub writes: bool,
 }
 
 impl Instance {
@@ -270,6 +274,8 @@ pub struct CreateRequest {
     pub artifacts: Artifacts,
     /// How long the instance lives.
     pub ttl: Duration,
+    /// Let visitors write through the adapter (default: read-only).
+    pub writes: bool,
 }
 
 /// Bounds on time-to-live.

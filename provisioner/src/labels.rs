@@ -30,6 +30,9 @@ pub const ANN_CREATED_AT: &str = "flowgate.io/created-at";
 pub const ANN_EXPIRES_AT: &str = "flowgate.io/expires-at";
 /// The browser URL.
 pub const ANN_URL: &str = "flowgate.io/url";
+/// `true` when visitors may write (the adapter's `--writes on`); absent or
+/// anything else: read-only.
+pub const ANN_WRITES: &str = "flowgate.io/writes";
 /// `creating` until every object of the instance exists, then `complete`.
 pub const ANN_STATE: &str = "flowgate.io/state";
 

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod events;
+pub mod hosts;
 pub mod instance;
 pub mod kube;
 pub mod labels;

@@ -3,9 +3,10 @@
 //! backend also the instances' own listener and the expiry reaper. Stops
 //! cleanly on SIGTERM or Ctrl-C.
 
-use crate::api::{ApiState, Quotas, auth::Tokens, check_listen, router};
+use crate::api::{ApiState, Quotas, auth::Tokens, check_listen, guard_hosts, router};
 use crate::backend::Backend;
 use crate::cli::{BackendKind, ServeOpts};
+use crate::hosts::PublicHosts;
 use crate::kube::KubeBackend;
 use crate::local::router::LocalRouter;
 use crate::local::{LocalBackend, LocalSettings, default_data_dir};
@@ -33,6 +34,26 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         None => None,
     };
     check_listen(opts.listen, tokens.is_some())?;
+    let hosts = Arc::new(match &opts.public_host {
+        Some(list) => PublicHosts::parse(list)?,
+        None => {
+            let mut listen = vec![opts.listen];
+            let mut extra = Vec::new();
+            if kind == BackendKind::Local {
+                listen.push(opts.local_listen);
+                if let Some(url) = &opts.public_url
+                    && let Ok(uri) = url.parse::<http::Uri>()
+                    && let Some(authority) = uri.authority()
+                {
+                    extra.push(authority.to_string());
+                }
+            } else {
+                extra.push(kube.host.clone());
+            }
+            PublicHosts::defaults(&listen, &extra)
+        }
+    });
+    tracing::info!(public_hosts = %hosts.describe(), "answering these host names");
     let api_listener = bind(opts.listen, "REST API").await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -72,7 +93,8 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 ttl,
             };
             let backend = LocalBackend::open(settings).await?;
-            let routes = Arc::new(LocalRouter::new(backend.routes()));
+            let routes =
+                Arc::new(LocalRouter::new(backend.routes()).with_public_hosts(Arc::clone(&hosts)));
             let limits = ConnectionLimits {
                 header_read_timeout: Duration::from_secs(30),
                 max_header_bytes: 64 * 1024,
@@ -103,7 +125,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         },
     );
     tracing::info!(api = %opts.listen, backend = ?kind, "flowgate serve ready");
-    axum::serve(api_listener, router(state))
+    axum::serve(api_listener, guard_hosts(router(state), hosts))
         .with_graceful_shutdown(stopped())
         .await
         .map_err(|e| Error::Internal(format!("REST API: {e}")))?;

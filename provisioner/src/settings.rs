@@ -186,7 +186,11 @@ impl KubeSettings {
             mlflow_memory: pair("mlflow-memory", &args.mlflow_memory)?,
             adapter_cpu: pair("adapter-cpu", &args.adapter_cpu)?,
             adapter_memory: pair("adapter-memory", &args.adapter_memory)?,
-            store_size: args.store_size.clone(),
+            store_size: {
+                quantity_bytes(&args.store_size)
+                    .map_err(|e| crate::Error::invalid("store-size", e))?;
+                args.store_size.clone()
+            },
             ttl: TtlPolicy {
                 default: args.default_ttl,
                 min: Duration::from_secs(60),
@@ -199,5 +203,63 @@ impl KubeSettings {
     /// The URL users open for an instance.
     pub fn url_for(&self, id: &crate::instance::InstanceId) -> String {
         format!("{}://{}/{}/", self.url_scheme, self.host, id)
+    }
+}
+
+/// Bytes in a Kubernetes quantity such as `10Gi`, `500M`, `1.5Gi` or `2e9`
+/// (rounded down). Errors name what is wrong.
+pub fn quantity_bytes(raw: &str) -> std::result::Result<u64, String> {
+    let s = raw.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let bad = || format!("{raw:?}: not a quantity such as 10Gi or 500M");
+    if number.is_empty() || number.matches('.').count() > 1 || number == "." {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "m" => 1e-3,
+        e if e.starts_with(['e', 'E']) => {
+            let exp: i32 = e[1..].parse().map_err(|_| bad())?;
+            10f64.powi(exp)
+        }
+        _ => return Err(bad()),
+    };
+    let bytes = value * factor;
+    if !bytes.is_finite() || bytes < 1.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("{raw:?}: out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantity_bytes;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("10Gi"), Ok(10 << 30));
+        assert_eq!(quantity_bytes("500M"), Ok(500_000_000));
+        assert_eq!(quantity_bytes("1.5Gi"), Ok(3 << 29));
+        assert_eq!(quantity_bytes("2e9"), Ok(2_000_000_000));
+        assert_eq!(quantity_bytes("1024"), Ok(1024));
+        for bad in ["", "Gi", "10GB", "-1Gi", "1..2Gi", "0", "10 Gi x", "1e999"] {
+            assert!(quantity_bytes(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -742,3 +742,216 @@ async fn expiry_and_crashes() {
     );
     local.backend.stop_all().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The status of a raw HTTP/1.1 request with this `Host` (None: no Host line).
+async fn status_with_host(port: u16, method: &str, path: &str, host: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\n{host}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let head = String::from_utf8_lossy(&out);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{head}"))
+}
+
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `flowgate serve --backend local` (the real binary) on free ports.
+async fn serve_binary(data: &Path, extra: &[&str]) -> (Serve, u16, u16) {
+    let (api, instances) = (free_port(), free_port());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["serve", "--backend", "local"])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--local-listen")
+        .arg(format!("127.0.0.1:{instances}"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--mlflow")
+        .arg(mlflow())
+        .args(extra)
+        .env_remove("FLOWGATE_PUBLIC_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let serve = Serve(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", api))
+        .await
+        .is_err()
+        || tokio::net::TcpStream::connect(("127.0.0.1", instances))
+            .await
+            .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flowgate serve did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (serve, api, instances)
+}
+
+/// DNS rebinding: a page whose own name now resolves to 127.0.0.1 sends that
+/// name as Host. The API and the instances' listener answer it 421; probes
+/// answer any Host.
+#[tokio::test]
+async fn other_host_names_are_misdirected() {
+    let data = tempfile::tempdir().unwrap();
+    let (_serve, api, inst) = serve_binary(data.path(), &[]).await;
+    let evil = |port: u16| format!("rebound.evil.example:{port}");
+    for (port, path) in [(api, "/api/v1/instances"), (inst, "/abcdefg/")] {
+        assert_eq!(
+            status_with_host(port, "GET", path, Some(&evil(port))).await,
+            421,
+            "{path}"
+        );
+        let no_host = status_with_host(port, "GET", path, None).await;
+        assert!(
+            matches!(no_host, 400 | 421),
+            "{path} without Host: {no_host}"
+        );
+        assert_eq!(
+            status_with_host(port, "GET", "/healthz", Some(&evil(port))).await,
+            200
+        );
+    }
+    assert_eq!(
+        status_with_host(api, "GET", "/metrics", Some("x")).await,
+        200
+    );
+    assert_eq!(
+        status_with_host(api, "POST", "/api/v1/instances", Some(&evil(api))).await,
+        421
+    );
+    // the listen addresses and localhost are the defaults
+    for host in [format!("127.0.0.1:{api}"), format!("localhost:{api}")] {
+        assert_eq!(
+            status_with_host(api, "GET", "/api/v1/instances", Some(&host)).await,
+            200
+        );
+    }
+    assert_eq!(
+        status_with_host(inst, "GET", "/abcdefg/", Some(&format!("localhost:{inst}"))).await,
+        404
+    );
+    // the port is part of it (both listeners share one list)
+    assert_eq!(
+        status_with_host(api, "GET", "/api/v1/instances", Some("localhost:1")).await,
+        421
+    );
+
+    // --public-host replaces the defaults
+    let data = tempfile::tempdir().unwrap();
+    let (_serve, api, inst) =
+        serve_binary(data.path(), &["--public-host", "flowgate.test,localhost"]).await;
+    assert_eq!(
+        status_with_host(api, "GET", "/api/v1/instances", Some("flowgate.test")).await,
+        200
+    );
+    assert_eq!(
+        status_with_host(inst, "GET", "/abcdefg/", Some("FLOWGATE.test:80")).await,
+        404
+    );
+    assert_eq!(
+        status_with_host(
+            api,
+            "GET",
+            "/api/v1/instances",
+            Some(&format!("127.0.0.1:{api}"))
+        )
+        .await,
+        421
+    );
+}
+
+/// `writes` is an instance field: off unless asked for, shown back, validated.
+#[tokio::test]
+async fn writes_are_off_unless_asked_for() {
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let c = http();
+    let body = |workload: &str, writes: Option<Value>| {
+        let mut b = json!({"workload": workload, "artifacts": {"url": "file:///nonexistent/job.tgz", "sha256": "0".repeat(64)}});
+        if let Some(w) = writes {
+            b["writes"] = w;
+        }
+        b
+    };
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&body("w1", None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap()["writes"], false);
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&body("w2", Some(json!(true))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["writes"], true);
+    let got: Value = c
+        .get(format!(
+            "{base}/api/v1/instances/{}",
+            created["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["writes"], true);
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&body("w3", Some(json!("yes"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let doc: Value = c
+        .get(format!("{base}/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["components"]["schemas"]["CreateBody"]["properties"]["writes"]["type"],
+        "boolean"
+    );
+}

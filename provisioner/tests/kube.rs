@@ -32,6 +32,7 @@ fn request(workload: &str, seed: &str) -> CreateRequest {
         )
         .unwrap(),
         ttl: Duration::from_secs(24 * 3600),
+        writes: false,
     }
 }
 
@@ -95,6 +96,72 @@ async fn create_makes_hardened_owned_objects_that_become_ready() {
         .unwrap();
     assert_eq!(ready.phase, Phase::Ready);
     assert_eq!(b.get(&i.id).await.unwrap().phase, Phase::Ready);
+}
+
+/// What the adapter and fetch are told: the public host (anything else is a
+/// 421), writes off unless asked for, and download/unpack limits below the
+/// store volume, as the real apiserver stores them.
+#[tokio::test]
+async fn instances_are_read_only_by_default_and_bounded_by_their_volume() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let b = backend(client.clone(), settings(&ns)).await;
+    let read_only = b.create(request("4711", "e")).await.unwrap().instance;
+    assert!(!read_only.writes);
+    let mut asked = request("4711", "e");
+    asked.writes = true;
+    let writable = b.create(asked).await.unwrap();
+    assert!(
+        writable.created,
+        "a writable instance is not the read-only one"
+    );
+    assert!(writable.instance.writes);
+    assert!(b.get(&writable.instance.id).await.unwrap().writes);
+    assert!(!b.get(&read_only.id).await.unwrap().writes);
+
+    let deployments = Api::<Deployment>::namespaced(client, &ns);
+    for (i, want) in [(&read_only, "off"), (&writable.instance, "on")] {
+        let d = deployments.get(&i.id.object_name()).await.unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let adapter = pod.containers.iter().find(|c| c.name == "adapter").unwrap();
+        let env: std::collections::BTreeMap<_, _> = adapter
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(env["FLOWGATE_WRITES"], want);
+        assert_eq!(env["FLOWGATE_PUBLIC_HOST"], "ml.example.test");
+        let size = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "data")
+            .unwrap();
+        let size = size
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0
+            .clone();
+        let size = provisioner::settings::quantity_bytes(&size).unwrap();
+        let args = pod.init_containers.as_ref().unwrap()[0]
+            .args
+            .clone()
+            .unwrap();
+        let flag = |name: &str| -> u64 {
+            let at = args
+                .iter()
+                .position(|a| a == name)
+                .unwrap_or_else(|| panic!("{name} in {args:?}"));
+            args[at + 1].parse().unwrap()
+        };
+        let (down, unpacked) = (flag("--max-download-bytes"), flag("--max-unpacked-bytes"));
+        assert!(down + unpacked < size, "{down} + {unpacked} >= {size}");
+    }
 }
 
 #[tokio::test]

@@ -121,6 +121,7 @@ fn spec(workload: &str) -> MlflowInstanceSpec {
         expires_at: None,
         image: None,
         resources: None,
+        writes: false,
     }
 }
 
@@ -1114,6 +1115,7 @@ fn request(workload: &str) -> CreateRequest {
         )
         .unwrap(),
         ttl: Duration::from_secs(24 * 3600),
+        writes: false,
     }
 }
 
@@ -1134,6 +1136,7 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
     let again = b.create(request("task/77 (retry)")).await.unwrap();
     assert!(!again.created);
     assert_eq!(again.instance.id, i.id);
+    assert!(!i.writes);
     let mut bob = request("8888");
     bob.owner = "bob".into();
     let other = b.create(bob).await.unwrap().instance;
@@ -1152,7 +1155,45 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
             .unwrap()
             .is_some()
     );
-    assert_eq!(b.list(&ListFilter::default()).await.unwrap().len(), 2);
+    // writes go through the resource to the adapter; off unless asked for
+    let env_of = |d: Deployment| -> std::collections::BTreeMap<String, String> {
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let adapter = pod
+            .containers
+            .into_iter()
+            .find(|c| c.name == "adapter")
+            .unwrap();
+        adapter
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect()
+    };
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let env = env_of(deployments.get(&i.id.object_name()).await.unwrap());
+    assert_eq!(env["FLOWGATE_WRITES"], "off");
+    assert_eq!(env["FLOWGATE_PUBLIC_HOST"], "ml.example.test");
+    let mut writable = request("task/77 (retry)");
+    writable.writes = true;
+    let writable = b.create(writable).await.unwrap();
+    assert!(writable.created && writable.instance.writes);
+    let w = writable.instance;
+    b.wait_ready(&w.id, Duration::from_secs(90), &|_| {})
+        .await
+        .unwrap();
+    assert!(b.get(&w.id).await.unwrap().writes);
+    assert_eq!(
+        env_of(deployments.get(&w.id.object_name()).await.unwrap())["FLOWGATE_WRITES"],
+        "on"
+    );
+    b.delete(&w.id).await.unwrap();
+    eventually(
+        "the writable instance gone",
+        Duration::from_secs(30),
+        || async { (b.list(&ListFilter::default()).await.ok()?.len() == 2).then_some(()) },
+    )
+    .await;
     let bobs = b
         .list(&ListFilter {
             workload: None,
@@ -1375,6 +1416,7 @@ fn the_operator_manifests_render() {
         "Role/flowgate-operator",
         "RoleBinding/flowgate-operator",
         "Deployment/flowgate-operator",
+        "NetworkPolicy/flowgate-operator",
     ] {
         assert!(
             kinds.iter().any(|k| k == want),
@@ -1392,6 +1434,35 @@ fn the_operator_manifests_render() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["serviceAccountName"], "flowgate-operator");
+    // isolated both ways; egress never to link-local addresses
+    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert_eq!(np["spec"]["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .map(|l| json!({"app.kubernetes.io/name": l["app.kubernetes.io/name"], "app.kubernetes.io/component": l["app.kubernetes.io/component"]}))
+        .unwrap());
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    let blocks: Vec<&serde_json::Value> = np["spec"]["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["to"].as_array().unwrap())
+        .filter_map(|p| p.get("ipBlock"))
+        .collect();
+    assert!(!blocks.is_empty());
+    for b in blocks {
+        let except: Vec<&str> = b["except"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        let want = if b["cidr"].as_str().unwrap().contains(':') {
+            "fe80::/10"
+        } else {
+            "169.254.0.0/16"
+        };
+        assert!(except.contains(&want), "{b}");
+    }
 }
 
 #[tokio::test]

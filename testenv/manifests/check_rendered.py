@@ -9,6 +9,7 @@ likewise. Prints one line per check, `ok   ...` or `FAIL ...` (with the reasons
 indented below); testenv/manifests/validate counts them.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -66,6 +67,104 @@ def by(objs, kind, name=None):
 def one(objs, kind, name):
     found = by(objs, kind, name)
     return found[0] if len(found) == 1 else None
+
+
+def selects(np, labels):
+    """True when the NetworkPolicy's podSelector matches `labels`."""
+    sel = np["spec"].get("podSelector", {})
+    if any(labels.get(k) != v for k, v in sel.get("matchLabels", {}).items()):
+        return False
+    for e in sel.get("matchExpressions", []):
+        have, op, values = labels.get(e["key"]), e["operator"], e.get("values", [])
+        if (op == "In" and have not in values) or (op == "NotIn" and have in values) \
+                or (op == "Exists" and have is None) or (op == "DoesNotExist" and have is not None):
+            return False
+    return True
+
+
+# never reachable from any Flowgate pod: link-local (cloud metadata, the node's services)
+LINK_LOCAL = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")]
+DNS_PORTS = {53, 5353}
+
+
+def link_local_leaks(block):
+    """Link-local networks an ipBlock admits (not taken out by its `except`)."""
+    net = ipaddress.ip_network(block["cidr"], strict=False)
+    excepted = [ipaddress.ip_network(e, strict=False) for e in block.get("except", [])]
+    leaks = []
+    for ll in LINK_LOCAL:
+        if ll.version != net.version or not net.overlaps(ll):
+            continue
+        if not any(e.version == ll.version and (e == ll or ll.subnet_of(e)) for e in excepted):
+            leaks.append(str(ll))
+    return leaks
+
+
+def check_network_policies(c, objs):
+    nps = by(objs, "NetworkPolicy")
+    # every pod Flowgate runs or makes is isolated both ways by some policy
+    pods = [(ident(o), tpl["metadata"].get("labels", {})) for o, tpl, _ in pod_templates(objs)]
+    pods.append(("instance pods", {"app.kubernetes.io/name": "mlflow"}))
+    probs = []
+    for name, labels in pods:
+        for kind in ("Ingress", "Egress"):
+            if not any(selects(np, labels) and kind in np["spec"].get("policyTypes", []) for np in nps):
+                probs.append(f"{name}: no NetworkPolicy with {kind} selects it (open {kind.lower()})")
+    c.check("NetworkPolicy: every Flowgate pod and every instance pod is isolated for ingress and egress", probs)
+
+    probs = []
+    for np in nps:
+        for rule in np["spec"].get("egress", []):
+            if not rule.get("to"):
+                probs.append(f"{ident(np)}: an egress rule without `to` reaches everything")
+            for peer in rule.get("to", []):
+                if "ipBlock" in peer:
+                    for leak in link_local_leaks(peer["ipBlock"]):
+                        probs.append(f"{ident(np)}: ipBlock {peer['ipBlock']} reaches link-local {leak}")
+                elif peer.get("namespaceSelector") == {} and not peer.get("podSelector"):
+                    probs.append(f"{ident(np)}: egress to every namespace")
+    c.check("NetworkPolicy: no egress rule reaches link-local addresses (169.254.0.0/16, fe80::/10, "
+            "fd00:ec2::254) or everything", probs)
+
+    egress = one(objs, "NetworkPolicy", "flowgate-instances-egress")
+    probs = [] if egress else ["no NetworkPolicy flowgate-instances-egress"]
+    if egress:
+        s = egress["spec"]
+        if s.get("podSelector") != {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}:
+            probs.append(f"podSelector {s.get('podSelector')}")
+        if s.get("policyTypes") != ["Egress"]:
+            probs.append(f"policyTypes {s.get('policyTypes')}")
+        dns = blocks = 0
+        for rule in s.get("egress", []):
+            peers = rule.get("to", [])
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            if peers and all("ipBlock" in p for p in peers):
+                blocks += 1
+                if not rule.get("ports"):
+                    probs.append("an artefact rule without ports")
+            elif peers and all("ipBlock" not in p and p.get("podSelector") for p in peers) \
+                    and ports and ports <= DNS_PORTS:
+                dns += 1
+            else:
+                probs.append(f"rule {rule} is neither DNS (pods, ports 53/5353) nor artefact ipBlocks")
+        if not dns:
+            probs.append("no DNS rule")
+        if not blocks:
+            probs.append("no artefact-store rule")
+    c.check("NetworkPolicy: instance pods reach DNS and the artefact store's blocks only", probs)
+
+    api = one(objs, "NetworkPolicy", "flowgate-api")
+    probs = [] if api else ["no NetworkPolicy flowgate-api"]
+    if api:
+        for r in api["spec"].get("ingress", []):
+            if [(p.get("protocol", "TCP"), p.get("port")) for p in r.get("ports", [])] != [("TCP", 7000)]:
+                probs.append(f"ports {r.get('ports')} are not exactly TCP 7000")
+            if not r.get("from"):
+                probs.append("an ingress rule without `from` admits every source")
+            for peer in r.get("from", []):
+                if "ipBlock" in peer or peer.get("namespaceSelector") == {}:
+                    probs.append(f"peer {peer} is too wide")
+    c.check("NetworkPolicy: the API reachable on TCP 7000 from the ingress namespace only", probs)
 
 
 def main():
@@ -261,8 +360,8 @@ def main():
     c.check("RBAC: the committed least-privilege Role, bound to the provisioner's ServiceAccount only", probs)
 
     # NetworkPolicy
-    nps = by(objs, "NetworkPolicy")
-    probs = [] if len(nps) == 1 else [f"{len(nps)} NetworkPolicies, expected 1"]
+    nps = [np for np in by(objs, "NetworkPolicy") if np["metadata"]["name"] == "flowgate-instances"]
+    probs = [] if len(nps) == 1 else [f"{len(nps)} NetworkPolicies flowgate-instances, expected 1"]
     for np in nps:
         s = np["spec"]
         if s.get("podSelector") != {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}:
@@ -282,6 +381,7 @@ def main():
                 if "ipBlock" in peer or (peer.get("namespaceSelector") == {}):
                     probs.append(f"peer {peer} is too wide")
     c.check("NetworkPolicy: instance pods (name=mlflow) reachable on TCP 8080 from the ingress namespace only", probs)
+    check_network_policies(c, objs)
 
     if overlay == "kubernetes":
         ing = one(objs, "Ingress", "flowgate-api")

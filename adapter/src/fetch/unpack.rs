@@ -26,7 +26,8 @@ impl Default for Limits {
         Self {
             max_download_bytes: 8 << 30,
             max_unpacked_bytes: 32 << 30,
-            max_entries: 1_000_000,
+            // an inode per entry: a job's store has thousands, not millions
+            max_entries: 100_000,
         }
     }
 }
@@ -124,6 +125,9 @@ impl Sink<'_> {
                 continue;
             }
             self.count(&name)?;
+            if kind.is_dir() && names_the_root(&name) {
+                continue; // `.` or `./`, as `tar -C dir -czf job.tgz .` and shutil write first
+            }
             let rel = safe_relative(&name)?;
             let dest = self.root.join(&rel);
             if kind.is_dir() {
@@ -197,6 +201,9 @@ impl Sink<'_> {
             let mut entry = archive.by_index(i).map_err(corrupt)?;
             let name = entry.name().map_err(corrupt)?.into_owned();
             self.count(&name)?;
+            if entry.is_dir() && names_the_root(&name) {
+                continue;
+            }
             let rel = safe_relative(&name)?;
             let dest = self.root.join(&rel);
             if entry.is_symlink() {
@@ -322,6 +329,15 @@ fn unsafe_entry(name: &str, reason: &str) -> FetchError {
     }
 }
 
+/// True for a name that is the root itself (`.`, `./`, `././`): accepted as a
+/// directory entry (nothing to create), refused as anything else by
+/// [`safe_relative`].
+fn names_the_root(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(['\\', '\0'])
+        && Path::new(name).components().all(|c| c == Component::CurDir)
+}
+
 /// An entry name as a path relative to the root: no absolute paths, no `..`.
 fn safe_relative(name: &str) -> Result<PathBuf, FetchError> {
     if name.contains('\0') || name.contains('\\') {
@@ -401,6 +417,18 @@ mod tests {
             "a\\b",
         ] {
             assert!(safe_relative(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_root_entry() {
+        for root in [".", "./", "./.", "././"] {
+            assert!(names_the_root(root), "{root:?}");
+            // still never a path to write a file or a link at
+            assert!(safe_relative(root).is_err(), "{root:?}");
+        }
+        for other in ["", "/", "./a", "..", "./..", ".\\"] {
+            assert!(!names_the_root(other), "{other:?}");
         }
     }
 

@@ -531,6 +531,110 @@ class UnitRelocate(unittest.TestCase):
                         sys.stderr = stderr
 
 
+class UnitHostileStores(unittest.TestCase):
+    """Stores that try to keep an artefact location outside themselves."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = load_entrypoint()
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.rid = "e" * 32
+        self.db = os.path.join(self.tmp, "job", "mlflow.db")
+        os.makedirs(os.path.join(self.tmp, "job", "artifacts", "1", self.rid, "artifacts"))
+        con = sqlite3.connect(self.db)
+        con.executescript(f"""
+            create table experiments (experiment_id integer primary key, name text, artifact_location text);
+            create table runs (run_uuid text primary key, experiment_id integer, artifact_uri text);
+            create table secrets (secret_id text, secret_name text);
+            insert into experiments values (1, 'e', 'file:///old/job/artifacts/1');
+            insert into runs values ('{self.rid}', 1, 'file:///etc');
+        """)
+        con.commit()
+        con.close()
+
+    def sql(self, script):
+        con = sqlite3.connect(self.db)
+        con.executescript(script)
+        con.commit()
+        con.close()
+
+    def test_foreign_triggers_and_views_are_refused(self):
+        for script in ("create trigger keep before update on runs begin select raise(ignore); end;",
+                       "create trigger undo after update on runs begin update runs set artifact_uri = old.artifact_uri; end;",
+                       "create view runs_v as select * from runs;",
+                       # MLflow's trigger's name on another table
+                       "create trigger prevent_secrets_aad_mutation before update on runs begin select raise(ignore); end;"):
+            with self.subTest(script=script):
+                self.sql(script)
+                with self.assertRaises(self.m.Fatal) as cm:
+                    self.m.relocate_sqlite(self.db, self.m.Relocator(self.tmp, []))
+                self.assertIn("refused", str(cm.exception))
+                self.assertIn("MLflow never creates", str(cm.exception))
+                con = sqlite3.connect(self.db)
+                self.assertEqual(con.execute("select artifact_uri from runs").fetchone()[0], "file:///etc")
+                for t, n in con.execute("select type, name from sqlite_master where type in ('trigger', 'view')").fetchall():
+                    con.execute(f"drop {t} {n}")
+                con.commit()
+                con.close()
+
+    def test_mlflows_own_trigger_is_accepted(self):
+        self.sql(self.m.MLFLOW_TRIGGERS["prevent_secrets_aad_mutation"].replace(" BEFORE", "\nBEFORE") + ";")
+        self.m.relocate_sqlite(self.db, self.m.Relocator(self.tmp, []))
+        self.m.verify_locations("sqlite", self.db, self.m.Relocator(self.tmp, []))
+
+    def test_an_update_that_does_not_take_is_refused(self):
+        # with the schema check out of the way, the rewrite itself notices
+        self.sql("create trigger keep before update on runs begin select raise(ignore); end;")
+        check, self.m.check_schema = self.m.check_schema, lambda db: None
+        try:
+            with self.assertRaises(self.m.Fatal) as cm:
+                self.m.relocate_sqlite(self.db, self.m.Relocator(self.tmp, []))
+        finally:
+            self.m.check_schema = check
+        self.assertIn("did not take", str(cm.exception))
+
+    def test_locations_are_read_back(self):
+        # a BLOB is not a str: the rewrite passes it by, the read-back does not
+        self.sql("update runs set artifact_uri = cast('file:///etc' as blob);")
+        rel = self.m.Relocator(self.tmp, [])
+        self.m.relocate_sqlite(self.db, rel)
+        with self.assertRaises(self.m.Fatal) as cm:
+            self.m.verify_locations("sqlite", self.db, rel)
+        self.assertIn("still point outside the store", str(cm.exception))
+        self.assertIn("file:///etc", str(cm.exception))
+        self.sql("update runs set artifact_uri = 'relative/path';")
+        with self.assertRaises(self.m.Fatal):
+            self.m.verify_locations("sqlite", self.db, rel)
+        self.sql(f"update runs set artifact_uri = 'file://{self.tmp}/job/artifacts';")
+        self.assertEqual(self.m.verify_locations("sqlite", self.db, rel), 2)
+
+    def test_connections_distrust_the_schema(self):
+        for ro in (True, False):
+            con = self.m.sqlite_open(self.db, readonly=ro)
+            self.assertEqual(con.execute("pragma trusted_schema").fetchone()[0], 0)
+            con.close()
+
+    def test_file_store_run_behind_a_link_is_relocated(self):
+        root = os.path.join(self.tmp, "fs", "mlruns")
+        os.makedirs(os.path.join(root, "1"))
+        with open(os.path.join(root, "1", "meta.yaml"), "w") as f:
+            f.write("artifact_location: file:///old/mlruns/1\nexperiment_id: '1'\nname: e\n")
+        hidden = os.path.join(self.tmp, "fs", "elsewhere", self.rid)
+        os.makedirs(hidden)
+        with open(os.path.join(hidden, "meta.yaml"), "w") as f:
+            f.write(f"artifact_uri: file:///etc\nexperiment_id: '1'\nrun_uuid: {self.rid}\n")
+        os.symlink(hidden, os.path.join(root, "1", self.rid))
+        rel = self.m.Relocator(os.path.join(self.tmp, "fs"), [])
+        self.m.check_links(rel.top, [])
+        self.m.relocate_file_store(root, rel)
+        with open(os.path.join(hidden, "meta.yaml")) as f:
+            self.assertNotIn("file:///etc", f.read())
+        self.m.verify_locations("file", root, rel)
+
+
 # ------------------------------------------------------------------ real MLflow
 
 
@@ -733,6 +837,81 @@ class Served(unittest.TestCase):
         self.assertEqual(srv.http.call("GET", "/get-artifact?path=x&run_uuid=y")[0], 404)
         self.check(srv, summary, "1.9.1", static_prefix="/k3x9q2a")
         self.stop_cleanly(srv, group=True)  # gunicorn's workers go too
+
+
+    # -- hostile stores: refused, or made safe; /etc is never served
+
+    def hostile_sqlite(self, writer):
+        top, summary = self.make_store(writer, "job", sqlite=True)
+        db = os.path.join(top, "job", "mlflow.db")
+        con = sqlite3.connect(db)
+        con.execute("update runs set artifact_uri = 'file:///etc' where run_uuid = ?", (summary["run"]["id"],))
+        con.execute("create trigger keep_paths before update on runs begin select raise(ignore); end")
+        con.commit()
+        con.close()
+        return top, summary
+
+    def test_sqlite_store_with_a_trigger_is_refused(self):
+        for server in ("current", "1.9.1"):
+            with self.subTest(server=server):
+                top, summary = self.hostile_sqlite(server)
+                port = free_port()
+                r = subprocess.run([py(server), ENTRY, "--store", top, "--port", str(port)], capture_output=True,
+                                   text=True, env=quiet_env(HOME=self.tmp), timeout=300)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn("refused", r.stderr)
+                self.assertIn("trigger 'keep_paths' on 'runs'", r.stderr)
+                self.assertNotIn("exec:", r.stderr, "mlflow server must not start")
+                with socket.socket() as s:
+                    self.assertNotEqual(s.connect_ex(("127.0.0.1", port)), 0, "nothing may listen")
+
+    def test_the_trigger_store_serves_etc_without_the_checks(self):
+        # why the test above matters: MLflow given that store serves /etc
+        top, summary = self.hostile_sqlite("current")
+        port = free_port()
+        plain = Server([SERVE, "current", os.path.join(top, "job"), str(port)], port,
+                       os.path.join(self.tmp, "plain.log"))
+        self.addCleanup(plain.kill)
+        q = urllib.parse.urlencode({"path": "passwd", "run_uuid": summary["run"]["id"]})
+        status, body = plain.http.call("GET", f"/get-artifact?{q}")
+        self.assertEqual(status, 200)
+        self.assertIn(b"root:", body)
+
+    def test_sqlite_location_left_outside_is_refused(self):
+        top, summary = self.make_store("current", "job", sqlite=True)
+        con = sqlite3.connect(os.path.join(top, "job", "mlflow.db"))
+        con.execute("update runs set artifact_uri = cast('file:///etc' as blob) where run_uuid = ?",
+                    (summary["run"]["id"],))
+        con.commit()
+        con.close()
+        r = subprocess.run([py("current"), ENTRY, "--store", top, "--port", str(free_port())], capture_output=True,
+                           text=True, env=quiet_env(HOME=self.tmp), timeout=300)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("still point outside the store", r.stderr)
+        self.assertNotIn("exec:", r.stderr)
+
+    def test_file_store_run_behind_a_link_never_serves_etc(self):
+        top, summary = self.make_store("current", "job/mlruns")
+        rid, exp = summary["run"]["id"], summary["experiment"]["id"]
+        run_dir = os.path.join(top, "job", "mlruns", exp, rid)
+        hidden = os.path.join(top, "job", "elsewhere", rid)
+        os.makedirs(os.path.dirname(hidden))
+        shutil.move(run_dir, hidden)
+        os.symlink(os.path.join("..", "..", "elsewhere", rid), run_dir)
+        meta = os.path.join(hidden, "meta.yaml")
+        with open(meta) as f:
+            text = f.read()
+        with open(meta, "w") as f:
+            f.write("\n".join("artifact_uri: file:///etc" if line.startswith("artifact_uri:") else line
+                              for line in text.splitlines()) + "\n")
+        srv = self.serve("current", top)
+        q = urllib.parse.urlencode({"path": "passwd", "run_uuid": rid})
+        status, body = srv.http.call("GET", f"/get-artifact?{q}")
+        self.assertNotIn(b"root:", body)
+        self.assertNotEqual(status, 200)
+        listed = srv.http.json("GET", f"/api/2.0/mlflow/artifacts/list?run_id={rid}")
+        self.assertNotIn("passwd", {f["path"] for f in listed.get("files", [])})
+        self.assertIn("none points outside the store", srv.tail(400))
 
     # -- preparation only
 

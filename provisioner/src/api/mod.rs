@@ -6,6 +6,7 @@ pub mod auth;
 
 use crate::backend::{Backend, ListFilter};
 use crate::events::{self, Event};
+use crate::hosts::PublicHosts;
 use crate::instance::{
     ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload, validate_owner,
 };
@@ -213,6 +214,10 @@ pub struct CreateBody {
     #[serde(default)]
     #[schema(pattern = r"^\S{1,128}$")]
     pub owner: Option<String>,
+    /// Let visitors write through the instance (create experiments, delete
+    /// runs, ...). Default false: a read-only viewer.
+    #[serde(default)]
+    pub writes: bool,
 }
 
 /// `POST /api/v1/instances/{id}/extend`.
@@ -288,6 +293,26 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// `router` answering 421 Misdirected Request to a `Host` not in `hosts`
+/// (probe paths excepted): see [`crate::hosts`].
+pub fn guard_hosts(router: Router, hosts: Arc<PublicHosts>) -> Router {
+    router.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let hosts = Arc::clone(&hosts);
+        async move {
+            if hosts.admits(&req) {
+                next.run(req).await
+            } else {
+                ApiFailure::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected",
+                    "this host name is not served here (see flowgate serve --public-host)",
+                )
+                .into_response()
+            }
+        }
+    }))
+}
+
 async fn count(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     state
@@ -358,6 +383,7 @@ async fn create(
         )?,
         ttl: backend.ttl_policy().resolve(body.ttl.as_deref())?,
         owner: owner.clone(),
+        writes: body.writes,
     };
     // The same workload and artefacts already live: that instance, quota or not.
     // The same workload and artefacts already live is that instance, quota or
@@ -370,6 +396,7 @@ async fn create(
         .await?;
     if let Some(existing) = same_workload.into_iter().find(|i| {
         i.artifacts.sha256 == request.artifacts.sha256
+            && i.writes == request.writes
             && matches!(i.phase, Phase::Pending | Phase::Ready)
     }) {
         return Ok((StatusCode::OK, Json(existing)));

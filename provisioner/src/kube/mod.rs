@@ -201,6 +201,7 @@ impl KubeBackend {
             .filter(|i| {
                 i.workload == request.workload.as_str()
                     && i.artifacts.sha256 == request.artifacts.sha256
+                    && i.writes == request.writes
             })
             .find(|i| matches!(i.phase, Phase::Ready | Phase::Pending)))
     }
@@ -329,6 +330,7 @@ impl Backend for KubeBackend {
             artifacts: request.artifacts.clone(),
             created_at: now,
             expires_at: add(now, ttl),
+            writes: request.writes,
             controller: None,
         };
         let name = spec.id.object_name();

@@ -40,6 +40,8 @@ pub struct InstanceSpec {
     pub created_at: Timestamp,
     /// Expiry.
     pub expires_at: Timestamp,
+    /// Visitors may write (the adapter's `FLOWGATE_WRITES=on`); off by default.
+    pub writes: bool,
     /// The operator's `MlflowInstance` that owns every object, Deployment
     /// included (the objects are then labelled managed-by
     /// [`OPERATOR_MANAGER`]). None on the provisioner's path, where the
@@ -87,8 +89,39 @@ pub fn annotations(
         (ANN_CREATED_AT.into(), spec.created_at.to_string()),
         (ANN_EXPIRES_AT.into(), spec.expires_at.to_string()),
         (ANN_URL.into(), settings.url_for(&spec.id)),
+        (ANN_WRITES.into(), spec.writes.to_string()),
         (ANN_STATE.into(), state.into()),
     ])
+}
+
+/// The fetch init container's arguments. The archive and the tree unpacked from
+/// it lie side by side in the `data` emptyDir while fetch unpacks (the archive is
+/// removed after), and MLflow needs room beyond the store (a schema upgrade, the
+/// journal): so the download may take 40% of the volume's size limit and the
+/// unpacked tree 50%, and a hostile archive is refused by fetch with a clear
+/// error instead of getting the pod evicted for passing the limit.
+pub fn fetch_args(spec: &InstanceSpec, s: &KubeSettings) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "fetch",
+        "--url",
+        spec.artifacts.url.as_str(),
+        "--sha256",
+        spec.artifacts.sha256.as_str(),
+        "--dest",
+        STORE_DIR,
+    ]
+    .map(String::from)
+    .into();
+    // An unparsable size is refused by the API server (sizeLimit) anyway.
+    if let Ok(size) = crate::settings::quantity_bytes(&s.store_size) {
+        args.extend([
+            "--max-download-bytes".to_owned(),
+            (size / 10 * 4).to_string(),
+            "--max-unpacked-bytes".to_owned(),
+            (size / 10 * 5).to_string(),
+        ]);
+    }
+    args
 }
 
 fn resources(cpu: &(String, String), memory: &(String, String)) -> Value {
@@ -144,7 +177,7 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
                     "initContainers": [{
                         "name": "fetch",
                         "image": s.adapter_image,
-                        "args": ["fetch", "--url", spec.artifacts.url, "--sha256", spec.artifacts.sha256, "--dest", STORE_DIR],
+                        "args": fetch_args(spec, s),
                         "env": [{"name": "RUST_LOG", "value": "info"}],
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
                         "resources": adapter_resources,
@@ -173,6 +206,10 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
                                 {"name": "FLOWGATE_PREFIX", "value": spec.id.prefix()},
                                 {"name": "FLOWGATE_LISTEN", "value": format!("0.0.0.0:{ADAPTER_PORT}")},
                                 {"name": "FLOWGATE_UPSTREAM", "value": format!("http://127.0.0.1:{MLFLOW_PORT}")},
+                                // the only Host (and origin) the adapter answers and
+                                // passes on: a browser's other names for the pod get a 421
+                                {"name": "FLOWGATE_PUBLIC_HOST", "value": s.host},
+                                {"name": "FLOWGATE_WRITES", "value": if spec.writes { "on" } else { "off" }},
                                 {"name": "RUST_LOG", "value": "info"},
                             ],
                             "ports": [{"name": "http", "containerPort": ADAPTER_PORT, "protocol": "TCP"}],
@@ -342,6 +379,7 @@ pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instan
         url: get(ANN_URL)?,
         phase,
         message,
+        writes: ann.get(ANN_WRITES).map(String::as_str) == Some("true"),
     })
 }
 
@@ -374,8 +412,67 @@ mod tests {
             },
             created_at: "2026-11-26T10:00:00Z".parse().unwrap(),
             expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
+            writes: false,
             controller: None,
         }
+    }
+
+    #[test]
+    fn the_adapter_gets_the_public_host_and_read_only_by_default() {
+        let env = |spec: &InstanceSpec| -> BTreeMap<String, String> {
+            let v = serde_json::to_value(deployment(spec, &settings(), "creating")).unwrap();
+            v["spec"]["template"]["spec"]["containers"][1]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["name"].as_str().unwrap().to_owned(),
+                        e["value"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let mut spec = spec();
+        let e = env(&spec);
+        assert_eq!(e["FLOWGATE_PUBLIC_HOST"], "ml.example.org");
+        assert_eq!(e["FLOWGATE_WRITES"], "off");
+        spec.writes = true;
+        assert_eq!(env(&spec)["FLOWGATE_WRITES"], "on");
+        let d = deployment(&spec, &settings(), "complete");
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        assert!(instance_from_deployment(&d, now).unwrap().writes);
+        spec.writes = false;
+        let d = deployment(&spec, &settings(), "complete");
+        assert!(!instance_from_deployment(&d, now).unwrap().writes);
+    }
+
+    #[test]
+    fn fetch_limits_stay_below_the_volume() {
+        let mut s = settings();
+        let v = serde_json::to_value(deployment(&spec(), &s, "creating")).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "10Gi");
+        let args: Vec<String> =
+            serde_json::from_value(pod["initContainers"][0]["args"].clone()).unwrap();
+        let flag = |args: &[String], name: &str| -> u64 {
+            let i = args.iter().position(|a| a == name).unwrap();
+            args[i + 1].parse().unwrap()
+        };
+        let size = 10u64 << 30;
+        let (down, unpacked) = (
+            flag(&args, "--max-download-bytes"),
+            flag(&args, "--max-unpacked-bytes"),
+        );
+        assert!(
+            unpacked < size && down + unpacked < size,
+            "{down} + {unpacked} vs {size}"
+        );
+        assert!(unpacked >= size / 2 - 10);
+        s.store_size = "500M".into();
+        let args = fetch_args(&spec(), &s);
+        assert_eq!(flag(&args, "--max-unpacked-bytes"), 250_000_000);
+        assert_eq!(flag(&args, "--max-download-bytes"), 200_000_000);
     }
 
     #[test]

@@ -427,6 +427,7 @@ impl Backend for LocalBackend {
             expires_at: add(now, ttl),
             phase: Phase::Pending,
             message: None,
+            writes: request.writes,
         };
         self.launch(record.clone());
         Ok(Created {

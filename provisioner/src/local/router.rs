@@ -2,6 +2,7 @@
 //! adapter [`Proxy`] (the sidecar's code, used as a library), so each MLflow sees
 //! what it would see in a pod.
 
+use crate::hosts::PublicHosts;
 use adapter::Proxy;
 use adapter::body::ProxyBody;
 use adapter::server::Handler;
@@ -63,12 +64,20 @@ enum Lookup {
 /// The local listener's request handler.
 pub struct LocalRouter {
     table: Arc<RouteTable>,
+    hosts: Option<Arc<PublicHosts>>,
 }
 
 impl LocalRouter {
-    /// A router over `table`.
+    /// A router over `table` that answers any `Host`.
     pub fn new(table: Arc<RouteTable>) -> Self {
-        Self { table }
+        Self { table, hosts: None }
+    }
+
+    /// Answers 421 to a `Host` not in `hosts` (`/healthz` excepted): a page on
+    /// another site rebound to this address cannot read the instances.
+    pub fn with_public_hosts(mut self, hosts: Arc<PublicHosts>) -> Self {
+        self.hosts = Some(hosts);
+        self
     }
 }
 
@@ -104,6 +113,16 @@ impl Handler for LocalRouter {
         let path = req.uri().path();
         if path == "/healthz" {
             return Response::new(ProxyBody::full("ok\n"));
+        }
+        if let Some(hosts) = &self.hosts
+            && !hosts.admits(&req)
+        {
+            return page(
+                StatusCode::MISDIRECTED_REQUEST,
+                "Misdirected request",
+                "This host name is not served here.",
+                false,
+            );
         }
         let id = path
             .trim_start_matches('/')

@@ -77,6 +77,7 @@ pub fn instance_from_resource(
         expires_at,
         phase,
         message: status.message,
+        writes: r.spec.writes,
     })
 }
 
@@ -145,6 +146,7 @@ impl Backend for OperatorBackend {
             .find(|i| {
                 i.workload == request.workload.as_str()
                     && i.artifacts.sha256 == request.artifacts.sha256
+                    && i.writes == request.writes
                     && matches!(i.phase, Phase::Pending | Phase::Ready)
             });
         if let Some(instance) = live {
@@ -182,6 +184,7 @@ impl Backend for OperatorBackend {
                 expires_at: None,
                 image: None,
                 resources: None,
+                writes: request.writes,
             },
             status: None,
         };

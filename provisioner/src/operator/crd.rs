@@ -85,6 +85,10 @@ pub struct MlflowInstanceSpec {
     /// Resources other than the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceOverrides>,
+    /// Let visitors write (create experiments, delete runs, ...). Off by
+    /// default: the instance is a read-only viewer of the job's results.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub writes: bool,
 }
 
 /// Where the job's artefacts are, and their checksum.

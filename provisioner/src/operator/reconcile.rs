@@ -531,6 +531,7 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
             .as_ref()
             .map_or(now, |t| t.0),
         expires_at: checked.expires_at,
+        writes: obj.spec.writes,
         controller: Some(owner.clone()),
     };
     let d = apply(
