@@ -6,7 +6,7 @@
 use adapter::fetch::{FetchError, FetchOptions, Limits, Timeouts, fetch};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn options(url: String, dest: &Path, timeouts: Timeouts) -> FetchOptions {
     FetchOptions {
@@ -36,6 +36,15 @@ async fn server(head: &'static [u8], trickle: Option<Duration>) -> String {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
+                // The request first (a client drops a response sent before it).
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s.write_all(head).await;
                 loop {
                     match trickle {
