@@ -1,6 +1,6 @@
 //! `flowgate-adapter`: the proxy (default) or `fetch` (the init container).
 
-use adapter::fetch::{FetchOptions, Limits, Outcome};
+use adapter::fetch::{FetchOptions, Limits, Outcome, Timeouts};
 use adapter::server::{ConnectionLimits, Drain, serve, shutdown_signal};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use anyhow::Context;
@@ -54,6 +54,15 @@ struct FetchArgs {
     /// First wait between retries (doubles each time)
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     backoff: Duration,
+    /// Give up connecting after this long (each attempt)
+    #[arg(long, env = "FLOWGATE_FETCH_CONNECT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Give up when no byte (response headers included) arrives for this long
+    #[arg(long, env = "FLOWGATE_FETCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
+    /// The whole download, retries included, within this
+    #[arg(long, env = "FLOWGATE_FETCH_DEADLINE", default_value = "30m", value_parser = humantime::parse_duration)]
+    deadline: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,6 +135,11 @@ fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
         },
         retries: args.retries,
         backoff: args.backoff,
+        timeouts: Timeouts {
+            connect: args.connect_timeout,
+            stall: args.stall_timeout,
+            deadline: args.deadline,
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

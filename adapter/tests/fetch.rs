@@ -120,6 +120,7 @@ fn options(url: String, sha256: String, dest: &Path) -> FetchOptions {
         limits: Limits::default(),
         retries: 3,
         backoff: Duration::from_millis(20),
+        timeouts: Default::default(),
     }
 }
 

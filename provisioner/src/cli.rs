@@ -116,6 +116,27 @@ pub struct ServeOpts {
     /// Local backend: the mlflow executable
     #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
     pub mlflow: std::path::PathBuf,
+    /// On SIGTERM: the bound on draining requests and stopping MLflow; the process exits within it
+    #[arg(long, env = "FLOWGATE_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Local backend: how long a Failed instance is kept (for its reason) before removal
+    #[arg(long, env = "FLOWGATE_KEEP_FAILED", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub keep_failed: Duration,
+    /// Local backend: MLflow exits within --restart-window after which the instance is Failed
+    #[arg(long, env = "FLOWGATE_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// Local backend: the window MLflow exits are counted in
+    #[arg(long, env = "FLOWGATE_RESTART_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub restart_window: Duration,
+    /// Local backend downloads: give up connecting after this long
+    #[arg(long, env = "FLOWGATE_FETCH_CONNECT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Local backend downloads: give up when no byte arrives for this long
+    #[arg(long, env = "FLOWGATE_FETCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+    /// Local backend downloads: the whole download, retries included, within this
+    #[arg(long, env = "FLOWGATE_FETCH_DEADLINE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
 }
 
 /// Subcommands.

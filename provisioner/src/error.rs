@@ -32,6 +32,12 @@ pub enum Error {
     /// A wait ran out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The disk is full: nothing was changed (HTTP 507).
+    #[error("insufficient storage: {0}")]
+    Storage(String),
+    /// The store cannot be written right now: nothing was changed (HTTP 503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The Kubernetes API failed.
     #[error("kubernetes API: {0}")]
     Kube(#[source] kube::Error),
@@ -60,7 +66,7 @@ impl Error {
             Error::Quota(_) | Error::Forbidden(_) => 4,
             Error::Failed { .. } => 5,
             Error::Timeout(_) => 6,
-            Error::Kube(_) | Error::Internal(_) => 1,
+            Error::Storage(_) | Error::Unavailable(_) | Error::Kube(_) | Error::Internal(_) => 1,
         }
     }
 }

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 /// One step of a launch.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Event {
-    /// `created`, `downloading`, `verified`, `starting`, `ready`, `failed`, `expired`, `deleted`.
+    /// `created`, `downloading`, `verified`, `starting`, `ready`, `restarting`, `failed`,
+    /// `expired`, `deleted`, `shutdown` (the server is stopping).
     pub step: String,
     /// The instance's phase after this step.
     pub phase: Phase,
@@ -45,7 +46,7 @@ impl Event {
     pub fn is_final(&self) -> bool {
         matches!(
             self.step.as_str(),
-            "ready" | "failed" | "expired" | "deleted"
+            "ready" | "failed" | "expired" | "deleted" | "shutdown"
         )
     }
 

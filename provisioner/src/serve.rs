@@ -1,7 +1,11 @@
 //! `flowgate serve`: the REST API over the chosen backend (kubernetes,
 //! operator: MlflowInstance resources, or local); with the local
-//! backend also the instances' own listener and the expiry reaper. Stops
-//! cleanly on SIGTERM or Ctrl-C.
+//! backend also the instances' own listener and the expiry reaper.
+//!
+//! On SIGTERM or Ctrl-C: open event streams get a final `shutdown` event, both
+//! listeners stop accepting and drain in-flight requests, then MLflow
+//! processes are stopped. The process returns within `--drain-timeout`
+//! whatever clients do: connections still open at the bound are cut.
 
 use crate::api::{ApiState, Quotas, auth::Tokens, check_listen, guard_hosts, router};
 use crate::backend::Backend;
@@ -9,6 +13,7 @@ use crate::cli::{BackendKind, ServeOpts};
 use crate::hosts::PublicHosts;
 use crate::kube::KubeBackend;
 use crate::local::router::LocalRouter;
+use crate::local::supervisor::{Supervision, parse_size};
 use crate::local::{LocalBackend, LocalSettings, default_data_dir};
 use crate::operator::backend::OperatorBackend;
 use crate::settings::{KubeArgs, KubeSettings};
@@ -18,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -63,7 +69,11 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         }
     };
 
+    // Of --drain-timeout, MLflow gets this much to stop; requests the rest.
+    let stop_budget = (opts.drain_timeout / 3).min(Duration::from_secs(5));
+    let http_drain = opts.drain_timeout.saturating_sub(stop_budget);
     let mut local = None;
+    let mut instances_served = None;
     let backend: Arc<dyn Backend> = match kind {
         BackendKind::Kubernetes => {
             let client = kube::Client::try_default()
@@ -91,6 +101,17 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 mlflow: opts.mlflow.clone(),
                 public_url,
                 ttl,
+                supervision: Supervision {
+                    max_restarts: opts.max_restarts.max(1),
+                    restart_window: opts.restart_window,
+                    keep_failed: opts.keep_failed,
+                    fetch: adapter::fetch::Timeouts {
+                        connect: opts.connect_timeout,
+                        stall: opts.stall_timeout,
+                        deadline: opts.deadline,
+                    },
+                    store_bytes: parse_size(&kube.store_size)?,
+                },
             };
             let backend = LocalBackend::open(settings).await?;
             let routes =
@@ -98,13 +119,13 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
             let limits = ConnectionLimits {
                 header_read_timeout: Duration::from_secs(30),
                 max_header_bytes: 64 * 1024,
-                drain_timeout: Duration::from_secs(10),
+                drain_timeout: http_drain,
                 ..Default::default()
             };
             let until = stopped();
-            tokio::spawn(
-                async move { serve_http(routes, &limits, instances_listener, until).await },
-            );
+            instances_served = Some(tokio::spawn(async move {
+                serve_http(routes, &limits, instances_listener, until).await
+            }));
             backend.spawn_reaper(Duration::from_secs(30));
             tracing::info!(instances = %opts.local_listen, "local backend ready");
             local = Some(backend.clone());
@@ -112,8 +133,14 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         }
     };
 
+    let announce = local.clone();
+    let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
     tokio::spawn(async move {
         shutdown_signal().await;
+        let _ = deadline_tx.send(Some(Instant::now() + http_drain));
+        if let Some(local) = announce {
+            local.announce_shutdown();
+        }
         let _ = stop_tx.send(true);
     });
     let state = ApiState::new(
@@ -125,13 +152,36 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         },
     );
     tracing::info!(api = %opts.listen, backend = ?kind, "flowgate serve ready");
-    axum::serve(api_listener, guard_hosts(router(state), hosts))
-        .with_graceful_shutdown(stopped())
-        .await
-        .map_err(|e| Error::Internal(format!("REST API: {e}")))?;
+    let api = axum::serve(api_listener, guard_hosts(router(state), hosts))
+        .with_graceful_shutdown(stopped());
+    // Draining ends at the bound, whatever clients do.
+    let mut rx = deadline_rx.clone();
+    let bound = async move {
+        match rx.wait_for(Option::is_some).await.map(|at| *at) {
+            Ok(Some(at)) => tokio::time::sleep_until(at).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = api => r.map_err(|e| Error::Internal(format!("REST API: {e}")))?,
+        () = bound => tracing::warn!("REST API drain timed out; open connections are cut"),
+    }
+    let at = (*deadline_rx.borrow_and_update()).unwrap_or_else(Instant::now);
+    if let Some(served) = instances_served
+        && tokio::time::timeout_at(at, served).await.is_err()
+    {
+        tracing::warn!("instances drain timed out; open connections are cut");
+    }
     if let Some(local) = local {
         tracing::info!("stopping local MLflow processes (their data stays for the next start)");
-        local.stop_all().await;
+        let grace = stop_budget.mul_f32(0.6);
+        let bound = stop_budget.saturating_sub(Duration::from_millis(250));
+        if tokio::time::timeout(bound, local.stop_all_within(grace))
+            .await
+            .is_err()
+        {
+            tracing::warn!("MLflow did not stop in time; the next start stops or adopts it");
+        }
     }
     Ok(())
 }

@@ -1,11 +1,16 @@
 //! Streaming download (http, https, file) into a temporary file beside DEST,
 //! hashing as the bytes arrive, with retries and exponential backoff for
 //! failures that may pass.
+//!
+//! Bounded in time three ways ([`Timeouts`]): connecting (`--connect-timeout`),
+//! waiting for the next byte, response headers included (`--stall-timeout`),
+//! and the whole download with its retries (`--deadline`). Each failure names
+//! the bound that fired. A stall is not retried: it already cost its timeout.
 
 use super::{FetchError, FetchOptions};
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 use tempfile::NamedTempFile;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +25,31 @@ pub struct Archive {
     pub bytes: u64,
 }
 
+/// Time bounds of a download.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting to the server (each attempt).
+    pub connect: Duration,
+    /// No byte (response headers included) for this long.
+    pub stall: Duration,
+    /// The whole download, retries and their waits included.
+    pub deadline: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(15),
+            stall: Duration::from_secs(60),
+            deadline: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
 enum Attempt {
     Done(Archive),
     Retry(FetchError),
@@ -27,6 +57,30 @@ enum Attempt {
 }
 
 pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, FetchError> {
+    let last = Mutex::new(None::<String>);
+    let deadline = options.timeouts.deadline;
+    match tokio::time::timeout(deadline, download_within(options, dir, &last)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let last = last.lock().ok().and_then(|mut l| l.take());
+            Err(FetchError::Transfer {
+                url: options.url.clone(),
+                reason: format!(
+                    "deadline: not finished within {} (--deadline){}",
+                    human(deadline),
+                    last.map(|l| format!("; the last attempt: {l}"))
+                        .unwrap_or_default()
+                ),
+            })
+        }
+    }
+}
+
+async fn download_within(
+    options: &FetchOptions,
+    dir: &Path,
+    last: &Mutex<Option<String>>,
+) -> Result<Archive, FetchError> {
     let url = reqwest::Url::parse(&options.url).map_err(|e| FetchError::InvalidUrl {
         url: options.url.clone(),
         reason: e.to_string(),
@@ -39,7 +93,7 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(FetchError::io(format!("opening {}", path.display())))?;
-        return copy_hashing(file, options, dir).await;
+        return copy_hashing(file, options, dir, &options.url).await;
     }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(FetchError::InvalidUrl {
@@ -47,7 +101,7 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
             reason: "only http, https and file URLs".into(),
         });
     }
-    let client = http_client()?;
+    let client = http_client(&options.timeouts)?;
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
@@ -57,6 +111,9 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
             Attempt::Retry(e) if attempt >= options.retries => return Err(e),
             Attempt::Retry(e) => {
                 attempt += 1;
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(e.to_string());
+                }
                 tracing::warn!(error = %e, attempt, retries = options.retries, wait = ?wait, "download failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait = wait.saturating_mul(2).min(Duration::from_secs(60));
@@ -65,15 +122,14 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
     }
 }
 
-fn http_client() -> Result<reqwest::Client, FetchError> {
+fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, FetchError> {
     static PROVIDER: Once = Once::new();
     PROVIDER.call_once(|| {
         // Another part of the process may have installed one already; either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
     reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(Duration::from_secs(60))
+        .connect_timeout(timeouts.connect)
         .user_agent(concat!("flowgate-adapter/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| FetchError::Transfer {
@@ -92,9 +148,22 @@ async fn try_http(
         url: url.to_string(),
         reason,
     };
-    let response = match client.get(url.clone()).send().await {
-        Ok(r) => r,
-        Err(e) => return Attempt::Retry(transfer(error_chain(&e))),
+    let stall = options.timeouts.stall;
+    let response = match tokio::time::timeout(stall, client.get(url.clone()).send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) if e.is_connect() && e.is_timeout() => {
+            return Attempt::Retry(transfer(format!(
+                "connect timeout: no connection within {} (--connect-timeout)",
+                human(options.timeouts.connect)
+            )));
+        }
+        Ok(Err(e)) => return Attempt::Retry(transfer(error_chain(&e))),
+        Err(_) => {
+            return Attempt::Fail(transfer(format!(
+                "stalled: no response within {} (--stall-timeout)",
+                human(stall)
+            )));
+        }
     };
     let status = response.status();
     if !status.is_success() {
@@ -121,8 +190,11 @@ async fn try_http(
     let stream =
         futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
-    match copy_hashing(reader, options, dir).await {
+    match copy_hashing(reader, options, dir, url.as_str()).await {
         Ok(archive) => Attempt::Done(archive),
+        Err(e @ FetchError::Transfer { .. }) if e.to_string().contains("(--stall-timeout)") => {
+            Attempt::Fail(e)
+        }
         Err(e @ FetchError::Transfer { .. }) => Attempt::Retry(e),
         Err(FetchError::Io { context, source }) if context == "reading" => {
             Attempt::Retry(transfer(source.to_string()))
@@ -131,11 +203,13 @@ async fn try_http(
     }
 }
 
-/// Copies `reader` into a temporary file in `dir`, hashing and bounding it.
+/// Copies `reader` into a temporary file in `dir`, hashing and bounding it
+/// (in size, and in the time between bytes).
 async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
     mut reader: R,
     options: &FetchOptions,
     dir: &Path,
+    url: &str,
 ) -> Result<Archive, FetchError> {
     let file = tempfile::Builder::new()
         .prefix(".flowgate-download-")
@@ -152,9 +226,16 @@ async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
     let mut total: u64 = 0;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = reader
-            .read(&mut buf)
+        let stall = options.timeouts.stall;
+        let n = tokio::time::timeout(stall, reader.read(&mut buf))
             .await
+            .map_err(|_| FetchError::Transfer {
+                url: url.to_owned(),
+                reason: format!(
+                    "stalled: no byte for {} after {total} bytes (--stall-timeout)",
+                    human(stall)
+                ),
+            })?
             .map_err(FetchError::io("reading"))?;
         if n == 0 {
             break;

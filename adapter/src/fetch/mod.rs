@@ -12,6 +12,7 @@ mod unpack;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use download::Timeouts;
 pub use unpack::Limits;
 
 /// The file inside DEST that records which checksum its content came from.
@@ -32,6 +33,8 @@ pub struct FetchOptions {
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub backoff: Duration,
+    /// Connect, stall and overall time bounds of the download.
+    pub timeouts: Timeouts,
 }
 
 /// What a successful fetch did.

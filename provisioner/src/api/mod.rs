@@ -79,7 +79,7 @@ impl ApiState {
 /// The body of an error response.
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct ApiError {
-    /// A stable code: `invalid`, `unauthorized`, `forbidden`, `not_found`, `quota`, `failed`, `timeout`, `upstream`, `internal`.
+    /// A stable code: `invalid`, `unauthorized`, `forbidden`, `not_found`, `quota`, `failed`, `timeout`, `upstream`, `insufficient_storage`, `unavailable`, `internal`.
     pub error: String,
     /// For people.
     pub message: String,
@@ -110,6 +110,8 @@ impl From<Error> for ApiFailure {
             Error::Failed { .. } => (StatusCode::CONFLICT, "failed"),
             Error::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Error::Kube(_) => (StatusCode::BAD_GATEWAY, "upstream"),
+            Error::Storage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -3,32 +3,37 @@
 //! MLflow's log) and an MLflow process on a free loopback port, reached through
 //! one listener that routes `/<id>/` via the adapter crate.
 //!
-//! The records on disk are the store: a restarted `flowgate serve` re-adopts
-//! the instances still valid (restarting their MLflow) and removes expired ones.
+//! The records on disk are the store, written durably before any change is
+//! acknowledged or applied in memory ([`record`]). A restarted `flowgate serve`
+//! re-adopts the instances still valid (adopting their MLflow if it still runs
+//! healthy, else starting it), keeps Failed ones Failed, and removes expired
+//! ones. Each MLflow is supervised and restarted when it exits ([`supervisor`]).
 
 pub mod process;
+pub mod record;
 pub mod router;
+pub mod supervisor;
 
 use crate::backend::{Backend, Created, ListFilter, Removed};
 use crate::events::{Event, EventLog};
 use crate::instance::{CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
 use crate::{Error, Result};
-use adapter::fetch::{FetchOptions, Limits};
-use adapter::{Proxy, ProxyConfig, ServeArgs};
 use async_trait::async_trait;
 use jiff::Timestamp;
 use process::MlflowCommand;
+use record::Stored;
 use router::RouteTable;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use supervisor::{Running, StopSender, Supervision};
 use tokio::sync::watch;
 
-/// How long MLflow may take to answer after it is started.
-const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long MLflow gets to stop before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The same, for what an earlier server left and this one does not adopt.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// Settings of the local backend.
 #[derive(Clone, Debug)]
@@ -41,13 +46,15 @@ pub struct LocalSettings {
     pub public_url: String,
     /// TTL bounds.
     pub ttl: TtlPolicy,
+    /// Restarts, timeouts, size bounds.
+    pub supervision: Supervision,
 }
 
 struct Entry {
-    record: Instance,
+    stored: Stored,
     events: watch::Sender<Vec<Event>>,
-    /// Stops the instance's supervisor (and with it MLflow).
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stops the instance's supervisor (and with it MLflow), with a grace.
+    stop: Option<StopSender>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -56,6 +63,9 @@ struct Inner {
     mlflow: MlflowCommand,
     routes: Arc<RouteTable>,
     entries: Mutex<HashMap<InstanceId, Entry>>,
+    /// Held while this server owns the data dir (until [`LocalBackend::stop_all`]):
+    /// two servers never share one.
+    lock: Mutex<Option<nix::fcntl::Flock<std::fs::File>>>,
 }
 
 /// Instances as local processes.
@@ -71,6 +81,23 @@ impl LocalBackend {
         std::fs::create_dir_all(settings.data_dir.join("instances")).map_err(|e| {
             Error::Internal(format!("creating {}: {e}", settings.data_dir.display()))
         })?;
+        let lock_path = settings.data_dir.join(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::Internal(format!("opening {}: {e}", lock_path.display())))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                Error::invalid(
+                    "data-dir",
+                    format!(
+                        "{} is in use by another flowgate serve ({e})",
+                        settings.data_dir.display()
+                    ),
+                )
+            })?;
         let mlflow = MlflowCommand::prepare(&settings.mlflow, &settings.data_dir)?;
         let backend = Self {
             inner: Arc::new(Inner {
@@ -78,6 +105,7 @@ impl LocalBackend {
                 mlflow,
                 routes: Arc::default(),
                 entries: Mutex::default(),
+                lock: Mutex::new(Some(lock)),
             }),
         };
         backend.recover().await;
@@ -105,80 +133,128 @@ impl LocalBackend {
         )
     }
 
-    fn save(&self, record: &Instance) -> Result<()> {
-        let dir = self.dir(&record.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Internal(format!("creating {}: {e}", dir.display())))?;
-        let tmp = dir.join("instance.json.tmp");
-        let body = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
-        std::fs::write(&tmp, body)
-            .and_then(|()| std::fs::rename(&tmp, dir.join("instance.json")))
-            .map_err(|e| Error::Internal(format!("saving {}: {e}", record.id)))
+    /// The stored record of an instance (as applied in memory).
+    fn stored(&self, id: &InstanceId) -> Option<Stored> {
+        let entries = self.inner.entries.lock().expect("entries lock");
+        entries.get(id).map(|e| e.stored.clone())
     }
 
+    /// A state change: written and fsynced first, then applied in memory. On a
+    /// write error nothing changes and the caller gets a 507 or 503.
+    fn update(&self, id: &InstanceId, change: impl FnOnce(&mut Stored)) -> Result<Stored> {
+        let mut entries = self.inner.entries.lock().expect("entries lock");
+        let entry = entries
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let mut next = entry.stored.clone();
+        change(&mut next);
+        record::save(&self.dir(id), &next)?;
+        entry.stored = next.clone();
+        Ok(next)
+    }
+
+    /// Takes over what an earlier server left, one instance folder at a time
+    /// but all at once (a hung MLflow delays only its own instance).
     async fn recover(&self) {
+        let dirs = record::instance_dirs(&self.inner.settings.data_dir);
+        futures_util::future::join_all(dirs.iter().map(|d| self.recover_one(d))).await;
+    }
+
+    async fn recover_one(&self, dir: &Path) {
         let now = Timestamp::now();
-        let Ok(dirs) = std::fs::read_dir(self.inner.settings.data_dir.join("instances")) else {
-            return;
-        };
-        for dir in dirs.flatten() {
-            let record: Option<Instance> = std::fs::read(dir.path().join("instance.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            match record {
-                Some(mut r) if !r.is_expired(now) => {
-                    tracing::info!(id = %r.id, "re-adopting instance");
-                    // The listener may have moved since the record was written.
-                    r.url = self.url_for(&r.id);
-                    self.launch(r);
+        let keep_failed = self.inner.settings.supervision.keep_failed;
+        match record::load(dir) {
+            Some(s) if s.instance.is_expired(now) => {
+                tracing::info!(id = %s.instance.id, "removing instance that expired while the server was down");
+                supervisor::adopt_or_stop(dir, false, LEFTOVER_GRACE).await;
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Some(mut s) if s.instance.phase == Phase::Failed => {
+                supervisor::adopt_or_stop(dir, false, LEFTOVER_GRACE).await;
+                let failed_at = *s.failed_at.get_or_insert(now);
+                if add(failed_at, keep_failed) <= now {
+                    tracing::info!(id = %s.instance.id, "removing instance failed longer than --keep-failed");
+                    let _ = std::fs::remove_dir_all(dir);
+                    return;
                 }
-                Some(r) => {
-                    tracing::info!(id = %r.id, "removing instance that expired while the server was down");
-                    let _ = std::fs::remove_dir_all(dir.path());
-                }
-                None => {
-                    tracing::warn!(path = %dir.path().display(), "ignoring a folder without a valid instance record (gc removes it)")
-                }
+                tracing::info!(id = %s.instance.id, "keeping Failed instance (Failed stays Failed)");
+                s.instance.url = self.url_for(&s.instance.id);
+                let id = s.instance.id.clone();
+                let failed = Event::new("failed", Phase::Failed, s.instance.message.clone());
+                let (events, _) = watch::channel(vec![failed]);
+                self.inner.routes.failed(id.as_str());
+                self.inner.entries.lock().expect("entries lock").insert(
+                    id,
+                    Entry {
+                        stored: s,
+                        events,
+                        stop: None,
+                        done: None,
+                    },
+                );
+            }
+            Some(mut s) => {
+                tracing::info!(id = %s.instance.id, "re-adopting instance");
+                let adopted = supervisor::adopt_or_stop(dir, true, LEFTOVER_GRACE).await;
+                // The listener may have moved since the record was written.
+                s.instance.url = self.url_for(&s.instance.id);
+                self.launch(s, adopted);
+            }
+            None => {
+                supervisor::adopt_or_stop(dir, false, LEFTOVER_GRACE).await;
+                tracing::warn!(path = %dir.display(), "ignoring a folder without a valid instance record (gc removes it)")
             }
         }
     }
 
-    /// Publishes an event and updates the record's phase.
-    fn publish(&self, id: &InstanceId, event: Event) {
-        let mut entries = self.inner.entries.lock().expect("entries lock");
-        if let Some(entry) = entries.get_mut(id) {
-            entry.record.phase = event.phase;
-            entry.record.message = if event.phase == Phase::Failed {
-                event.message.clone()
-            } else {
-                None
-            };
-            let _ = self.save(&entry.record);
+    /// Publishes a step of an instance's launch (no state change).
+    fn event(&self, id: &InstanceId, event: Event) {
+        let entries = self.inner.entries.lock().expect("entries lock");
+        if let Some(entry) = entries.get(id) {
             entry.events.send_modify(|log| log.push(event));
         }
     }
 
-    /// Registers an instance and starts its supervisor: fetch, start MLflow,
-    /// route, then watch the process until it exits or is stopped.
-    fn launch(&self, mut record: Instance) {
-        record.phase = Phase::Pending;
-        record.message = None;
-        let id = record.id.clone();
-        let (events, _) = watch::channel(vec![Event::new("created", Phase::Pending, None)]);
+    /// Starts a new event log for a restart: subscribers from now on see the
+    /// restart, not the earlier `ready`.
+    fn restart_log(&self, id: &InstanceId, event: Event) {
+        let mut entries = self.inner.entries.lock().expect("entries lock");
+        if let Some(entry) = entries.get_mut(id) {
+            entry.events = watch::channel(vec![event]).0;
+        }
+    }
+
+    /// Registers an instance (its record already on disk) and starts its
+    /// supervisor: fetch, start MLflow (or watch the adopted one), route,
+    /// restart on exits.
+    fn launch(&self, stored: Stored, adopted: Option<Running>) {
+        let id = stored.instance.id.clone();
+        let first = if adopted.is_some() {
+            let mut e = Event::new(
+                "ready",
+                Phase::Ready,
+                Some("adopted after a server restart".into()),
+            );
+            e.url = Some(stored.instance.url.clone());
+            e
+        } else {
+            Event::new("created", Phase::Pending, None)
+        };
+        let (events, _) = watch::channel(vec![first]);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let _ = self.save(&record);
         self.inner.routes.starting(id.as_str());
         self.inner.entries.lock().expect("entries lock").insert(
             id.clone(),
             Entry {
-                record: record.clone(),
+                stored,
                 events,
                 stop: Some(stop_tx),
                 done: None,
             },
         );
         let this = self.clone();
-        let task = tokio::spawn(async move { this.supervise(record, stop_rx).await });
+        let sid = id.clone();
+        let task = tokio::spawn(async move { this.supervise(sid, stop_rx, adopted).await });
         if let Some(entry) = self
             .inner
             .entries
@@ -190,112 +266,13 @@ impl LocalBackend {
         }
     }
 
-    async fn supervise(self, record: Instance, mut stop: tokio::sync::oneshot::Receiver<()>) {
-        let id = record.id.clone();
-        let dir = self.dir(&id);
-        let failed = |this: &Self, message: String| {
-            tracing::warn!(%id, %message, "instance failed");
-            this.inner.routes.remove(id.as_str());
-            this.publish(&id, Event::new("failed", Phase::Failed, Some(message)));
-        };
-
-        self.publish(
-            &id,
-            Event::new(
-                "downloading",
-                Phase::Pending,
-                Some(record.artifacts.url.clone()),
-            ),
-        );
-        let options = FetchOptions {
-            url: record.artifacts.url.clone(),
-            sha256: record.artifacts.sha256.clone(),
-            dest: dir.join("store"),
-            limits: Limits::default(),
-            retries: 3,
-            backoff: Duration::from_secs(1),
-        };
-        let fetched = tokio::select! {
-            r = adapter::fetch::fetch(&options) => r,
-            _ = &mut stop => return,
-        };
-        if let Err(e) = fetched {
-            return failed(&self, format!("artefacts: {e}"));
-        }
-        self.publish(
-            &id,
-            Event::new(
-                "verified",
-                Phase::Pending,
-                Some(format!("sha256 {}", record.artifacts.sha256)),
-            ),
-        );
-
-        let port = match process::free_port() {
-            Ok(p) => p,
-            Err(e) => return failed(&self, e.to_string()),
-        };
-        let log = dir.join("mlflow.log");
-        self.publish(
-            &id,
-            Event::new(
-                "starting",
-                Phase::Pending,
-                Some(format!("mlflow server on 127.0.0.1:{port}")),
-            ),
-        );
-        let mut child = match self.inner.mlflow.spawn(&dir.join("store"), port, &log) {
-            Ok(c) => c,
-            Err(e) => return failed(&self, e.to_string()),
-        };
-        let pgid = child.id();
-        let answered = tokio::select! {
-            r = process::wait_answering(&mut child, port, &log, START_TIMEOUT) => r,
-            _ = &mut stop => {
-                process::stop(&mut child, STOP_GRACE).await;
-                return;
-            }
-        };
-        if let Err(e) = answered {
-            process::stop(&mut child, STOP_GRACE).await;
-            return failed(&self, e.to_string());
-        }
-        let args = ServeArgs {
-            prefix: Some(id.prefix()),
-            upstream: Some(format!("http://127.0.0.1:{port}")),
-            ..Default::default()
-        };
-        match ProxyConfig::resolve(args, Vec::<(String, String)>::new()) {
-            Ok(config) => self.inner.routes.insert(id.as_str(), Proxy::new(config)),
-            Err(e) => {
-                process::stop(&mut child, STOP_GRACE).await;
-                return failed(&self, format!("adapter: {e}"));
-            }
-        }
-        let mut ready = Event::new("ready", Phase::Ready, None);
-        ready.url = Some(record.url.clone());
-        self.publish(&id, ready);
-
-        tokio::select! {
-            status = child.wait() => {
-                process::kill_group(pgid);
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                failed(&self, format!("MLflow exited ({status}): {}", process::tail(&log)));
-            }
-            _ = &mut stop => {
-                self.inner.routes.remove(id.as_str());
-                process::stop(&mut child, STOP_GRACE).await;
-            }
-        }
-    }
-
     /// Stops an instance's process and forgets it; `remove_data` also deletes its folder.
-    async fn shutdown(&self, id: &InstanceId, remove_data: bool) {
+    async fn shutdown(&self, id: &InstanceId, remove_data: bool, grace: Duration) {
         let entry = self.inner.entries.lock().expect("entries lock").remove(id);
         self.inner.routes.remove(id.as_str());
         if let Some(mut entry) = entry {
             if let Some(stop) = entry.stop.take() {
-                let _ = stop.send(());
+                let _ = stop.send(grace);
             }
             if let Some(done) = entry.done.take() {
                 let _ = done.await;
@@ -310,8 +287,34 @@ impl LocalBackend {
         }
     }
 
-    /// Stops every MLflow process (data kept, for re-adoption on restart).
+    /// Ends every open event stream with a final `shutdown` event (the server
+    /// is stopping; the instance resumes when it restarts).
+    pub fn announce_shutdown(&self) {
+        let entries = self.inner.entries.lock().expect("entries lock");
+        for entry in entries.values() {
+            let phase = entry.stored.instance.phase;
+            entry.events.send_modify(|log| {
+                if !log.last().is_some_and(Event::is_final) {
+                    log.push(Event::new(
+                        "shutdown",
+                        phase,
+                        Some(
+                            "the server is stopping; the instance resumes when it restarts".into(),
+                        ),
+                    ));
+                }
+            });
+        }
+    }
+
+    /// Stops every MLflow process (data kept, for re-adoption on restart), all
+    /// at once, SIGKILLing what is left after `grace`.
     pub async fn stop_all(&self) {
+        self.stop_all_within(STOP_GRACE).await;
+    }
+
+    /// [`Self::stop_all`] with the grace given.
+    pub async fn stop_all_within(&self, grace: Duration) {
         let ids: Vec<_> = self
             .inner
             .entries
@@ -320,9 +323,10 @@ impl LocalBackend {
             .keys()
             .cloned()
             .collect();
-        for id in ids {
-            self.shutdown(&id, false).await;
-        }
+        let stops = ids.iter().map(|id| self.shutdown(id, false, grace));
+        futures_util::future::join_all(stops).await;
+        // The data dir is free for the next server.
+        drop(self.inner.lock.lock().expect("lock").take());
     }
 
     fn snapshot(&self) -> Vec<Instance> {
@@ -331,7 +335,7 @@ impl LocalBackend {
         let mut out: Vec<Instance> = entries
             .values()
             .map(|e| {
-                let mut r = e.record.clone();
+                let mut r = e.stored.instance.clone();
                 if r.is_expired(now) {
                     r.phase = Phase::Expired;
                 }
@@ -414,11 +418,7 @@ impl Backend for LocalBackend {
             }
         };
         let record = Instance {
-            url: format!(
-                "{}/{}/",
-                self.inner.settings.public_url.trim_end_matches('/'),
-                id
-            ),
+            url: self.url_for(&id),
             id,
             workload: request.workload.as_str().to_owned(),
             owner: request.owner,
@@ -429,7 +429,18 @@ impl Backend for LocalBackend {
             message: None,
             writes: request.writes,
         };
-        self.launch(record.clone());
+        let stored = Stored {
+            instance: record.clone(),
+            failed_at: None,
+            served: false,
+        };
+        // Durable first: no record on disk, no instance.
+        let dir = self.dir(&record.id);
+        if let Err(e) = record::save(&dir, &stored) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.launch(stored, None);
         Ok(Created {
             instance: record,
             created: true,
@@ -449,21 +460,19 @@ impl Backend for LocalBackend {
 
     async fn delete(&self, id: &InstanceId) -> Result<()> {
         self.get(id).await?;
-        self.shutdown(id, true).await;
+        self.shutdown(id, true, STOP_GRACE).await;
         Ok(())
     }
 
     async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
         let ttl = self.inner.settings.ttl.check(ttl)?;
         let now = Timestamp::now();
-        let mut entries = self.inner.entries.lock().expect("entries lock");
-        let entry = entries
-            .get_mut(id)
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let from = entry.record.expires_at.max(now);
-        entry.record.expires_at = add(from, ttl).min(add(now, self.inner.settings.ttl.max));
-        self.save(&entry.record)?;
-        Ok(entry.record.clone())
+        let max = add(now, self.inner.settings.ttl.max);
+        let stored = self.update(id, |s| {
+            let from = s.instance.expires_at.max(now);
+            s.instance.expires_at = add(from, ttl).min(max);
+        })?;
+        Ok(stored.instance)
     }
 
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
@@ -471,12 +480,36 @@ impl Backend for LocalBackend {
         let mut removed = Vec::new();
         for i in self.snapshot().into_iter().filter(|i| i.is_expired(now)) {
             if !dry_run {
-                self.shutdown(&i.id, true).await;
+                self.shutdown(&i.id, true, STOP_GRACE).await;
             }
             removed.push(Removed {
                 kind: "instance".into(),
                 name: i.id.to_string(),
                 reason: "expired".into(),
+            });
+        }
+        // Failed instances are kept --keep-failed (for their reason), then removed.
+        let keep = self.inner.settings.supervision.keep_failed;
+        let failed: Vec<InstanceId> = {
+            let entries = self.inner.entries.lock().expect("entries lock");
+            entries
+                .values()
+                .filter(|e| e.stored.instance.phase == Phase::Failed)
+                .filter(|e| e.stored.failed_at.is_some_and(|t| add(t, keep) <= now))
+                .map(|e| e.stored.instance.id.clone())
+                .collect()
+        };
+        for id in failed {
+            if removed.iter().any(|r| r.name == id.as_str()) {
+                continue;
+            }
+            if !dry_run {
+                self.shutdown(&id, true, STOP_GRACE).await;
+            }
+            removed.push(Removed {
+                kind: "instance".into(),
+                name: id.to_string(),
+                reason: "failed longer than --keep-failed".into(),
             });
         }
         // Folders no live instance owns (a crash between create and record).

@@ -1,10 +1,12 @@
 //! One MLflow server process per instance, started through the same entrypoint
 //! the MLflow image uses (`images/mlflow/flowgate-mlflow`, embedded in the
 //! binary), in its own process group so stopping it stops its workers too.
+//!
+//! MLflow gets a cleared environment plus an allow-list ([`ALLOWED_ENV`]): none
+//! of the server's tokens, cloud credentials or kubeconfig reach it. Its home
+//! and temporary folder are inside the instance's folder.
 
 use crate::{Error, Result};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,6 +14,13 @@ use tokio::process::{Child, Command};
 
 /// The entrypoint script, the same file the MLflow image runs.
 pub const ENTRYPOINT: &str = include_str!("../../../images/mlflow/flowgate-mlflow");
+
+/// MLflow's log file, in the instance's folder.
+pub const LOG: &str = "mlflow.log";
+
+/// The only variables of the server's environment MLflow inherits (locale and
+/// time zone); `PATH`, `HOME` and `TMPDIR` are set, everything else is dropped.
+pub const ALLOWED_ENV: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ"];
 
 /// How to start MLflow on this machine.
 #[derive(Clone, Debug)]
@@ -32,8 +41,15 @@ impl MlflowCommand {
             )
         })?;
         let entrypoint = data_dir.join("flowgate-mlflow");
-        std::fs::write(&entrypoint, ENTRYPOINT)
-            .map_err(|e| Error::Internal(format!("writing {}: {e}", entrypoint.display())))?;
+        // Rewritten only when it differs: a full disk must not cost the copy in place.
+        if std::fs::read(&entrypoint).ok().as_deref() != Some(ENTRYPOINT.as_bytes()) {
+            super::record::write_durably(
+                data_dir,
+                "flowgate-mlflow",
+                ENTRYPOINT.as_bytes(),
+                "writing the MLflow entrypoint",
+            )?;
+        }
         Ok(Self { mlflow, entrypoint })
     }
 
@@ -46,22 +62,30 @@ impl MlflowCommand {
         }
     }
 
-    /// Starts MLflow for `store` on `port`, logging to `log`.
-    pub fn spawn(&self, store: &Path, port: u16, log: &Path) -> Result<Child> {
-        let out = std::fs::File::create(log)
-            .map_err(|e| Error::Internal(format!("creating {}: {e}", log.display())))?;
+    /// Starts MLflow for `store` on `port` in its own process group, with
+    /// `home` as its home (and `home/tmp` as its temporary folder), appending
+    /// to `log`.
+    pub fn spawn(&self, store: &Path, home: &Path, port: u16, log: &Path) -> Result<Child> {
+        let io = |what: &str, p: &Path, e: std::io::Error| super::record::io_error(what, p, &e);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| io("opening MLflow's log", log, e))?;
         let err = out
             .try_clone()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let mut path = std::env::var_os("PATH").unwrap_or_default();
+            .map_err(|e| io("opening MLflow's log", log, e))?;
+        let tmp = home.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| io("creating MLflow's tmp", &tmp, e))?;
+        let mut path = std::ffi::OsString::new();
         if let Some(bin) = self.mlflow.parent() {
             // The venv's bin first: gunicorn (MLflow 1.x) is looked up on PATH.
-            let mut joined = bin.as_os_str().to_owned();
-            joined.push(":");
-            joined.push(&path);
-            path = joined;
+            path.push(bin.as_os_str());
+            path.push(":");
         }
-        Command::new(self.python())
+        path.push("/usr/local/bin:/usr/bin:/bin");
+        let mut command = Command::new(self.python());
+        command
             .arg(&self.entrypoint)
             .args(["--store".as_ref(), store.as_os_str()])
             .args([
@@ -73,12 +97,21 @@ impl MlflowCommand {
                 "1",
             ])
             .args(["--mlflow".as_ref(), self.mlflow.as_os_str()])
+            .env_clear()
             .env("PATH", path)
+            .env("HOME", home)
+            .env("TMPDIR", &tmp)
+            .env("PYTHONUNBUFFERED", "1")
+            .envs(
+                ALLOWED_ENV
+                    .iter()
+                    .filter_map(|k| Some((k, std::env::var_os(k)?))),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .process_group(0)
-            .kill_on_drop(true)
+            .process_group(0);
+        command
             .spawn()
             .map_err(|e| Error::Internal(format!("starting MLflow: {e}")))
     }
@@ -93,24 +126,6 @@ fn which(p: &Path) -> Option<PathBuf> {
             .map(|d| d.join(p))
             .find(|c| c.is_file())
     })
-}
-
-/// Stops a process group: SIGTERM, then SIGKILL after `grace`.
-pub async fn stop(child: &mut Child, grace: Duration) {
-    let Some(pid) = child.id() else { return };
-    let group = Pid::from_raw(pid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = killpg(group, Signal::SIGKILL);
-        let _ = child.wait().await;
-    }
-}
-
-/// Kills what is left of a process group (workers of a server that crashed).
-pub fn kill_group(pgid: Option<u32>) {
-    if let Some(pid) = pgid {
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
 }
 
 /// A free loopback port (bound, then released for the child to take).
@@ -158,9 +173,23 @@ pub async fn wait_answering(
     }
 }
 
-/// The last lines of a log, for error messages.
+/// The last lines of a log (read from its last 64 KiB), for error messages.
 pub fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let _ = f.take(64 * 1024).read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
+    let mut out = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if out.len() > 1500 {
+        let cut = (0..=out.len() - 1500)
+            .find(|&i| out.is_char_boundary(i))
+            .unwrap_or(0);
+        out = format!("…{}", &out[cut..]);
+    }
+    out
 }

@@ -8,24 +8,48 @@ use adapter::body::ProxyBody;
 use adapter::server::Handler;
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-/// Instance id → its proxy; ids still starting.
+/// Instance id → its proxy; instances not serving, and why.
 #[derive(Default)]
 pub struct RouteTable {
     routes: RwLock<HashMap<String, Arc<Proxy>>>,
-    starting: RwLock<HashSet<String>>,
+    starting: RwLock<HashMap<String, Waiting>>,
+}
+
+/// Why an instance is not served right now.
+#[derive(Clone)]
+enum Waiting {
+    Starting,
+    Restarting,
+    Failed,
 }
 
 impl RouteTable {
     /// Marks an instance as starting (answered with a page that retries).
     pub fn starting(&self, id: &str) {
+        self.wait(id, Waiting::Starting);
+    }
+
+    /// Marks an instance whose MLflow exited and is restarting (503, `Retry-After`).
+    pub fn restarting(&self, id: &str) {
+        self.wait(id, Waiting::Restarting);
+    }
+
+    /// Marks a Failed instance (503, no retry; the reason is in the API, not
+    /// shown to visitors, as it may hold paths and log lines).
+    pub fn failed(&self, id: &str) {
+        self.wait(id, Waiting::Failed);
+    }
+
+    fn wait(&self, id: &str, why: Waiting) {
+        self.routes.write().expect("route lock").remove(id);
         self.starting
             .write()
             .expect("route lock")
-            .insert(id.to_owned());
+            .insert(id.to_owned(), why);
     }
 
     /// Routes `/<id>/` to `proxy`.
@@ -47,17 +71,16 @@ impl RouteTable {
         if let Some(p) = self.routes.read().expect("route lock").get(id) {
             return Lookup::Ready(Arc::clone(p));
         }
-        if self.starting.read().expect("route lock").contains(id) {
-            Lookup::Starting
-        } else {
-            Lookup::Unknown
+        match self.starting.read().expect("route lock").get(id) {
+            Some(w) => Lookup::Waiting(w.clone()),
+            None => Lookup::Unknown,
         }
     }
 }
 
 enum Lookup {
     Ready(Arc<Proxy>),
-    Starting,
+    Waiting(Waiting),
     Unknown,
 }
 
@@ -132,11 +155,23 @@ impl Handler for LocalRouter {
             .to_owned();
         match self.table.lookup(&id) {
             Lookup::Ready(proxy) => proxy.handle(req, peer).await,
-            Lookup::Starting => page(
+            Lookup::Waiting(Waiting::Starting) => page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Starting",
                 "This MLflow instance is loading its artefacts and starting. This page retries by itself.",
                 true,
+            ),
+            Lookup::Waiting(Waiting::Restarting) => page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Restarting",
+                "This MLflow instance stopped unexpectedly and is being restarted. This page retries by itself.",
+                true,
+            ),
+            Lookup::Waiting(Waiting::Failed) => page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Failed",
+                "This MLflow instance failed and will not come back by itself. The portal shows why.",
+                false,
             ),
             Lookup::Unknown => page(
                 StatusCode::NOT_FOUND,
