@@ -26,7 +26,14 @@ enum Attempt {
     Fail(FetchError),
 }
 
-pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, FetchError> {
+/// Called with the bytes received so far and the archive's size, when known.
+pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
+
+pub async fn download(
+    options: &FetchOptions,
+    dir: &Path,
+    progress: Progress<'_>,
+) -> Result<Archive, FetchError> {
     let url = reqwest::Url::parse(&options.url).map_err(|e| FetchError::InvalidUrl {
         url: options.url.clone(),
         reason: e.to_string(),
@@ -39,7 +46,8 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(FetchError::io(format!("opening {}", path.display())))?;
-        return copy_hashing(file, options, dir).await;
+        let size = file.metadata().await.ok().map(|m| m.len());
+        return copy_hashing(file, options, dir, size, progress).await;
     }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(FetchError::InvalidUrl {
@@ -51,7 +59,7 @@ pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, Fet
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
-        match try_http(&client, &url, options, dir).await {
+        match try_http(&client, &url, options, dir, progress).await {
             Attempt::Done(archive) => return Ok(archive),
             Attempt::Fail(e) => return Err(e),
             Attempt::Retry(e) if attempt >= options.retries => return Err(e),
@@ -87,6 +95,7 @@ async fn try_http(
     url: &reqwest::Url,
     options: &FetchOptions,
     dir: &Path,
+    progress: Progress<'_>,
 ) -> Attempt {
     let transfer = |reason: String| FetchError::Transfer {
         url: url.to_string(),
@@ -118,10 +127,11 @@ async fn try_http(
             options.limits.max_download_bytes
         )));
     }
+    let response_len = response.content_length();
     let stream =
         futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
-    match copy_hashing(reader, options, dir).await {
+    match copy_hashing(reader, options, dir, response_len, progress).await {
         Ok(archive) => Attempt::Done(archive),
         Err(e @ FetchError::Transfer { .. }) => Attempt::Retry(e),
         Err(FetchError::Io { context, source }) if context == "reading" => {
@@ -136,6 +146,8 @@ async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
     mut reader: R,
     options: &FetchOptions,
     dir: &Path,
+    size: Option<u64>,
+    progress: Progress<'_>,
 ) -> Result<Archive, FetchError> {
     let file = tempfile::Builder::new()
         .prefix(".flowgate-download-")
@@ -170,6 +182,7 @@ async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
         out.write_all(&buf[..n])
             .await
             .map_err(FetchError::io("writing the download"))?;
+        progress(total, size);
     }
     out.flush()
         .await

@@ -9,9 +9,9 @@
 pub mod process;
 pub mod router;
 
-use crate::backend::{Backend, Created, ListFilter, Removed};
+use crate::backend::{Backend, ListFilter, NewInstance, Removed};
 use crate::events::{Event, EventLog};
-use crate::instance::{CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
+use crate::instance::{Instance, InstanceId, Phase, TtlPolicy};
 use crate::{Error, Result};
 use adapter::fetch::{FetchOptions, Limits};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
@@ -220,7 +220,8 @@ impl LocalBackend {
             _ = &mut stop => return,
         };
         if let Err(e) = fetched {
-            return failed(&self, format!("artefacts: {e}"));
+            tracing::warn!(%id, error = %e, "fetching the artefacts failed");
+            return failed(&self, format!("artefacts: {}", e.public_reason()));
         }
         self.publish(
             &id,
@@ -236,12 +237,13 @@ impl LocalBackend {
             Err(e) => return failed(&self, e.to_string()),
         };
         let log = dir.join("mlflow.log");
+        tracing::info!(%id, port, "starting MLflow on loopback");
         self.publish(
             &id,
             Event::new(
                 "starting",
                 Phase::Pending,
-                Some(format!("mlflow server on 127.0.0.1:{port}")),
+                Some("starting the MLflow server".into()),
             ),
         );
         let mut child = match self.inner.mlflow.spawn(&dir.join("store"), port, &log) {
@@ -369,12 +371,8 @@ impl LocalBackend {
 
 #[async_trait]
 impl Backend for LocalBackend {
-    fn allowed_schemes(&self) -> &'static [&'static str] {
+    fn schemes(&self) -> &'static [&'static str] {
         &["https", "http", "file"]
-    }
-
-    fn ttl_policy(&self) -> TtlPolicy {
-        self.inner.settings.ttl
     }
 
     fn event_log(&self, id: &InstanceId) -> Option<EventLog> {
@@ -386,20 +384,7 @@ impl Backend for LocalBackend {
             .map(|e| e.events.subscribe())
     }
 
-    async fn create(&self, request: CreateRequest) -> Result<Created> {
-        let now = Timestamp::now();
-        let existing = self.snapshot().into_iter().find(|i| {
-            i.workload == request.workload.as_str()
-                && i.artifacts.sha256 == request.artifacts.sha256
-                && matches!(i.phase, Phase::Pending | Phase::Ready)
-        });
-        if let Some(instance) = existing {
-            return Ok(Created {
-                instance,
-                created: false,
-            });
-        }
-        let ttl = self.inner.settings.ttl.check(request.ttl)?;
+    async fn create(&self, request: NewInstance) -> Result<Instance> {
         let id = loop {
             let id = InstanceId::random();
             if !self
@@ -423,16 +408,13 @@ impl Backend for LocalBackend {
             workload: request.workload.as_str().to_owned(),
             owner: request.owner,
             artifacts: request.artifacts,
-            created_at: now,
-            expires_at: add(now, ttl),
+            created_at: request.created_at,
+            expires_at: request.expires_at,
             phase: Phase::Pending,
             message: None,
         };
         self.launch(record.clone());
-        Ok(Created {
-            instance: record,
-            created: true,
-        })
+        Ok(record)
     }
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
@@ -452,15 +434,12 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
-        let ttl = self.inner.settings.ttl.check(ttl)?;
-        let now = Timestamp::now();
+    async fn set_expiry(&self, id: &InstanceId, expires_at: Timestamp) -> Result<Instance> {
         let mut entries = self.inner.entries.lock().expect("entries lock");
         let entry = entries
             .get_mut(id)
             .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let from = entry.record.expires_at.max(now);
-        entry.record.expires_at = add(from, ttl).min(add(now, self.inner.settings.ttl.max));
+        entry.record.expires_at = expires_at;
         self.save(&entry.record)?;
         Ok(entry.record.clone())
     }
