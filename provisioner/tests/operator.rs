@@ -626,7 +626,10 @@ async fn install_admission_policy(client: &Client) {
         let name = value["metadata"]["name"].as_str().unwrap().to_owned();
         let resource = kube::api::ApiResource::from_gvk_with_plural(
             &kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind),
-            &format!("{}s", kind.to_lowercase()),
+            &match kind.to_lowercase().strip_suffix('y') {
+                Some(stem) => format!("{stem}ies"),
+                None => format!("{}s", kind.to_lowercase()),
+            },
         );
         let object: DynamicObject = serde_json::from_value(value).unwrap();
         Api::<DynamicObject>::all_with(client.clone(), &resource)
