@@ -63,6 +63,12 @@ struct FetchArgs {
     /// The whole download, retries included, within this
     #[arg(long, env = "FLOWGATE_FETCH_DEADLINE", default_value = "30m", value_parser = humantime::parse_duration)]
     deadline: Duration,
+    /// Report the download's progress in this Pod's status (in a cluster; see fetch::report)
+    #[arg(long, env = "FLOWGATE_FETCH_REPORT_PROGRESS")]
+    report_progress: bool,
+    /// Write the outcome, as anyone may read it, to this file (Kubernetes: /dev/termination-log)
+    #[arg(long, env = "FLOWGATE_FETCH_TERMINATION_LOG")]
+    termination_log: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,7 +150,29 @@ fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(adapter::fetch::fetch(&options))? {
+    let counts = std::sync::Arc::new(adapter::fetch::report::Counts::default());
+    if args.report_progress {
+        let dir = std::path::Path::new(adapter::fetch::report::TOKEN_DIR);
+        match adapter::fetch::report::Reporter::from_env(dir) {
+            Ok(reporter) => {
+                let counts = std::sync::Arc::clone(&counts);
+                runtime.spawn(reporter.run(counts, Duration::from_secs(1)));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot report progress"),
+        }
+    }
+    let progress = |bytes: u64, total: Option<u64>| counts.set(bytes, total);
+    let outcome = runtime.block_on(adapter::fetch::fetch_reporting(&options, &progress));
+    if let Some(path) = &args.termination_log {
+        let said = match &outcome {
+            Ok(_) => "verified: the archive's sha256 matched".to_owned(),
+            Err(e) => e.public_reason(),
+        };
+        if let Err(e) = std::fs::write(path, said) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message");
+        }
+    }
+    match outcome? {
         Outcome::AlreadyPresent => println!("{}: already present", options.dest.display()),
         Outcome::Installed {
             archive_bytes,

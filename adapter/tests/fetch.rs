@@ -588,3 +588,53 @@ async fn a_root_entry_that_is_not_a_directory_is_refused() {
 fn the_default_entry_cap_is_far_below_a_million() {
     assert!(Limits::default().max_entries <= 100_000);
 }
+
+#[tokio::test]
+async fn progress_is_reported_and_reasons_reveal_nothing() {
+    let archive = store();
+    let mut files = HashMap::new();
+    files.insert("/good".to_owned(), archive.clone());
+    let addr = serve_files(files).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("store");
+    let seen = std::sync::Mutex::new(Vec::new());
+    let progress = |bytes: u64, total: Option<u64>| seen.lock().unwrap().push((bytes, total));
+    adapter::fetch::fetch_reporting(
+        &options(format!("http://{addr}/good"), sha(&archive), &dest),
+        &progress,
+    )
+    .await
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    let len = archive.len() as u64;
+    assert_eq!(seen.last(), Some(&(len, Some(len))), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert_eq!(
+        adapter::fetch::report::message(len, Some(len)),
+        format!("{len}/{len} bytes")
+    );
+
+    // What anyone may read says what went wrong, not what the server holds
+    // or which port answered.
+    let other = tmp.path().join("other");
+    let err = fetch(&options(format!("http://{addr}/good"), sha(b"x"), &other))
+        .await
+        .unwrap_err();
+    let reason = err.public_reason();
+    assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(!reason.contains(&sha(&archive)), "{reason}");
+    let port = common::free_port();
+    for url in [
+        format!("http://127.0.0.1:{port}/x"),
+        format!("http://{addr}/missing"),
+    ] {
+        let reason = fetch(&options(url, sha(b"x"), &other))
+            .await
+            .unwrap_err()
+            .public_reason();
+        assert_eq!(
+            reason,
+            "download failed: the archive could not be downloaded from its URL"
+        );
+    }
+}

@@ -1,19 +1,29 @@
-//! The lifecycle every backend offers (Kubernetes, local). The CLI and the
-//! REST API call only this.
+//! What every backend (Kubernetes, operator, local) does: make, read, list
+//! and remove the objects or processes of an instance. The rules (dedupe,
+//! quotas, TTL bounds, owners, events) are the service's
+//! ([`crate::service::Provisioner`]).
 
 use crate::Result;
 use crate::events::EventLog;
-use crate::instance::{CreateRequest, Instance, InstanceId, Phase, TtlPolicy};
+use crate::instance::{Artifacts, Instance, InstanceId, Phase, Workload};
 use async_trait::async_trait;
-use std::time::{Duration, Instant};
+use jiff::Timestamp;
 
-/// The result of a create.
+/// An instance to make, checked by the service.
 #[derive(Debug, Clone)]
-pub struct Created {
-    /// The instance (new, or the live one for the same workload and artefacts).
-    pub instance: Instance,
-    /// False when an existing instance was returned.
-    pub created: bool,
+pub struct NewInstance {
+    /// The job or task id.
+    pub workload: Workload,
+    /// Who asked.
+    pub owner: String,
+    /// The artefacts.
+    pub artifacts: Artifacts,
+    /// Now.
+    pub created_at: Timestamp,
+    /// When it is removed.
+    pub expires_at: Timestamp,
+    /// Let visitors write through the adapter (default: read-only).
+    pub writes: bool,
 }
 
 /// Which instances to list.
@@ -53,28 +63,26 @@ pub struct Removed {
     pub reason: String,
 }
 
-/// Instance lifecycle operations.
+/// The objects or processes of instances.
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// URL schemes this backend can fetch artefacts from.
-    fn allowed_schemes(&self) -> &'static [&'static str];
-    /// TTL bounds.
-    fn ttl_policy(&self) -> TtlPolicy;
+    fn schemes(&self) -> &'static [&'static str];
     /// The live event log of an instance's launch, where the backend keeps one.
     fn event_log(&self, _id: &InstanceId) -> Option<EventLog> {
         None
     }
 
-    /// Creates an instance, or returns the live one for the same workload and checksum.
-    async fn create(&self, request: CreateRequest) -> Result<Created>;
+    /// Makes an instance (no checks: the service made them).
+    async fn create(&self, new: NewInstance) -> Result<Instance>;
     /// One instance.
     async fn get(&self, id: &InstanceId) -> Result<Instance>;
     /// Instances matching `filter`.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>>;
     /// Deletes an instance and everything it owns.
     async fn delete(&self, id: &InstanceId) -> Result<()>;
-    /// Pushes the expiry `ttl` further (from the current expiry, or now if past).
-    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance>;
+    /// Sets the expiry.
+    async fn set_expiry(&self, id: &InstanceId, expires_at: Timestamp) -> Result<Instance>;
     /// Removes expired instances and leftovers.
     async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>>;
 
@@ -90,44 +98,5 @@ pub trait Backend: Send + Sync {
             .iter()
             .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
             .count())
-    }
-
-    /// Waits until the instance is Ready (or Failed, or the timeout passes),
-    /// calling `progress` whenever the phase or message changes.
-    async fn wait_ready(
-        &self,
-        id: &InstanceId,
-        timeout: Duration,
-        progress: &(dyn for<'i> Fn(&'i Instance) + Send + Sync),
-    ) -> Result<Instance> {
-        let deadline = Instant::now() + timeout;
-        let mut last: Option<(Phase, Option<String>)> = None;
-        loop {
-            let instance = self.get(id).await?;
-            let now = (instance.phase, instance.message.clone());
-            if last.as_ref() != Some(&now) {
-                progress(&instance);
-                last = Some(now);
-            }
-            match instance.phase {
-                Phase::Ready => return Ok(instance),
-                Phase::Failed | Phase::Expired => {
-                    return Err(crate::Error::Failed {
-                        id: id.to_string(),
-                        reason: instance
-                            .message
-                            .unwrap_or_else(|| instance.phase.to_string()),
-                    });
-                }
-                Phase::Pending => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(crate::Error::Timeout(format!(
-                    "instance {id} not ready after {}",
-                    humantime::format_duration(timeout)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 }

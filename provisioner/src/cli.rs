@@ -2,18 +2,21 @@
 //! backend. `main.rs` only parses and calls [`run`].
 
 use crate::backend::{Backend, ListFilter};
-use crate::instance::{
-    ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Workload, validate_owner,
-};
+use crate::instance::{ANONYMOUS, CreateRequest, Instance, InstanceId, Workload, validate_owner};
 use crate::kube::KubeBackend;
+use crate::kube::ledger::LeaseLedger;
 use crate::operator::OperatorConfig;
 use crate::operator::backend::OperatorBackend;
 use crate::operator::leader::LeaseSettings;
 use crate::operator::metrics::Metrics;
+use crate::operator::policy::CrdPolicy;
 use crate::output::{self, Format};
+use crate::serve::ServeOpts;
+use crate::service::{Caller, Policy, Provisioner, Quotas};
+pub use crate::settings::BackendKind;
 use crate::settings::{KubeArgs, KubeSettings};
 use crate::{Error, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use jiff::Timestamp;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,17 +46,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    /// Kubernetes or OpenShift (kubeconfig or in-cluster).
-    Kubernetes,
-    /// Local MLflow processes on this machine (with `serve`).
-    Local,
-    /// MlflowInstance resources, reconciled by `flowgate operator`.
-    Operator,
-}
-
 /// Flags of `flowgate operator`.
 #[derive(clap::Args, Debug)]
 pub struct OperatorOpts {
@@ -81,62 +73,21 @@ pub struct OperatorOpts {
     /// Reconciles at once
     #[arg(long, env = "FLOWGATE_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
-}
-
-/// Flags of `flowgate serve`.
-#[derive(clap::Args, Debug)]
-pub struct ServeOpts {
-    /// Where the REST API listens
-    #[arg(long, env = "FLOWGATE_API_LISTEN", default_value = "127.0.0.1:7000")]
-    pub listen: std::net::SocketAddr,
-    /// Bearer tokens, one `TOKEN OWNER` per line (required beyond loopback)
-    #[arg(long, env = "FLOWGATE_TOKENS")]
-    pub tokens: Option<std::path::PathBuf>,
-    /// Live instances allowed per owner
-    #[arg(long, env = "FLOWGATE_QUOTA_PER_OWNER", default_value_t = 20)]
-    pub quota_per_owner: usize,
-    /// Live instances allowed in all
-    #[arg(long, env = "FLOWGATE_QUOTA_TOTAL", default_value_t = 200)]
-    pub quota_total: usize,
-    /// Local backend: where instances are reachable as http://ADDR/<id>/
-    #[arg(long, env = "FLOWGATE_LOCAL_LISTEN", default_value = "127.0.0.1:8080")]
-    pub local_listen: std::net::SocketAddr,
-    /// Local backend: the base URL given to users [default: http://<local-listen>]
-    #[arg(long, env = "FLOWGATE_PUBLIC_URL")]
-    pub public_url: Option<String>,
-    /// Local backend: where instances keep their data
-    #[arg(long, env = "FLOWGATE_DATA_DIR")]
-    pub data_dir: Option<std::path::PathBuf>,
-    /// Host names (host or host:port, comma-separated) the API and the local
-    /// instances answer; any other Host gets a 421 [default: the listen addresses
-    /// and localhost on their ports, the public URL's host, and --host with the
-    /// kubernetes and operator backends]
-    #[arg(long, env = "FLOWGATE_PUBLIC_HOST")]
-    pub public_host: Option<String>,
-    /// Local backend: the mlflow executable
-    #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
-    pub mlflow: std::path::PathBuf,
-    /// On SIGTERM: the bound on draining requests and stopping MLflow; the process exits within it
-    #[arg(long, env = "FLOWGATE_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-    /// Local backend: how long a Failed instance is kept (for its reason) before removal
-    #[arg(long, env = "FLOWGATE_KEEP_FAILED", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub keep_failed: Duration,
-    /// Local backend: MLflow exits within --restart-window after which the instance is Failed
-    #[arg(long, env = "FLOWGATE_MAX_RESTARTS", default_value_t = 5)]
-    pub max_restarts: u32,
-    /// Local backend: the window MLflow exits are counted in
-    #[arg(long, env = "FLOWGATE_RESTART_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub restart_window: Duration,
-    /// Local backend downloads: give up connecting after this long
-    #[arg(long, env = "FLOWGATE_FETCH_CONNECT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
-    /// Local backend downloads: give up when no byte arrives for this long
-    #[arg(long, env = "FLOWGATE_FETCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub stall_timeout: Duration,
-    /// Local backend downloads: the whole download, retries included, within this
-    #[arg(long, env = "FLOWGATE_FETCH_DEADLINE", default_value = "30m", value_parser = humantime::parse_duration)]
-    pub deadline: Duration,
+    /// MLflow images a resource may pick besides --mlflow-image (comma-separated)
+    #[arg(long, env = "FLOWGATE_ALLOWED_MLFLOW_IMAGES", value_delimiter = ',')]
+    pub allowed_mlflow_images: Vec<String>,
+    /// Adapter images a resource may pick besides --adapter-image (comma-separated)
+    #[arg(long, env = "FLOWGATE_ALLOWED_ADAPTER_IMAGES", value_delimiter = ',')]
+    pub allowed_adapter_images: Vec<String>,
+    /// The most CPU a resource may give a container
+    #[arg(long, env = "FLOWGATE_MAX_CPU", default_value = "2")]
+    pub max_cpu: String,
+    /// The most memory a resource may give a container
+    #[arg(long, env = "FLOWGATE_MAX_MEMORY", default_value = "4Gi")]
+    pub max_memory: String,
+    /// The largest artefact volume a resource may ask for
+    #[arg(long, env = "FLOWGATE_MAX_STORE_SIZE", default_value = "20Gi")]
+    pub max_store_size: String,
 }
 
 /// Subcommands.
@@ -251,15 +202,24 @@ pub async fn run(cli: Cli) -> Result<String> {
         .await
         .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
     let settings = KubeSettings::from_args(&cli.kube, client.default_namespace())?;
-    let ttl_policy = settings.ttl;
-    let chosen = match cli.backend {
-        BackendKind::Operator => Chosen::Operator(Box::new(OperatorBackend::new(client, settings))),
-        _ => Chosen::Kube(Box::new(KubeBackend::new(client, settings).await?)),
+    let policy = Policy {
+        ttl: settings.ttl,
+        quotas: Quotas::unlimited(),
+        allow_file: false,
+        streams_per_caller: usize::MAX,
     };
-    let backend: &dyn Backend = match &chosen {
-        Chosen::Kube(b) => b.as_ref(),
-        Chosen::Operator(b) => b.as_ref(),
+    let ledger = Arc::new(LeaseLedger::new(client.clone(), &settings.namespace));
+    let mut kube_backend = None;
+    let backend: Arc<dyn Backend> = match cli.backend {
+        BackendKind::Operator => Arc::new(OperatorBackend::new(client, settings)),
+        _ => {
+            let b = Arc::new(KubeBackend::new(client, settings).await?);
+            kube_backend = Some(Arc::clone(&b));
+            b
+        }
     };
+    let service = Provisioner::new(backend, ledger, policy);
+    let caller = Caller::Anyone;
     let now = Timestamp::now;
     let show_one = |i: &Instance| match cli.output {
         Format::Json => output::json(i),
@@ -279,24 +239,28 @@ pub async fn run(cli: Cli) -> Result<String> {
             let request = CreateRequest {
                 workload: Workload::parse(&workload)?,
                 owner: validate_owner(&owner)?,
-                artifacts: Artifacts::validated(&artifacts, &sha256, &["https", "http"])?,
-                ttl: ttl_policy.resolve(ttl.as_deref())?,
+                artifacts: service.artifacts(&artifacts, &sha256)?,
+                ttl: service.ttl_policy().resolve(ttl.as_deref())?,
                 writes,
             };
-            let created = backend.create(request).await?;
+            let created = service.create(request).await?;
             if !created.created {
                 eprintln!("an instance for this workload and these artefacts is already live");
             }
             let instance = if wait {
-                wait_with_spinner(backend, &created.instance.id, wait_timeout).await?
+                wait_with_spinner(&service, &created.instance.id, wait_timeout).await?
             } else {
                 created.instance
             };
             Ok(show_one(&instance))
         }
-        Command::Get { id } => Ok(show_one(&backend.get(&InstanceId::parse(&id)?).await?)),
+        Command::Get { id } => Ok(show_one(
+            &service.get(&caller, &InstanceId::parse(&id)?).await?,
+        )),
         Command::List { workload, owner } => {
-            let list = backend.list(&ListFilter { workload, owner }).await?;
+            let list = service
+                .list(&caller, ListFilter { workload, owner })
+                .await?;
             Ok(match cli.output {
                 Format::Json => output::json(&list),
                 Format::Table => output::table(&list, now()),
@@ -304,18 +268,20 @@ pub async fn run(cli: Cli) -> Result<String> {
         }
         Command::Delete { id } => {
             let id = InstanceId::parse(&id)?;
-            backend.delete(&id).await?;
+            service.delete(&caller, &id).await?;
             Ok(format!("deleted {id}\n"))
         }
         Command::Extend { id, ttl } => {
             let ttl = humantime::parse_duration(&ttl)
                 .map_err(|e| Error::invalid("ttl", format!("{ttl:?}: {e}")))?;
             Ok(show_one(
-                &backend.extend(&InstanceId::parse(&id)?, ttl).await?,
+                &service
+                    .extend(&caller, &InstanceId::parse(&id)?, ttl)
+                    .await?,
             ))
         }
         Command::Gc { dry_run } => {
-            let removed = backend.gc(dry_run).await?;
+            let removed = service.gc(dry_run).await?;
             Ok(match cli.output {
                 Format::Json => output::json(&removed),
                 Format::Table => {
@@ -339,7 +305,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             no_wait,
             rollout_timeout,
         } => {
-            let Chosen::Kube(backend) = &chosen else {
+            let Some(backend) = &kube_backend else {
                 return Err(Error::invalid(
                     "backend",
                     "the operator re-applies every instance with its own --mlflow-image/--adapter-image: roll the operator's Deployment instead",
@@ -370,12 +336,6 @@ pub async fn run(cli: Cli) -> Result<String> {
     }
 }
 
-/// The backend a command runs against.
-enum Chosen {
-    Kube(Box<KubeBackend>),
-    Operator(Box<OperatorBackend>),
-}
-
 /// `flowgate operator`: the metrics listener and the controller, until
 /// SIGTERM or Ctrl-C.
 async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
@@ -385,6 +345,22 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
     let settings = KubeSettings::from_args(kube_args, client.default_namespace())?;
     let mut config = OperatorConfig::new(settings);
     config.concurrency = opts.concurrency;
+    config.policy = CrdPolicy {
+        mlflow_images: opts.allowed_mlflow_images.clone(),
+        adapter_images: opts.allowed_adapter_images.clone(),
+        max_cpu: opts.max_cpu.clone(),
+        max_memory: opts.max_memory.clone(),
+        max_store_size: opts.max_store_size.clone(),
+    };
+    for (flag, q) in [
+        ("max-cpu", &opts.max_cpu),
+        ("max-memory", &opts.max_memory),
+        ("max-store-size", &opts.max_store_size),
+    ] {
+        if crate::operator::policy::quantity(q).is_none() {
+            return Err(Error::invalid(flag, format!("{q:?} is not a quantity")));
+        }
+    }
     if let Some(identity) = &opts.identity {
         config.identity = identity.clone();
     }
@@ -425,14 +401,14 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
 }
 
 async fn wait_with_spinner(
-    backend: &dyn Backend,
+    service: &Provisioner,
     id: &InstanceId,
     timeout: Duration,
 ) -> Result<Instance> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.enable_steady_tick(Duration::from_millis(120));
     spinner.set_message(format!("{id}: waiting"));
-    let result = backend
+    let result = service
         .wait_ready(id, timeout, &|i| {
             spinner.set_message(format!(
                 "{}: {}{}",

@@ -41,6 +41,15 @@ pub enum Error {
     /// The Kubernetes API failed.
     #[error("kubernetes API: {0}")]
     Kube(#[source] kube::Error),
+    /// A file or socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -66,7 +75,30 @@ impl Error {
             Error::Quota(_) | Error::Forbidden(_) => 4,
             Error::Failed { .. } => 5,
             Error::Timeout(_) => 6,
-            Error::Storage(_) | Error::Unavailable(_) | Error::Kube(_) | Error::Internal(_) => 1,
+            Error::Storage(_)
+            | Error::Unavailable(_)
+            | Error::Kube(_)
+            | Error::Io { .. }
+            | Error::Internal(_) => 1,
+        }
+    }
+
+    /// An [`Error::Io`] maker for `map_err`.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+
+    /// What a remote caller is told: the message itself for what the caller
+    /// can act on, a generic one for failures of the server's side (their
+    /// details, with addresses and paths, go to the log only).
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Kube(_) => "the Kubernetes API failed; the server log has the details".into(),
+            Error::Io { .. } | Error::Internal(_) => {
+                "internal error; the server log has the details".into()
+            }
+            other => other.to_string(),
         }
     }
 }
@@ -79,5 +111,27 @@ impl From<kube::Error> for Error {
             }
             _ => Error::Kube(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_get_reasons_not_internals() {
+        let io = Error::io("connecting to 127.0.0.1:6443")(std::io::Error::other("refused"));
+        assert!(std::error::Error::source(&io).is_some());
+        assert!(!io.public_message().contains("127.0.0.1"));
+        assert!(
+            io.to_string().contains("127.0.0.1:6443"),
+            "the log keeps it"
+        );
+        let kube = Error::Kube(kube::Error::Service(
+            "tcp connect error: 10.0.0.1:443".into(),
+        ));
+        assert!(!kube.public_message().contains("10.0.0.1"));
+        let invalid = Error::invalid("ttl", "30d is outside 1m to 7d");
+        assert_eq!(invalid.public_message(), invalid.to_string());
     }
 }

@@ -1,14 +1,13 @@
 //! Launch progress as a sequence of events, for `GET .../events` (server-sent
 //! events) and `create --wait`. The local backend publishes each step as it
-//! happens; for others, events are derived by polling the instance's phase.
+//! happens; for others, events are derived from the instance's phase.
 
-use crate::backend::Backend;
 use crate::instance::{Instance, InstanceId, Phase};
 use futures_util::Stream;
+use futures_util::stream::BoxStream;
 use jiff::Timestamp;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// One step of a launch.
@@ -25,6 +24,12 @@ pub struct Event {
     /// The instance URL, on `ready`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// On `downloading`: bytes received so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// On `downloading`: the archive's size, when its server said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
     /// When.
     #[schema(value_type = String)]
     pub at: Timestamp,
@@ -38,6 +43,8 @@ impl Event {
             phase,
             message,
             url: None,
+            bytes: None,
+            total: None,
             at: Timestamp::now(),
         }
     }
@@ -50,7 +57,17 @@ impl Event {
         )
     }
 
-    fn from_instance(i: &Instance) -> Self {
+    /// The event that ends a stream whose instance is gone.
+    pub fn gone() -> Self {
+        Self::new(
+            "deleted",
+            Phase::Expired,
+            Some("the instance is gone".into()),
+        )
+    }
+
+    /// The event for an instance's current phase.
+    pub fn from_instance(i: &Instance) -> Self {
         let step = match i.phase {
             Phase::Pending => "starting",
             Phase::Ready => "ready",
@@ -91,54 +108,9 @@ pub fn from_log(log: EventLog) -> impl Stream<Item = Event> + Send + 'static {
     )
 }
 
-/// Derives events by polling the instance: `created` first, then one event
-/// per phase change, until Ready, Failed, Expired or gone.
-pub fn by_polling(
-    backend: Arc<dyn Backend>,
-    id: InstanceId,
-    every: Duration,
-) -> impl Stream<Item = Event> + Send + 'static {
-    let first = Event::new("created", Phase::Pending, None);
-    futures_util::stream::unfold(
-        (
-            backend,
-            id,
-            Some(first),
-            None::<(Phase, Option<String>)>,
-            false,
-        ),
-        move |(backend, id, pending, mut last, done)| async move {
-            if done {
-                return None;
-            }
-            if let Some(first) = pending {
-                return Some((first, (backend, id, None, last, false)));
-            }
-            loop {
-                match backend.get(&id).await {
-                    Ok(i) => {
-                        let key = (i.phase, i.message.clone());
-                        if last.as_ref() != Some(&key) {
-                            last = Some(key);
-                            let event = Event::from_instance(&i);
-                            let done = event.is_final();
-                            return Some((event, (backend, id, None, last, done)));
-                        }
-                    }
-                    Err(crate::Error::NotFound(_)) => {
-                        return Some((
-                            Event::new(
-                                "deleted",
-                                Phase::Expired,
-                                Some("the instance is gone".into()),
-                            ),
-                            (backend, id, None, last, true),
-                        ));
-                    }
-                    Err(e) => tracing::warn!(%id, error = %e, "polling for events"),
-                }
-                tokio::time::sleep(every).await;
-            }
-        },
-    )
+/// Where launch events of a backend's instances come from, shared by every
+/// stream of the process (the Kubernetes backends' watch).
+pub trait EventSource: Send + Sync {
+    /// The events of instance `id` from `created` until a final one.
+    fn subscribe(self: Arc<Self>, id: &InstanceId) -> BoxStream<'static, Event>;
 }

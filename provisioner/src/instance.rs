@@ -311,6 +311,19 @@ impl TtlPolicy {
         self.check(ttl)
     }
 
+    /// The expiry after extending one that is `current` by `ttl` at `now`:
+    /// from the current expiry (or now, if past), at most the longest TTL
+    /// from now.
+    pub fn extended(&self, current: Timestamp, now: Timestamp, ttl: Duration) -> Result<Timestamp> {
+        let ttl = self.check(ttl)?;
+        Ok(add(current.max(now), ttl).min(add(now, self.max)))
+    }
+
+    /// `expires_at`, capped at the longest TTL from `created_at`.
+    pub fn capped(&self, created_at: Timestamp, expires_at: Timestamp) -> Timestamp {
+        expires_at.min(add(created_at, self.max))
+    }
+
     /// Checks bounds.
     pub fn check(&self, ttl: Duration) -> Result<Duration> {
         if ttl < self.min || ttl > self.max {
@@ -418,5 +431,22 @@ mod tests {
         );
         assert!(p.resolve(Some("30d")).is_err());
         assert!(p.resolve(Some("soon")).is_err());
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let hour = Duration::from_secs(3600);
+        let in_a_day = add(now, 24 * hour);
+        assert_eq!(
+            p.extended(in_a_day, now, 12 * hour).unwrap(),
+            add(now, 36 * hour)
+        );
+        let past: Timestamp = "2025-12-31T00:00:00Z".parse().unwrap();
+        assert_eq!(p.extended(past, now, hour).unwrap(), add(now, hour));
+        let near_max = add(now, 7 * 24 * hour - hour);
+        assert_eq!(
+            p.extended(near_max, now, 12 * hour).unwrap(),
+            add(now, p.max)
+        );
+        assert!(p.extended(now, now, Duration::from_secs(1)).is_err());
+        assert_eq!(p.capped(now, add(now, 10_000 * hour)), add(now, p.max));
+        assert_eq!(p.capped(now, in_a_day), in_a_day);
     }
 }

@@ -1,7 +1,8 @@
 //! `flowgate`: the lifecycle of short-lived MLflow instances for job results.
 //!
-//! Reading order: [`instance`] (the model and its validation) → [`backend`]
-//! (the operations) → [`kube`] (the Kubernetes backend; [`kube::objects`]
+//! Reading order: [`instance`] (the model and its validation) → [`service`]
+//! (the rules: owners, dedupe, quotas, TTLs, events) → [`backend`] (what a
+//! backend does) → [`kube`] (the Kubernetes backend; [`kube::objects`]
 //! builds every object) → [`operator`] (the `MlflowInstance` custom resource,
 //! its controller and `--backend operator`) → [`cli`] (the command line).
 
@@ -14,10 +15,12 @@ pub mod hosts;
 pub mod instance;
 pub mod kube;
 pub mod labels;
+pub mod ledger;
 pub mod local;
 pub mod operator;
 pub mod output;
 pub mod serve;
+pub mod service;
 pub mod settings;
 
 pub use error::{Error, Result};

@@ -7,16 +7,19 @@
 //! processes are stopped. The process returns within `--drain-timeout`
 //! whatever clients do: connections still open at the bound are cut.
 
-use crate::api::{ApiState, Quotas, auth::Tokens, check_listen, guard_hosts, router};
+use crate::api::{ApiState, auth::Tokens, check_listen, guard_hosts, router};
 use crate::backend::Backend;
-use crate::cli::{BackendKind, ServeOpts};
 use crate::hosts::PublicHosts;
 use crate::kube::KubeBackend;
+use crate::kube::ledger::LeaseLedger;
+use crate::kube::watch::Watch;
+use crate::ledger::{Ledger, MemoryLedger};
 use crate::local::router::LocalRouter;
 use crate::local::supervisor::{Supervision, parse_size};
 use crate::local::{LocalBackend, LocalSettings, default_data_dir};
 use crate::operator::backend::OperatorBackend;
-use crate::settings::{KubeArgs, KubeSettings};
+use crate::service::{Policy, Provisioner, Quotas};
+use crate::settings::{BackendKind, KubeArgs, KubeSettings};
 use crate::{Error, Result};
 use adapter::server::{ConnectionLimits, serve as serve_http, shutdown_signal};
 use std::sync::Arc;
@@ -25,18 +28,78 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Flags of `flowgate serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeOpts {
+    /// Where the REST API listens
+    #[arg(long, env = "FLOWGATE_API_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: std::net::SocketAddr,
+    /// Bearer tokens, one `TOKEN OWNER` per line (required beyond loopback)
+    #[arg(long, env = "FLOWGATE_TOKENS")]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Live instances allowed per owner
+    #[arg(long, env = "FLOWGATE_QUOTA_PER_OWNER", default_value_t = 20)]
+    pub quota_per_owner: usize,
+    /// Live instances allowed in all
+    #[arg(long, env = "FLOWGATE_QUOTA_TOTAL", default_value_t = 200)]
+    pub quota_total: usize,
+    /// Event streams (GET .../events) one caller may hold open at once
+    #[arg(long, env = "FLOWGATE_STREAMS_PER_CALLER", default_value_t = 20)]
+    pub streams_per_caller: usize,
+    /// Local backend: where instances are reachable as http://ADDR/<id>/
+    #[arg(long, env = "FLOWGATE_LOCAL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub local_listen: std::net::SocketAddr,
+    /// Local backend: the base URL given to users [default: http://<local-listen>]
+    #[arg(long, env = "FLOWGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Local backend: where instances keep their data
+    #[arg(long, env = "FLOWGATE_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Local backend: the mlflow executable
+    #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
+    pub mlflow: std::path::PathBuf,
+    /// Host names (host or host:port, comma-separated) the API and the local
+    /// instances answer; any other Host gets a 421 [default: the listen addresses
+    /// and localhost on their ports, the public URL's host, and --host with the
+    /// kubernetes and operator backends]
+    #[arg(long, env = "FLOWGATE_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+    /// On SIGTERM: the bound on draining requests and stopping MLflow; the process exits within it
+    #[arg(long, env = "FLOWGATE_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Local backend: how long a Failed instance is kept (for its reason) before removal
+    #[arg(long, env = "FLOWGATE_KEEP_FAILED", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub keep_failed: Duration,
+    /// Local backend: MLflow exits within --restart-window after which the instance is Failed
+    #[arg(long, env = "FLOWGATE_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// Local backend: the window MLflow exits are counted in
+    #[arg(long, env = "FLOWGATE_RESTART_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub restart_window: Duration,
+    /// Local backend downloads: give up connecting after this long
+    #[arg(long, env = "FLOWGATE_FETCH_CONNECT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Local backend downloads: give up when no byte arrives for this long
+    #[arg(long, env = "FLOWGATE_FETCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+    /// Local backend downloads: the whole download, retries included, within this
+    #[arg(long, env = "FLOWGATE_FETCH_DEADLINE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
+}
+
 async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Internal(format!("{what}: cannot listen on {addr}: {e}")))
+        .map_err(Error::io(format!("{what}: cannot listen on {addr}")))
 }
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Result<()> {
     let tokens = match &opts.tokens {
-        Some(path) => Some(Tokens::parse(&std::fs::read_to_string(path).map_err(
-            |e| Error::invalid("tokens", format!("{}: {e}", path.display())),
-        )?)?),
+        Some(path) => Some(Tokens::parse(
+            &std::fs::read_to_string(path)
+                .map_err(Error::io(format!("reading {}", path.display())))?,
+        )?),
         None => None,
     };
     check_listen(opts.listen, tokens.is_some())?;
@@ -74,20 +137,22 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
     let http_drain = opts.drain_timeout.saturating_sub(stop_budget);
     let mut local = None;
     let mut instances_served = None;
-    let backend: Arc<dyn Backend> = match kind {
-        BackendKind::Kubernetes => {
+    let ttl = KubeSettings::from_args(kube, "default")?.ttl;
+    let mut watch = None;
+    let (backend, ledger): (Arc<dyn Backend>, Arc<dyn Ledger>) = match kind {
+        BackendKind::Kubernetes | BackendKind::Operator => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
             let settings = KubeSettings::from_args(kube, client.default_namespace())?;
-            Arc::new(KubeBackend::new(client, settings).await?)
-        }
-        BackendKind::Operator => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
-            let settings = KubeSettings::from_args(kube, client.default_namespace())?;
-            Arc::new(OperatorBackend::new(client, settings))
+            let ledger = Arc::new(LeaseLedger::new(client.clone(), &settings.namespace));
+            watch = Some(Watch::start(client.clone(), &settings.namespace));
+            let backend: Arc<dyn Backend> = if kind == BackendKind::Operator {
+                Arc::new(OperatorBackend::new(client, settings))
+            } else {
+                Arc::new(KubeBackend::new(client, settings).await?)
+            };
+            (backend, ledger)
         }
         BackendKind::Local => {
             let instances_listener = bind(opts.local_listen, "instances").await?;
@@ -95,7 +160,6 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", opts.local_listen));
-            let ttl = KubeSettings::from_args(kube, "default")?.ttl;
             let settings = LocalSettings {
                 data_dir: opts.data_dir.clone().unwrap_or_else(default_data_dir),
                 mlflow: opts.mlflow.clone(),
@@ -129,7 +193,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
             backend.spawn_reaper(Duration::from_secs(30));
             tracing::info!(instances = %opts.local_listen, "local backend ready");
             local = Some(backend.clone());
-            Arc::new(backend)
+            (Arc::new(backend), Arc::new(MemoryLedger::default()))
         }
     };
 
@@ -143,14 +207,23 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         }
         let _ = stop_tx.send(true);
     });
-    let state = ApiState::new(
-        backend,
-        tokens,
-        Quotas {
+    // `file://` reads this machine's files: only for an API that nobody
+    // but this machine's users can call (no tokens, hence loopback only).
+    let policy = Policy {
+        ttl,
+        quotas: Quotas {
             per_owner: opts.quota_per_owner,
             total: opts.quota_total,
         },
-    );
+        allow_file: tokens.is_none() && opts.listen.ip().is_loopback(),
+        streams_per_caller: opts.streams_per_caller,
+    };
+    let mut provisioner = Provisioner::new(backend, ledger, policy);
+    if let Some(watch) = watch {
+        provisioner = provisioner.with_events(watch);
+    }
+    let provisioner = Arc::new(provisioner);
+    let state = ApiState::new(provisioner, tokens);
     tracing::info!(api = %opts.listen, backend = ?kind, "flowgate serve ready");
     let api = axum::serve(api_listener, guard_hosts(router(state), hosts))
         .with_graceful_shutdown(stopped());

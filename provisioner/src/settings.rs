@@ -6,6 +6,17 @@ use crate::instance::TtlPolicy;
 use clap::{Args, ValueEnum};
 use std::time::Duration;
 
+/// Backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Kubernetes or OpenShift (kubeconfig or in-cluster).
+    Kubernetes,
+    /// Local MLflow processes on this machine (with `serve`).
+    Local,
+    /// MlflowInstance resources, reconciled by `flowgate operator`.
+    Operator,
+}
+
 /// How instances are exposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RouteKind {
@@ -119,6 +130,11 @@ pub struct KubeArgs {
     /// An instance still half-made after this long is removed by gc
     #[arg(long, env = "FLOWGATE_STUCK_AFTER", default_value = "10m", value_parser = humantime::parse_duration, global = true)]
     pub stuck_after: Duration,
+    /// ServiceAccount whose Pod-bound token lets the fetch init container
+    /// report its download progress in its Pod's status (k8s/base makes
+    /// `flowgate-fetch`); none: no progress until the download ends
+    #[arg(long, env = "FLOWGATE_FETCH_SERVICE_ACCOUNT", global = true)]
+    pub fetch_service_account: Option<String>,
 }
 
 /// Resolved settings.
@@ -154,6 +170,8 @@ pub struct KubeSettings {
     pub ttl: TtlPolicy,
     /// When a half-made instance is abandoned.
     pub stuck_after: Duration,
+    /// The fetch container's ServiceAccount, for progress reports.
+    pub fetch_service_account: Option<String>,
 }
 
 impl KubeSettings {
@@ -197,6 +215,7 @@ impl KubeSettings {
                 max: args.max_ttl,
             },
             stuck_after: args.stuck_after,
+            fetch_service_account: args.fetch_service_account.clone(),
         })
     }
 

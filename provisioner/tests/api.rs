@@ -6,11 +6,14 @@
 mod support;
 
 use provisioner::api::auth::Tokens;
-use provisioner::api::{ApiState, Quotas, router};
+use provisioner::api::{ApiState, router};
 use provisioner::backend::Backend;
 use provisioner::instance::TtlPolicy;
+use provisioner::kube::ledger::LeaseLedger;
+use provisioner::ledger::{Ledger, MemoryLedger};
 use provisioner::local::router::LocalRouter;
 use provisioner::local::{LocalBackend, LocalSettings};
+use provisioner::service::{Policy, Provisioner, Quotas};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -89,12 +92,49 @@ fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn spawn_api(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> String {
+/// The REST API as `flowgate serve` runs it on loopback: `file://` URLs only
+/// without tokens.
+async fn spawn_api_with(
+    backend: Arc<dyn Backend>,
+    ledger: Arc<dyn Ledger>,
+    ttl: TtlPolicy,
+    tokens: Option<Tokens>,
+    quotas: Quotas,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(ApiState::new(backend, tokens, quotas));
+    let policy = Policy {
+        ttl,
+        quotas,
+        allow_file: tokens.is_none(),
+        streams_per_caller: 4,
+    };
+    let service = Arc::new(Provisioner::new(backend, ledger, policy));
+    let app = router(ApiState::new(service, tokens));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
+}
+
+/// The API over the local backend (claims in memory, short TTLs allowed).
+async fn spawn_api(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> String {
+    let ledger = Arc::new(MemoryLedger::default());
+    spawn_api_with(backend, ledger, short_ttls(), tokens, quotas).await
+}
+
+/// Serves one file over HTTP on loopback; returns its URL.
+async fn serve_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/store.tgz",
+        axum::routing::get(move || {
+            let bytes = bytes.clone();
+            async move { bytes }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/store.tgz")
 }
 
 struct Local {
@@ -368,8 +408,11 @@ async fn contract_on_the_local_backend() {
 async fn contract_on_the_kubernetes_backend() {
     let client = support::admin().await;
     let ns = support::namespace(&client).await;
-    let backend = support::backend(client, support::settings(&ns)).await;
-    let base = spawn_api(Arc::new(backend), None, Quotas::default()).await;
+    let settings = support::settings(&ns);
+    let ttl = settings.ttl;
+    let ledger = Arc::new(LeaseLedger::new(client.clone(), &ns));
+    let backend = support::backend(client, settings).await;
+    let base = spawn_api_with(Arc::new(backend), ledger, ttl, None, Quotas::default()).await;
     contract(
         &base,
         "https://store.example.test/job.tgz",
@@ -493,7 +536,14 @@ async fn failing_launches_say_why() {
         let evs = events(&base, id, None).await;
         let (last, data) = evs.last().unwrap();
         assert_eq!(last, "failed", "{evs:?}");
-        assert!(data["message"].as_str().unwrap().contains(want), "{data}");
+        let message = data["message"].as_str().unwrap();
+        assert!(message.contains(want), "{data}");
+        // No internals: not the archive's actual checksum, not what answered
+        // (or did not) at a loopback port.
+        let real_sha = &store_archive().1;
+        for secret in [real_sha.as_str(), &port.to_string(), "refused", "127.0.0.1"] {
+            assert!(!message.contains(secret), "{message:?} reveals {secret:?}");
+        }
         let now: Value = c
             .get(format!("{base}/api/v1/instances/{id}"))
             .send()
@@ -524,7 +574,24 @@ async fn tokens_owners_and_quotas() {
     )
     .await;
     let c = http();
-    let body = |w: &str| json!({"workload": w, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}});
+    // With tokens, callers may not read the server's files.
+    let file_url = format!("file://{}", archive.display());
+    let r = c
+        .post(format!("{base}/api/v1/instances"))
+        .bearer_auth("alice-token-000000001")
+        .json(&json!({"workload": "f", "artifacts": {"url": file_url, "sha256": sha}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        r.json::<Value>().await.unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("must start with")
+    );
+    let url = serve_file(archive).await;
+    let body = |w: &str| json!({"workload": w, "artifacts": {"url": url, "sha256": sha}});
     let post = |token: Option<&'static str>, b: Value| {
         let mut r = c.post(format!("{base}/api/v1/instances")).json(&b);
         if let Some(t) = token {
@@ -560,6 +627,12 @@ async fn tokens_owners_and_quotas() {
             .status(),
         200
     );
+    // The same workload and artefacts for bob: his own instance, not alice's.
+    let r = post(Some("bob-token-0000000002"), body("a")).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let bobs: Value = r.json().await.unwrap();
+    assert_eq!(bobs["owner"], "bob");
+    assert_ne!(bobs["id"], alice["id"]);
     // Bob cannot see or touch alice's instance, nor create in her name.
     let r = c
         .get(format!("{base}/api/v1/instances/{id}"))
@@ -584,7 +657,8 @@ async fn tokens_owners_and_quotas() {
         .json()
         .await
         .unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 0);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["owner"], "bob");
     let mut as_alice = body("c");
     as_alice["owner"] = json!("alice");
     assert_eq!(
@@ -688,16 +762,14 @@ async fn expiry_and_crashes() {
     let evs = events(&base, &crash_id, None).await;
     assert_eq!(evs.last().unwrap().0, "ready");
 
-    // MLflow dies: the phase says so while it is restarted, then it is back.
-    let port = evs.iter().find(|(n, _)| n == "starting").unwrap().1["message"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
+    // MLflow dies: the phase says so. (Events do not name its loopback port:
+    // the server is found by its store's path.)
     let killed = std::process::Command::new("pkill")
-        .args(["-KILL", "-f", &format!("mlflow.* server .*[-]-port {port}")])
+        .args([
+            "-KILL",
+            "-f",
+            &format!("mlflow.* server .*instances/{crash_id}/"),
+        ])
         .status()
         .unwrap();
     assert!(killed.success());

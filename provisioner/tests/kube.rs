@@ -14,7 +14,9 @@ use kube::client::ClientBuilder;
 use provisioner::Error;
 use provisioner::backend::{Backend, ListFilter};
 use provisioner::instance::{Artifacts, CreateRequest, InstanceId, Phase, Workload};
+use provisioner::kube::KubeBackend;
 use provisioner::kube::objects::route_resource;
+use provisioner::service::Provisioner;
 use provisioner::settings::RouteKind;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,18 @@ fn request(workload: &str, seed: &str) -> CreateRequest {
     }
 }
 
+/// The backend of `ns` and the service over it.
+async fn both(
+    client: &kube::Client,
+    settings: provisioner::settings::KubeSettings,
+) -> (Arc<KubeBackend>, Provisioner) {
+    let ns = settings.namespace.clone();
+    let ttl = settings.ttl;
+    let b = Arc::new(backend(client.clone(), settings).await);
+    let p = service(b.clone(), client.clone(), &ns, ttl);
+    (b, p)
+}
+
 fn hex_of(s: &str) -> String {
     s.bytes()
         .map(|b| format!("{:02x}", b % 16))
@@ -49,8 +63,8 @@ fn hex_of(s: &str) -> String {
 async fn create_makes_hardened_owned_objects_that_become_ready() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
-    let created = b.create(request("6543210", "a")).await.unwrap();
+    let (b, p) = both(&client, settings(&ns)).await;
+    let created = p.create(request("6543210", "a")).await.unwrap();
     assert!(created.created);
     let i = created.instance;
     let name = i.id.object_name();
@@ -90,7 +104,7 @@ async fn create_makes_hardened_owned_objects_that_become_ready() {
 
     // The namespace enforces Pod Security `restricted`: a Pod that becomes
     // Ready was admitted by the real apiserver.
-    let ready = b
+    let ready = p
         .wait_ready(&i.id, Duration::from_secs(90), &|_| {})
         .await
         .unwrap();
@@ -105,12 +119,12 @@ async fn create_makes_hardened_owned_objects_that_become_ready() {
 async fn instances_are_read_only_by_default_and_bounded_by_their_volume() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
-    let read_only = b.create(request("4711", "e")).await.unwrap().instance;
+    let (b, p) = both(&client, settings(&ns)).await;
+    let read_only = p.create(request("4711", "e")).await.unwrap().instance;
     assert!(!read_only.writes);
     let mut asked = request("4711", "e");
     asked.writes = true;
-    let writable = b.create(asked).await.unwrap();
+    let writable = p.create(asked).await.unwrap();
     assert!(
         writable.created,
         "a writable instance is not the read-only one"
@@ -168,22 +182,31 @@ async fn instances_are_read_only_by_default_and_bounded_by_their_volume() {
 async fn create_is_idempotent_and_lists_filter() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
-    let first = b.create(request("task/77 (retry)", "b")).await.unwrap();
-    let again = b.create(request("task/77 (retry)", "b")).await.unwrap();
+    let (b, p) = both(&client, settings(&ns)).await;
+    let first = p.create(request("task/77 (retry)", "b")).await.unwrap();
+    let again = p.create(request("task/77 (retry)", "b")).await.unwrap();
     assert!(!again.created);
     assert_eq!(again.instance.id, first.instance.id);
-    let other = b.create(request("task/77 (retry)", "c")).await.unwrap();
+    let other = p.create(request("task/77 (retry)", "c")).await.unwrap();
     assert_ne!(other.instance.id, first.instance.id);
     let mut bob = request("8888", "d");
     bob.owner = "bob".into();
-    b.create(bob).await.unwrap();
+    p.create(bob).await.unwrap();
 
     let deployments = Api::<Deployment>::namespaced(client, &ns)
         .list(&ListParams::default())
         .await
         .unwrap();
     assert_eq!(deployments.items.len(), 3);
+    // The claims Leases are not instances.
+    assert_eq!(
+        deployments
+            .items
+            .iter()
+            .filter(|d| d.metadata.name.as_deref().unwrap().starts_with("mlflow-"))
+            .count(),
+        3
+    );
     let by_workload = b
         .list(&ListFilter {
             workload: Some("task/77 (retry)".into()),
@@ -209,10 +232,11 @@ async fn create_is_idempotent_and_lists_filter() {
 async fn extend_and_delete() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
-    let i = b.create(request("1", "e")).await.unwrap().instance;
-    let extended = b
-        .extend(&i.id, Duration::from_secs(12 * 3600))
+    let (b, p) = both(&client, settings(&ns)).await;
+    let anyone = provisioner::service::Caller::Anyone;
+    let i = p.create(request("1", "e")).await.unwrap().instance;
+    let extended = p
+        .extend(&anyone, &i.id, Duration::from_secs(12 * 3600))
         .await
         .unwrap();
     assert_eq!(
@@ -220,7 +244,8 @@ async fn extend_and_delete() {
         12 * 3600
     );
     assert!(matches!(
-        b.extend(&i.id, Duration::from_secs(30 * 24 * 3600)).await,
+        p.extend(&anyone, &i.id, Duration::from_secs(30 * 24 * 3600))
+            .await,
         Err(Error::Invalid { .. })
     ));
     assert_eq!(b.get(&i.id).await.unwrap().expires_at, extended.expires_at);
@@ -248,9 +273,9 @@ async fn extend_and_delete() {
 async fn gc_removes_only_expired_instances_and_orphans() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
-    let old = b.create(request("old", "f")).await.unwrap().instance;
-    let live = b.create(request("live", "g")).await.unwrap().instance;
+    let (b, p) = both(&client, settings(&ns)).await;
+    let old = p.create(request("old", "f")).await.unwrap().instance;
+    let live = p.create(request("live", "g")).await.unwrap().instance;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
     deployments
@@ -316,17 +341,17 @@ async fn gc_removes_only_expired_instances_and_orphans() {
 async fn upgrade_rolls_every_instance_to_new_images() {
     let client = admin().await;
     let ns = namespace(&client).await;
-    let b = backend(client.clone(), settings(&ns)).await;
+    let (b, p) = both(&client, settings(&ns)).await;
     let ids: Vec<_> = [("u1", "h"), ("u2", "i")]
         .iter()
         .map(|(w, s)| (*w, *s))
         .collect();
     let mut created = Vec::new();
     for (w, s) in ids {
-        created.push(b.create(request(w, s)).await.unwrap().instance.id);
+        created.push(p.create(request(w, s)).await.unwrap().instance.id);
     }
     for id in &created {
-        b.wait_ready(id, Duration::from_secs(90), &|_| {})
+        p.wait_ready(id, Duration::from_secs(90), &|_| {})
             .await
             .unwrap();
     }
@@ -371,9 +396,9 @@ async fn openshift_routes_are_used_when_asked_or_found() {
     let client = admin().await;
     let ns = namespace(&client).await;
     // The test control plane serves route.openshift.io (the real CRD), so auto picks Route.
-    let auto = backend(client.clone(), settings(&ns).route_kind(RouteKind::Auto)).await;
+    let (auto, p) = both(&client, settings(&ns).route_kind(RouteKind::Auto)).await;
     assert_eq!(auto.route_kind(), RouteKind::Route);
-    let i = auto.create(request("r1", "j")).await.unwrap().instance;
+    let i = p.create(request("r1", "j")).await.unwrap().instance;
     let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &route_resource());
     let r = routes.get(&i.id.object_name()).await.unwrap();
     assert_eq!(r.data["spec"]["path"], i.id.prefix());
@@ -404,7 +429,7 @@ async fn least_privilege_token(client: &kube::Client, ns: &str) -> String {
         "/../k8s/base/provisioner-role.yaml"
     ))
     .unwrap();
-    let role: Role = serde_yaml::from_str(&role_yaml).unwrap();
+    let role: Role = serde_saphyr::from_str(&role_yaml).unwrap();
     Api::<Role>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &role)
         .await
@@ -451,8 +476,8 @@ async fn the_least_privilege_role_is_enough() {
     );
 
     for kind in [RouteKind::Ingress, RouteKind::Route] {
-        let b = backend(limited.clone(), settings(&ns).route_kind(kind)).await;
-        let i = b
+        let (b, p) = both(&limited, settings(&ns).route_kind(kind)).await;
+        let i = p
             .create(request(&format!("rbac-{kind:?}"), "k"))
             .await
             .unwrap()
@@ -467,7 +492,13 @@ async fn the_least_privilege_role_is_enough() {
                 .count(),
             1
         );
-        b.extend(&i.id, Duration::from_secs(3600)).await.unwrap();
+        p.extend(
+            &provisioner::service::Caller::Anyone,
+            &i.id,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
         b.gc(false).await.unwrap();
         b.upgrade(Some("flowgate/mlflow:0.3.0"), None, 1, None, &|_| {})
             .await
@@ -488,8 +519,8 @@ async fn an_api_server_lost_mid_create_leaves_nothing_gc_cannot_clean() {
         .unwrap()
         .with_layer(&CutAfterDeploymentApply(Arc::default()))
         .build();
-    let b = backend(faulty, settings(&ns)).await;
-    let err = b.create(request("cut", "l")).await.unwrap_err();
+    let (_b, p) = both(&faulty, settings(&ns)).await;
+    let err = p.create(request("cut", "l")).await.unwrap_err();
     assert!(err.to_string().contains("API server is gone"), "{err}");
 
     // What the server kept: a Deployment still marked `creating`, nothing routed to it.
@@ -530,4 +561,174 @@ async fn an_api_server_lost_mid_create_leaves_nothing_gc_cannot_clean() {
     let name = left[0].metadata.name.clone().unwrap();
     assert!(gone(&deployments, &name).await);
     assert!(gone(&Api::<Service>::namespaced(admin.clone(), &ns), &name).await);
+}
+
+/// Waits until `check` holds.
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn launch_events_follow_the_pod_status_through_one_shared_watch() {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
+    use provisioner::kube::watch::Watch;
+    use provisioner::service::Caller;
+
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    // kwok does not run init containers: the Pod of the instance is one the
+    // test makes (never scheduled, so kwok leaves it alone) and whose status
+    // it writes as a kubelet and the fetch container would. A quota of one
+    // Pod keeps the ReplicaSet from adding its own.
+    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), &ns);
+    let quota: ResourceQuota = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "one-pod"}, "spec": {"hard": {"pods": "1"}}}),
+    )
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    until("the quota to be counted", || async {
+        quotas
+            .get("one-pod")
+            .await
+            .ok()
+            .and_then(|q| q.status?.hard)
+            .is_some()
+    })
+    .await;
+    let settings = settings(&ns);
+    let ttl = settings.ttl;
+    let b = Arc::new(backend(client.clone(), settings).await);
+    let p =
+        service(b.clone(), client.clone(), &ns, ttl).with_events(Watch::start(client.clone(), &ns));
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stand-in", "labels": {"app.kubernetes.io/name": "mlflow"}},
+        "spec": {
+            "nodeSelector": {"flowgate.io/nowhere": "true"},
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "initContainers": [{"name": "fetch", "image": "flowgate/adapter:0.1.0",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
+            "containers": [{"name": "mlflow", "image": "flowgate/mlflow:0.1.0",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let i = p.create(request("progress", "m")).await.unwrap().instance;
+    // The stand-in becomes the instance's Pod (the ReplicaSet's own is refused by the quota).
+    let name = "stand-in".to_owned();
+    pods.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"metadata": {"labels": {"flowgate.io/instance": i.id.as_str()}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let events = p.events(&Caller::Anyone, &i.id).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(events.for_each(move |e| {
+        let _ = tx.send(e);
+        async {}
+    }));
+    async fn next(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<provisioner::events::Event>,
+    ) -> provisioner::events::Event {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("an event")
+            .expect("the stream goes on")
+    }
+    assert_eq!(next(&mut rx).await.step, "created");
+    let status = |v: serde_json::Value| {
+        let pods = pods.clone();
+        let name = name.clone();
+        async move {
+            pods.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(serde_json::json!({"status": v})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let fetch = |state: serde_json::Value| {
+        serde_json::json!([{"name": "fetch", "image": "flowgate/adapter:0.1.0",
+        "imageID": "", "ready": false, "restartCount": 0, "state": state}])
+    };
+    let progress = |m: &str| serde_json::json!([{"type": "flowgate.io/fetch", "status": "False", "reason": "Downloading", "message": m}]);
+    status(serde_json::json!({"initContainerStatuses": fetch(serde_json::json!({"running": {}})), "conditions": progress("1024/4096 bytes")})).await;
+    let e = next(&mut rx).await;
+    assert_eq!(
+        (e.step.as_str(), e.bytes, e.total),
+        ("downloading", Some(1024), Some(4096)),
+        "{e:?}"
+    );
+    status(serde_json::json!({"conditions": progress("4096/4096 bytes")})).await;
+    let e = next(&mut rx).await;
+    assert_eq!(
+        (e.step.as_str(), e.bytes),
+        ("downloading", Some(4096)),
+        "{e:?}"
+    );
+    status(serde_json::json!({"initContainerStatuses": fetch(serde_json::json!({"terminated": {"exitCode": 0, "message": "verified"}}))})).await;
+    assert_eq!(next(&mut rx).await.step, "verified");
+    assert_eq!(next(&mut rx).await.step, "starting");
+    status(serde_json::json!({"containerStatuses": [{"name": "mlflow", "image": "flowgate/mlflow:0.1.0", "imageID": "",
+        "ready": false, "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}}]})).await;
+    let e = next(&mut rx).await;
+    assert_eq!(e.step, "failed", "{e:?}");
+    assert!(e.message.unwrap().contains("CrashLoopBackOff"));
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_per_caller() {
+    use provisioner::service::{Caller, Policy, Provisioner, Quotas};
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let settings = settings(&ns);
+    let ttl = settings.ttl;
+    let b = Arc::new(backend(client.clone(), settings).await);
+    let p = Provisioner::new(
+        b,
+        Arc::new(provisioner::kube::ledger::LeaseLedger::new(
+            client.clone(),
+            &ns,
+        )),
+        Policy {
+            ttl,
+            quotas: Quotas::unlimited(),
+            allow_file: false,
+            streams_per_caller: 2,
+        },
+    )
+    .with_events(provisioner::kube::watch::Watch::start(client.clone(), &ns));
+    let mut alice_req = request("capped", "n");
+    alice_req.owner = "alice".into();
+    let i = p.create(alice_req).await.unwrap().instance;
+    let alice = Caller::Owner("alice".into());
+    let one = p.events(&alice, &i.id).await.unwrap();
+    let two = p.events(&alice, &i.id).await.unwrap();
+    assert!(matches!(
+        p.events(&alice, &i.id).await,
+        Err(Error::Quota(_))
+    ));
+    // Others are not held back by alice's streams.
+    let _anyone = p.events(&Caller::Anyone, &i.id).await.unwrap();
+    drop(one);
+    let _three = p.events(&alice, &i.id).await.unwrap();
+    drop(two);
 }

@@ -55,7 +55,7 @@ fn repo() -> PathBuf {
 /// tests running at once) and waits until it is served.
 async fn install_crd(client: &Client) {
     let text = std::fs::read_to_string(repo().join("k8s/crd/mlflowinstance.yaml")).unwrap();
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     crds.patch(
         "mlflowinstances.flowgate.io",
@@ -171,6 +171,7 @@ fn config(settings: KubeSettings, identity: &str, lease: Option<LeaseSettings>) 
     c.identity = identity.into();
     c.leader_election = lease;
     c.pending_recheck = Duration::from_secs(2);
+    c.policy.mlflow_images = vec!["flowgate/mlflow:custom".into()];
     c
 }
 
@@ -228,7 +229,7 @@ fn the_checked_in_crd_is_the_generated_one() {
          (or FLOWGATE_UPDATE_CRD=1 cargo test -p provisioner --test operator the_checked_in_crd)",
         path.display()
     );
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&checked_in).unwrap();
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&checked_in).unwrap();
     assert_eq!(crd.spec.group, "flowgate.io");
     assert_eq!(crd.spec.scope, "Namespaced");
     assert_eq!(
@@ -514,6 +515,225 @@ async fn a_resource_gets_owned_objects_a_status_and_events_and_deleting_it_casca
     assert!(gone(&ingresses, &name).await, "Ingress left behind");
     assert!(op.metrics.reconciles() > 0);
     op.stop().await;
+}
+
+#[tokio::test]
+async fn a_resource_gets_only_the_images_resources_and_time_the_operator_allows() {
+    let (client, ns) = setup().await;
+    let op = operator(&client, &ns);
+    let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
+    let refused: [(&str, fn(&mut MlflowInstanceSpec), &str); 4] = [
+        (
+            "miner",
+            |s| {
+                s.image = Some(ImageOverrides {
+                    mlflow: Some("example.test/miner:latest".into()),
+                    adapter: None,
+                })
+            },
+            "is not one the operator allows",
+        ),
+        (
+            "sidecar",
+            |s| {
+                s.image = Some(ImageOverrides {
+                    mlflow: None,
+                    adapter: Some("example.test/adapter:evil".into()),
+                })
+            },
+            "is not one the operator allows",
+        ),
+        (
+            "greedy-cpu",
+            |s| {
+                s.resources = Some(ResourceOverrides {
+                    mlflow: Some(ContainerResources {
+                        cpu: Some(RequestLimit {
+                            request: "1".into(),
+                            limit: "64".into(),
+                        }),
+                        memory: None,
+                    }),
+                    ..Default::default()
+                })
+            },
+            "above the operator's ceiling",
+        ),
+        (
+            "huge-store",
+            |s| {
+                s.resources = Some(ResourceOverrides {
+                    store_size: Some("1Ti".into()),
+                    ..Default::default()
+                })
+            },
+            "above the operator's ceiling",
+        ),
+    ];
+    for (name, mutate, want) in refused {
+        let mut s = spec(name);
+        mutate(&mut s);
+        let r = create(&api, name, s).await;
+        let failed = phase(&api, name, Phase::Failed, Duration::from_secs(60)).await;
+        let message = failed.status.unwrap().message.unwrap_or_default();
+        assert!(message.contains(want), "{name}: {message}");
+        let id = instance_id(&r.uid().unwrap());
+        assert!(
+            Api::<Deployment>::namespaced(client.clone(), &ns)
+                .get_opt(&id.object_name())
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}: a Deployment was made"
+        );
+    }
+    // A TTL past the operator's maximum (7 days) is capped.
+    let mut long = spec("long");
+    long.ttl = Some("10000h".into());
+    let r = create(&api, "long", long).await;
+    let ready = phase(&api, "long", Phase::Ready, Duration::from_secs(90)).await;
+    let created_at = r.metadata.creation_timestamp.clone().unwrap().0;
+    let expires = ready.status.unwrap().expires_at.unwrap().0;
+    assert_eq!(expires.duration_since(created_at).as_secs(), 7 * 24 * 3600);
+    let id = instance_id(&r.uid().unwrap());
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get(&id.object_name())
+        .await
+        .unwrap();
+    assert_eq!(
+        d.metadata.annotations.unwrap()["flowgate.io/expires-at"],
+        expires.to_string()
+    );
+    op.stop().await;
+}
+
+/// A client acting as `user` (impersonated by the admin).
+async fn as_user(user: &str, groups: &[&str]) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(user.into());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| (*g).to_owned()).collect());
+    Client::try_from(config).unwrap()
+}
+
+/// Installs the admission policy of k8s/operator (cluster-wide; idempotent).
+async fn install_admission_policy(client: &Client) {
+    let text = std::fs::read_to_string(repo().join("k8s/operator/admission-policy.yaml")).unwrap();
+    let docs = serde_saphyr::from_str_multiple::<serde_json::Value, Vec<_>>(&text).unwrap();
+    for value in docs {
+        let kind = value["kind"].as_str().unwrap();
+        let name = value["metadata"]["name"].as_str().unwrap().to_owned();
+        let resource = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind),
+            &match kind.to_lowercase().strip_suffix('y') {
+                Some(stem) => format!("{stem}ies"),
+                None => format!("{}s", kind.to_lowercase()),
+            },
+        );
+        let object: DynamicObject = serde_json::from_value(value).unwrap();
+        Api::<DynamicObject>::all_with(client.clone(), &resource)
+            .patch(
+                &name,
+                &PatchParams::apply("flowgate-tests").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_owner_is_the_requesting_user() {
+    let (admin, ns) = setup().await;
+    install_admission_policy(&admin).await;
+    // The API's ServiceAccount, and alice and bob, may create MlflowInstances
+    // here (the client Role).
+    let token = token_for_role(
+        &admin,
+        &ns,
+        "k8s/operator/client-role.yaml",
+        "flowgate-provisioner",
+    )
+    .await;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "people"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "flowgate-mlflowinstances"},
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"},
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"},
+        ],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let alice: Api<MlflowInstance> = Api::namespaced(as_user("alice", &[]).await, &ns);
+    let mut for_bob = spec("for-bob");
+    for_bob.owner = "bob".into();
+    // The policy takes a moment to be loaded: wait until alice is refused.
+    let message = eventually(
+        "the admission policy to refuse alice's instance for bob",
+        Duration::from_secs(60),
+        || async {
+            match alice
+                .create(
+                    &PostParams::default(),
+                    &MlflowInstance::new("for-bob", for_bob.clone()),
+                )
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s.message),
+                Ok(_) => {
+                    let _ = alice.delete("for-bob", &DeleteParams::default()).await;
+                    None
+                }
+                Err(e) => panic!("{e}"),
+            }
+        },
+    )
+    .await;
+    assert!(message.contains("spec.owner"), "{message}");
+    // Her own: fine; and she cannot hand it to bob afterwards.
+    alice
+        .create(
+            &PostParams::default(),
+            &MlflowInstance::new("mine", spec("mine")),
+        )
+        .await
+        .unwrap();
+    let err = alice
+        .patch(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"owner": "bob"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.owner"), "{err}");
+    // bob likewise cannot create in alice's name.
+    let bob: Api<MlflowInstance> = Api::namespaced(as_user("bob", &[]).await, &ns);
+    assert!(
+        bob.create(
+            &PostParams::default(),
+            &MlflowInstance::new("bobs", spec("bobs"))
+        )
+        .await
+        .is_err()
+    );
+    // The API's ServiceAccount creates on behalf of its token owners.
+    let api_sa: Api<MlflowInstance> = Api::namespaced(client_with_token(&token).await, &ns);
+    let mut for_carol = spec("for-carol");
+    for_carol.owner = "carol".into();
+    api_sa
+        .create(
+            &PostParams::default(),
+            &MlflowInstance::new("for-carol", for_carol),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -1123,8 +1343,10 @@ fn request(workload: &str) -> CreateRequest {
 async fn the_operator_backend_drives_the_lifecycle_through_resources() {
     let (client, ns) = setup().await;
     let op = operator(&client, &ns);
-    let b = OperatorBackend::new(client.clone(), settings(&ns));
-    let created = b.create(request("task/77 (retry)")).await.unwrap();
+    let b = Arc::new(OperatorBackend::new(client.clone(), settings(&ns)));
+    let p = service(b.clone(), client.clone(), &ns, settings(&ns).ttl);
+    let anyone = provisioner::service::Caller::Anyone;
+    let created = p.create(request("task/77 (retry)")).await.unwrap();
     assert!(created.created);
     let i = created.instance;
     assert_eq!(i.phase, Phase::Pending);
@@ -1133,15 +1355,15 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
         i.expires_at.duration_since(i.created_at).as_secs(),
         24 * 3600
     );
-    let again = b.create(request("task/77 (retry)")).await.unwrap();
+    let again = p.create(request("task/77 (retry)")).await.unwrap();
     assert!(!again.created);
     assert_eq!(again.instance.id, i.id);
     assert!(!i.writes);
     let mut bob = request("8888");
     bob.owner = "bob".into();
-    let other = b.create(bob).await.unwrap().instance;
+    let other = p.create(bob).await.unwrap().instance;
 
-    let ready = b
+    let ready = p
         .wait_ready(&i.id, Duration::from_secs(90), &|_| {})
         .await
         .unwrap();
@@ -1176,10 +1398,12 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
     assert_eq!(env["FLOWGATE_PUBLIC_HOST"], "ml.example.test");
     let mut writable = request("task/77 (retry)");
     writable.writes = true;
-    let writable = b.create(writable).await.unwrap();
+    // the same workload and artefacts with writes on is another instance
+    let writable = p.create(writable).await.unwrap();
     assert!(writable.created && writable.instance.writes);
     let w = writable.instance;
-    b.wait_ready(&w.id, Duration::from_secs(90), &|_| {})
+    assert_ne!(w.id, i.id);
+    p.wait_ready(&w.id, Duration::from_secs(90), &|_| {})
         .await
         .unwrap();
     assert!(b.get(&w.id).await.unwrap().writes);
@@ -1204,8 +1428,8 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
     assert_eq!(bobs.len(), 1);
     assert_eq!(bobs[0].id, other.id);
 
-    let extended = b
-        .extend(&i.id, Duration::from_secs(12 * 3600))
+    let extended = p
+        .extend(&anyone, &i.id, Duration::from_secs(12 * 3600))
         .await
         .unwrap();
     assert_eq!(
@@ -1213,7 +1437,8 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
         12 * 3600
     );
     assert!(matches!(
-        b.extend(&i.id, Duration::from_secs(30 * 24 * 3600)).await,
+        p.extend(&anyone, &i.id, Duration::from_secs(30 * 24 * 3600))
+            .await,
         Err(Error::Invalid { .. })
     ));
     let r = eventually(
@@ -1264,7 +1489,7 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
 /// A token for a new ServiceAccount bound to the Role in `role_file`.
 async fn token_for_role(client: &Client, ns: &str, role_file: &str, sa: &str) -> String {
     let text = std::fs::read_to_string(repo().join(role_file)).unwrap();
-    let role: Role = serde_yaml::from_str(text.split("\n---\n").next().unwrap()).unwrap();
+    let role: Role = serde_saphyr::from_str(text.split("\n---\n").next().unwrap()).unwrap();
     let role_name = role.name_any();
     Api::<Role>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &role)
@@ -1324,9 +1549,10 @@ async fn the_least_privilege_roles_are_enough() {
         limited_operator.clone(),
         config(settings(&ns), "limited", Some(fast_lease())),
     );
-    let b = OperatorBackend::new(limited_client.clone(), settings(&ns));
-    let i = b.create(request("rbac")).await.unwrap().instance;
-    b.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
+    let b = Arc::new(OperatorBackend::new(limited_client.clone(), settings(&ns)));
+    let p = service(b.clone(), limited_client.clone(), &ns, settings(&ns).ttl);
+    let i = p.create(request("rbac")).await.unwrap().instance;
+    p.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
         .await
         .unwrap();
     let name = i.id.object_name();
@@ -1348,7 +1574,13 @@ async fn the_least_privilege_roles_are_enough() {
     )
     .await;
     assert_eq!(b.list(&ListFilter::default()).await.unwrap().len(), 1);
-    b.extend(&i.id, Duration::from_secs(3600)).await.unwrap();
+    p.extend(
+        &provisioner::service::Caller::Anyone,
+        &i.id,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     b.gc(false).await.unwrap();
     // Expiry: the operator deletes the resource itself.
     let api: Api<MlflowInstance> = Api::namespaced(admin.clone(), &ns);
@@ -1375,8 +1607,8 @@ async fn the_least_privilege_roles_are_enough() {
             Some(fast_lease()),
         ),
     );
-    let i = b.create(request("rbac-route")).await.unwrap().instance;
-    b.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
+    let i = p.create(request("rbac-route")).await.unwrap().instance;
+    p.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
         .await
         .unwrap();
     let routes: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ns, &route_resource());
@@ -1397,9 +1629,7 @@ fn the_operator_manifests_render() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_slice_multiple(&out.stdout).unwrap();
     let kinds: Vec<_> = docs
         .iter()
         .map(|d| {

@@ -56,10 +56,17 @@ enum Attempt {
     Fail(FetchError),
 }
 
-pub async fn download(options: &FetchOptions, dir: &Path) -> Result<Archive, FetchError> {
+/// Called with the bytes received so far and the archive's size, when known.
+pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
+
+pub async fn download(
+    options: &FetchOptions,
+    dir: &Path,
+    progress: Progress<'_>,
+) -> Result<Archive, FetchError> {
     let last = Mutex::new(None::<String>);
     let deadline = options.timeouts.deadline;
-    match tokio::time::timeout(deadline, download_within(options, dir, &last)).await {
+    match tokio::time::timeout(deadline, download_within(options, dir, &last, progress)).await {
         Ok(r) => r,
         Err(_) => {
             let last = last.lock().ok().and_then(|mut l| l.take());
@@ -80,6 +87,7 @@ async fn download_within(
     options: &FetchOptions,
     dir: &Path,
     last: &Mutex<Option<String>>,
+    progress: Progress<'_>,
 ) -> Result<Archive, FetchError> {
     let url = reqwest::Url::parse(&options.url).map_err(|e| FetchError::InvalidUrl {
         url: options.url.clone(),
@@ -93,7 +101,8 @@ async fn download_within(
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(FetchError::io(format!("opening {}", path.display())))?;
-        return copy_hashing(file, options, dir, &options.url).await;
+        let size = file.metadata().await.ok().map(|m| m.len());
+        return copy_hashing(file, options, dir, &options.url, size, progress).await;
     }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(FetchError::InvalidUrl {
@@ -105,7 +114,7 @@ async fn download_within(
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
-        match try_http(&client, &url, options, dir).await {
+        match try_http(&client, &url, options, dir, progress).await {
             Attempt::Done(archive) => return Ok(archive),
             Attempt::Fail(e) => return Err(e),
             Attempt::Retry(e) if attempt >= options.retries => return Err(e),
@@ -143,6 +152,7 @@ async fn try_http(
     url: &reqwest::Url,
     options: &FetchOptions,
     dir: &Path,
+    progress: Progress<'_>,
 ) -> Attempt {
     let transfer = |reason: String| FetchError::Transfer {
         url: url.to_string(),
@@ -187,10 +197,11 @@ async fn try_http(
             options.limits.max_download_bytes
         )));
     }
+    let response_len = response.content_length();
     let stream =
         futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
-    match copy_hashing(reader, options, dir, url.as_str()).await {
+    match copy_hashing(reader, options, dir, url.as_str(), response_len, progress).await {
         Ok(archive) => Attempt::Done(archive),
         Err(e @ FetchError::Transfer { .. }) if e.to_string().contains("(--stall-timeout)") => {
             Attempt::Fail(e)
@@ -210,6 +221,8 @@ async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
     options: &FetchOptions,
     dir: &Path,
     url: &str,
+    size: Option<u64>,
+    progress: Progress<'_>,
 ) -> Result<Archive, FetchError> {
     let file = tempfile::Builder::new()
         .prefix(".flowgate-download-")
@@ -251,6 +264,7 @@ async fn copy_hashing<R: tokio::io::AsyncRead + Unpin>(
         out.write_all(&buf[..n])
             .await
             .map_err(FetchError::io("writing the download"))?;
+        progress(total, size);
     }
     out.flush()
         .await

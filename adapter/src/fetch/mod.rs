@@ -7,6 +7,7 @@
 //! leaves DEST as it was.
 
 mod download;
+pub mod report;
 mod unpack;
 
 use std::path::{Path, PathBuf};
@@ -122,8 +123,47 @@ impl FetchError {
     }
 }
 
+impl FetchError {
+    /// The reason as anyone may read it (the pod's termination message, the
+    /// provisioner's API): the kind of failure, without the archive's actual
+    /// checksum or what answered (or not) at the URL, so that fetching cannot
+    /// be used to probe which servers or ports answer. The full error is
+    /// for the log.
+    pub fn public_reason(&self) -> String {
+        match self {
+            FetchError::ChecksumMismatch { .. } => {
+                "checksum mismatch: the archive's sha256 is not the one given; nothing was unpacked"
+                    .into()
+            }
+            FetchError::InvalidUrl { .. }
+            | FetchError::HttpStatus { .. }
+            | FetchError::Transfer { .. } => {
+                "download failed: the archive could not be downloaded from its URL".into()
+            }
+            FetchError::InvalidChecksum(_) => "invalid sha256: expected 64 hex digits".into(),
+            FetchError::TooLarge(what) => format!("too large: {what}"),
+            FetchError::Archive(_) => {
+                "cannot unpack the archive: not a .tar.gz, .tgz, .tar or .zip, or corrupt".into()
+            }
+            FetchError::Unsafe { entry, reason } => {
+                format!("refused archive entry {entry:?}: {reason}")
+            }
+            FetchError::Io { .. } => "fetching failed on this side (see its log)".into(),
+        }
+    }
+}
+
 /// Fetches, verifies and unpacks as described in the module docs.
 pub async fn fetch(options: &FetchOptions) -> Result<Outcome, FetchError> {
+    fetch_reporting(options, &|_, _| {}).await
+}
+
+/// [`fetch`], calling `progress` with the bytes downloaded so far and the
+/// archive's size (when known) as they arrive.
+pub async fn fetch_reporting(
+    options: &FetchOptions,
+    progress: &(dyn Fn(u64, Option<u64>) + Send + Sync),
+) -> Result<Outcome, FetchError> {
     let expected = normalise_checksum(&options.sha256)?;
     let dest = &options.dest;
     if marker_matches(dest, &expected).await {
@@ -135,7 +175,7 @@ pub async fn fetch(options: &FetchOptions) -> Result<Outcome, FetchError> {
         .await
         .map_err(FetchError::io(format!("creating {}", parent.display())))?;
 
-    let archive = download::download(options, &parent).await?;
+    let archive = download::download(options, &parent, progress).await?;
     if archive.sha256 != expected {
         return Err(FetchError::ChecksumMismatch {
             expected,

@@ -1,15 +1,15 @@
-//! `flowgate serve`: the REST API the portal calls (axum), over any
-//! [`Backend`]. Errors are JSON `{error, message}` with the status that fits;
-//! bad input is a 4xx, never a 500 or a panic.
+//! `flowgate serve`: the REST API the portal calls (axum), over the
+//! [`Provisioner`]. Errors are JSON `{error, message}` with the status that
+//! fits; bad input is a 4xx, never a 500 or a panic. Messages say what is
+//! wrong without internals (the log keeps the details).
 
 pub mod auth;
 
-use crate::backend::{Backend, ListFilter};
-use crate::events::{self, Event};
+use crate::backend::ListFilter;
+use crate::events::Event;
 use crate::hosts::PublicHosts;
-use crate::instance::{
-    ANONYMOUS, Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload, validate_owner,
-};
+use crate::instance::{Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload};
+use crate::service::{Caller, Provisioner};
 use crate::{Error, Result};
 use auth::Tokens;
 use axum::extract::{FromRequest, Path, Query, Request, State};
@@ -29,36 +29,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
-/// Quotas on live (Pending or Ready) instances.
-#[derive(Clone, Copy, Debug)]
-pub struct Quotas {
-    /// Per owner.
-    pub per_owner: usize,
-    /// For everyone together.
-    pub total: usize,
-}
-
-impl Default for Quotas {
-    fn default() -> Self {
-        Self {
-            per_owner: 20,
-            total: 200,
-        }
-    }
-}
+pub use crate::service::Quotas;
 
 /// What the API needs.
 pub struct ApiState {
-    backend: Arc<dyn Backend>,
+    provisioner: Arc<Provisioner>,
     tokens: Option<Tokens>,
-    quotas: Quotas,
     registry: Registry,
     requests: Family<[(&'static str, String); 1], Counter>,
 }
 
 impl ApiState {
-    /// State over a backend.
-    pub fn new(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> Arc<Self> {
+    /// State over the service.
+    pub fn new(provisioner: Arc<Provisioner>, tokens: Option<Tokens>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("flowgate_api");
         let requests = Family::<[(&'static str, String); 1], Counter>::default();
         registry.register(
@@ -67,9 +50,8 @@ impl ApiState {
             requests.clone(),
         );
         Arc::new(Self {
-            backend,
+            provisioner,
             tokens,
-            quotas,
             registry,
             requests,
         })
@@ -112,12 +94,14 @@ impl From<Error> for ApiFailure {
             Error::Kube(_) => (StatusCode::BAD_GATEWAY, "upstream"),
             Error::Storage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Error::Io { .. } | Error::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         };
         if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "request failed");
         }
-        Self::new(status, code, e.to_string())
+        Self::new(status, code, e.public_message())
     }
 }
 
@@ -150,49 +134,29 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
     }
 }
 
-/// The caller, from the bearer token (or anonymous when auth is off).
-struct Caller {
-    owner: Option<String>,
-}
-
-impl Caller {
-    fn from_headers(state: &ApiState, headers: &HeaderMap) -> ApiResult<Self> {
-        let Some(tokens) = &state.tokens else {
-            return Ok(Self { owner: None });
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| {
-                ApiFailure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "send `Authorization: Bearer <token>`",
-                )
-            })?;
-        let owner = tokens.owner_of(presented.trim()).ok_or_else(|| {
-            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
-        })?;
-        Ok(Self {
-            owner: Some(owner.to_owned()),
+/// The caller, from the bearer token ([`Caller::Anyone`] when auth is off).
+fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let Some(tokens) = &state.tokens else {
+        return Ok(Caller::Anyone);
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
         })
-    }
-
-    /// Callers with a token see and change only their own instances.
-    fn may_touch(&self, instance: &Instance) -> ApiResult<()> {
-        match &self.owner {
-            Some(owner) if *owner != instance.owner => Err(ApiFailure::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("instance {} belongs to another owner", instance.id),
-            )),
-            _ => Ok(()),
-        }
-    }
+        .ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send `Authorization: Bearer <token>`",
+            )
+        })?;
+    let owner = tokens.owner_of(presented.trim()).ok_or_else(|| {
+        ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
+    })?;
+    Ok(Caller::Owner(owner.to_owned()))
 }
 
 /// `POST /api/v1/instances`.
@@ -346,12 +310,6 @@ fn parse_id(raw: &str) -> ApiResult<InstanceId> {
     })
 }
 
-async fn owned(state: &ApiState, caller: &Caller, id: &InstanceId) -> ApiResult<Instance> {
-    let instance = state.backend.get(id).await?;
-    caller.may_touch(&instance)?;
-    Ok(instance)
-}
-
 /// Create an instance, or return the live one for the same workload and artefacts.
 #[utoipa::path(post, path = "/api/v1/instances", request_body = CreateBody, responses(
     (status = 201, description = "created", body = Instance),
@@ -362,64 +320,16 @@ async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
-    let caller = Caller::from_headers(&state, &headers)?;
-    let owner = match (&caller.owner, &body.owner) {
-        (Some(token_owner), Some(asked)) if token_owner != asked => {
-            return Err(ApiFailure::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "a token may only create instances for its own owner",
-            ));
-        }
-        (Some(token_owner), _) => token_owner.clone(),
-        (None, Some(asked)) => validate_owner(asked)?,
-        (None, None) => ANONYMOUS.to_owned(),
-    };
-    let backend = &state.backend;
+    let caller = caller(&state, &headers)?;
+    let p = &state.provisioner;
     let request = CreateRequest {
+        owner: caller.owner_for(body.owner.as_deref())?,
         workload: Workload::parse(&body.workload)?,
-        artifacts: Artifacts::validated(
-            &body.artifacts.url,
-            &body.artifacts.sha256,
-            backend.allowed_schemes(),
-        )?,
-        ttl: backend.ttl_policy().resolve(body.ttl.as_deref())?,
-        owner: owner.clone(),
+        artifacts: p.artifacts(&body.artifacts.url, &body.artifacts.sha256)?,
+        ttl: p.ttl_policy().resolve(body.ttl.as_deref())?,
         writes: body.writes,
     };
-    // The same workload and artefacts already live: that instance, quota or not.
-    // The same workload and artefacts already live is that instance, quota or
-    // not. Both lookups are label-selected: a create never reads every instance.
-    let same_workload = backend
-        .list(&ListFilter {
-            workload: Some(request.workload.as_str().to_owned()),
-            owner: Some(owner.clone()),
-        })
-        .await?;
-    if let Some(existing) = same_workload.into_iter().find(|i| {
-        i.artifacts.sha256 == request.artifacts.sha256
-            && i.writes == request.writes
-            && matches!(i.phase, Phase::Pending | Phase::Ready)
-    }) {
-        return Ok((StatusCode::OK, Json(existing)));
-    }
-    let mine = backend.count_live(Some(&owner)).await?;
-    if mine >= state.quotas.per_owner {
-        return Err(Error::Quota(format!(
-            "{owner} already has {mine} live instances (limit {})",
-            state.quotas.per_owner
-        ))
-        .into());
-    }
-    let total = backend.count_live(None).await?;
-    if total >= state.quotas.total {
-        return Err(Error::Quota(format!(
-            "{total} instances are live (limit {})",
-            state.quotas.total
-        ))
-        .into());
-    }
-    let created = backend.create(request).await?;
+    let created = p.create(request).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {
@@ -435,17 +345,12 @@ async fn list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Vec<Instance>>> {
-    let caller = Caller::from_headers(&state, &headers)?;
-    let owner = caller.owner.clone().or(q.owner);
-    Ok(Json(
-        state
-            .backend
-            .list(&ListFilter {
-                workload: q.workload,
-                owner,
-            })
-            .await?,
-    ))
+    let caller = caller(&state, &headers)?;
+    let filter = ListFilter {
+        workload: q.workload,
+        owner: q.owner,
+    };
+    Ok(Json(state.provisioner.list(&caller, filter).await?))
 }
 
 /// One instance.
@@ -456,8 +361,8 @@ async fn get_one(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Instance>> {
-    let caller = Caller::from_headers(&state, &headers)?;
-    Ok(Json(owned(&state, &caller, &parse_id(&id)?).await?))
+    let caller = caller(&state, &headers)?;
+    Ok(Json(state.provisioner.get(&caller, &parse_id(&id)?).await?))
 }
 
 /// Launch progress as server-sent events, until ready or failed; a heartbeat every 15 s.
@@ -469,14 +374,9 @@ async fn events(
     Path(id): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = std::result::Result<axum::response::sse::Event, Infallible>>>>
 {
-    let caller = Caller::from_headers(&state, &headers)?;
+    let caller = caller(&state, &headers)?;
     let id = parse_id(&id)?;
-    owned(&state, &caller, &id).await?;
-    let stream: futures_util::stream::BoxStream<'static, Event> = match state.backend.event_log(&id)
-    {
-        Some(log) => events::from_log(log).boxed(),
-        None => events::by_polling(Arc::clone(&state.backend), id, Duration::from_secs(1)).boxed(),
-    };
+    let stream = state.provisioner.events(&caller, &id).await?;
     let sse = stream.map(|e| {
         Ok(axum::response::sse::Event::default()
             .event(e.step.clone())
@@ -495,12 +395,11 @@ async fn extend(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> ApiResult<Json<Instance>> {
-    let caller = Caller::from_headers(&state, &headers)?;
+    let caller = caller(&state, &headers)?;
     let id = parse_id(&id)?;
-    owned(&state, &caller, &id).await?;
     let ttl = humantime::parse_duration(&body.ttl)
         .map_err(|e| Error::invalid("ttl", format!("{:?}: {e}", body.ttl)))?;
-    Ok(Json(state.backend.extend(&id, ttl).await?))
+    Ok(Json(state.provisioner.extend(&caller, &id, ttl).await?))
 }
 
 /// Delete an instance.
@@ -511,10 +410,9 @@ async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let caller = Caller::from_headers(&state, &headers)?;
+    let caller = caller(&state, &headers)?;
     let id = parse_id(&id)?;
-    owned(&state, &caller, &id).await?;
-    state.backend.delete(&id).await?;
+    state.provisioner.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

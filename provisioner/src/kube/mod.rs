@@ -2,10 +2,15 @@
 //! Route) created by server-side apply; their labels and annotations are the
 //! only store.
 
+pub mod ledger;
 pub mod objects;
+pub mod phase;
+pub mod watch;
 
-use crate::backend::{Backend, Created, ListFilter, Removed};
-use crate::instance::{CreateRequest, Instance, InstanceId, Phase, add, label_safe};
+pub use phase::{PodFailure, pod_failure};
+
+use crate::backend::{Backend, ListFilter, NewInstance, Removed};
+use crate::instance::{Instance, InstanceId, Phase, add, label_safe};
 use crate::labels::*;
 use crate::settings::{KubeSettings, RouteKind};
 use crate::{Error, Result};
@@ -17,23 +22,12 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use objects::{
-    InstanceSpec, deployment, ingress, instance_from_deployment, owner_reference, route,
-    route_resource, service,
+    InstanceSpec, deployment, ingress, instance_from, instance_from_deployment, owner_reference,
+    route, route_resource, service,
 };
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-
-/// Container waiting reasons that will not fix themselves.
-const FATAL_WAITING: [&str; 7] = [
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "InvalidImageName",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "RunContainerError",
-];
 
 /// Resolves `--route-kind auto` (a Route when the API serves
 /// route.openshift.io, else an Ingress); refuses `route` where Routes are not
@@ -56,58 +50,6 @@ pub async fn resolve_route_kind(
         other => other,
     };
     Ok((kind, routes_served))
-}
-
-/// Why a pod cannot start.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodFailure {
-    /// The container (`fetch`, `mlflow`, `adapter`).
-    pub container: String,
-    /// What happened.
-    pub message: String,
-}
-
-/// Why `pod` will not start by itself, if it will not: a container waiting
-/// for a reason that does not fix itself, or one that keeps exiting non-zero.
-pub fn pod_failure(pod: &Pod) -> Option<PodFailure> {
-    let status = pod.status.as_ref()?;
-    let statuses = status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten());
-    for cs in statuses {
-        let state = cs.state.clone().unwrap_or_default();
-        if let Some(w) = state.waiting {
-            let reason = w.reason.unwrap_or_default();
-            if FATAL_WAITING.contains(&reason.as_str()) {
-                return Some(PodFailure {
-                    container: cs.name.clone(),
-                    message: format!(
-                        "container {}: {reason}: {}",
-                        cs.name,
-                        w.message.unwrap_or_default()
-                    ),
-                });
-            }
-        }
-        if let Some(t) = state.terminated
-            && t.exit_code != 0
-            && cs.restart_count >= 2
-        {
-            return Some(PodFailure {
-                container: cs.name.clone(),
-                message: format!(
-                    "container {} exits with code {} ({}): {}",
-                    cs.name,
-                    t.exit_code,
-                    t.reason.unwrap_or_default(),
-                    t.message.unwrap_or_default()
-                ),
-            });
-        }
-    }
-    None
 }
 
 /// Instances on a Kubernetes or OpenShift cluster.
@@ -183,36 +125,13 @@ impl KubeBackend {
         Err(Error::Internal("could not find a free instance id".into()))
     }
 
-    async fn find_live(&self, request: &CreateRequest, now: Timestamp) -> Result<Option<Instance>> {
-        let selector = format!(
-            "{},{WORKLOAD}={},{ARTIFACTS_DIGEST}={}",
-            managed_selector(),
-            request.workload.label_value(),
-            digest_label(&request.artifacts.sha256)
-        );
-        let found = self
-            .deployments
-            .list(&ListParams::default().labels(&selector))
-            .await?;
-        Ok(found
-            .items
-            .iter()
-            .filter_map(|d| instance_from_deployment(d, now).ok())
-            .filter(|i| {
-                i.workload == request.workload.as_str()
-                    && i.artifacts.sha256 == request.artifacts.sha256
-                    && i.writes == request.writes
-            })
-            .find(|i| matches!(i.phase, Phase::Ready | Phase::Pending)))
-    }
-
-    /// Why the instance's pod cannot start, if it cannot.
-    async fn pod_failure(&self, id: &InstanceId) -> Result<Option<String>> {
-        let pods = self
+    /// The instance's pods.
+    async fn pods_of(&self, id: &InstanceId) -> Result<Vec<Pod>> {
+        Ok(self
             .pods
             .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
-            .await?;
-        Ok(pods.items.iter().find_map(pod_failure).map(|f| f.message))
+            .await?
+            .items)
     }
 
     /// Rolls every instance to new images, `max_parallel` at a time, waiting
@@ -306,31 +225,19 @@ impl KubeBackend {
 
 #[async_trait]
 impl Backend for KubeBackend {
-    fn allowed_schemes(&self) -> &'static [&'static str] {
+    fn schemes(&self) -> &'static [&'static str] {
         &["https", "http"]
     }
 
-    fn ttl_policy(&self) -> crate::instance::TtlPolicy {
-        self.settings.ttl
-    }
-
-    async fn create(&self, request: CreateRequest) -> Result<Created> {
-        let now = Timestamp::now();
-        if let Some(instance) = self.find_live(&request, now).await? {
-            return Ok(Created {
-                instance,
-                created: false,
-            });
-        }
-        let ttl = self.settings.ttl.check(request.ttl)?;
+    async fn create(&self, new: NewInstance) -> Result<Instance> {
         let spec = InstanceSpec {
             id: self.fresh_id().await?,
-            workload: request.workload.as_str().to_owned(),
-            owner: request.owner.clone(),
-            artifacts: request.artifacts.clone(),
-            created_at: now,
-            expires_at: add(now, ttl),
-            writes: request.writes,
+            workload: new.workload.as_str().to_owned(),
+            owner: new.owner,
+            artifacts: new.artifacts,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            writes: new.writes,
             controller: None,
         };
         let name = spec.id.object_name();
@@ -382,10 +289,7 @@ impl Backend for KubeBackend {
             )
         };
         match children.await {
-            Ok(d) => Ok(Created {
-                instance: instance_from_deployment(&d, Timestamp::now())?,
-                created: true,
-            }),
+            Ok(d) => instance_from_deployment(&d, Timestamp::now()),
             Err(e) => {
                 if let Err(cleanup) = self
                     .deployments
@@ -401,14 +305,12 @@ impl Backend for KubeBackend {
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
         let d = self.managed_deployment(id).await?;
-        let mut instance = instance_from_deployment(&d, Timestamp::now())?;
-        if instance.phase == Phase::Pending {
-            if let Some(reason) = self.pod_failure(id).await? {
-                instance.phase = Phase::Failed;
-                instance.message = Some(reason);
-            }
+        let now = Timestamp::now();
+        let instance = instance_from_deployment(&d, now)?;
+        if instance.phase != Phase::Pending {
+            return Ok(instance);
         }
-        Ok(instance)
+        instance_from(&d, &self.pods_of(id).await?, now)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
@@ -442,13 +344,9 @@ impl Backend for KubeBackend {
         Ok(())
     }
 
-    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
-        let d = self.managed_deployment(id).await?;
+    async fn set_expiry(&self, id: &InstanceId, expires_at: Timestamp) -> Result<Instance> {
+        self.managed_deployment(id).await?;
         let now = Timestamp::now();
-        let current = instance_from_deployment(&d, now)?;
-        let ttl = self.settings.ttl.check(ttl)?;
-        let from = current.expires_at.max(now);
-        let expires_at = add(from, ttl).min(add(now, self.settings.ttl.max));
         let patch = json!({"metadata": {"annotations": {ANN_EXPIRES_AT: expires_at.to_string()}}});
         let d = self
             .deployments

@@ -5,13 +5,14 @@
 //! owned by their Deployment, the operator's all by their `MlflowInstance`
 //! ([`InstanceSpec::controller`]).
 
+use super::phase::observe;
 use crate::instance::{Artifacts, Instance, InstanceId, Phase, label_safe};
 use crate::labels::*;
 use crate::settings::KubeSettings;
 use crate::{Error, Result};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -109,6 +110,8 @@ pub fn fetch_args(spec: &InstanceSpec, s: &KubeSettings) -> Vec<String> {
         spec.artifacts.sha256.as_str(),
         "--dest",
         STORE_DIR,
+        "--termination-log",
+        "/dev/termination-log",
     ]
     .map(String::from)
     .into();
@@ -179,6 +182,7 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
                         "image": s.adapter_image,
                         "args": fetch_args(spec, s),
                         "env": [{"name": "RUST_LOG", "value": "info"}],
+                        "terminationMessagePolicy": "File",
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tmp", "mountPath": "/tmp"}],
                         "resources": adapter_resources,
                         "securityContext": restricted(),
@@ -234,7 +238,40 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
     if let Some(owner) = &spec.controller {
         value["metadata"]["ownerReferences"] = json!([owner]);
     }
+    if let Some(account) = &s.fetch_service_account {
+        report_progress(&mut value["spec"]["template"]["spec"], account);
+    }
     serde_json::from_value(value).expect("the Deployment template is a valid Deployment")
+}
+
+/// Lets the fetch init container report progress in its Pod's status (see
+/// [`super::phase`]): the Pod runs as `account`, whose token, bound to the
+/// Pod, is mounted into `fetch` only (the other containers get none).
+fn report_progress(pod: &mut Value, account: &str) {
+    pod["serviceAccountName"] = json!(account);
+    pod["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+        .push(json!({"name": "fetch-token", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ]}}));
+    let fetch = &mut pod["initContainers"][0];
+    fetch["args"]
+        .as_array_mut()
+        .expect("args")
+        .push(json!("--report-progress"));
+    let env = fetch["env"].as_array_mut().expect("env");
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        env.push(json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}));
+    }
+    fetch["volumeMounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(json!({"name": "fetch-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}));
 }
 
 /// An ownerReference to `deployment` (which must have come back from the server).
@@ -320,8 +357,14 @@ pub fn route(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> D
     route
 }
 
-/// Reads an instance back from its Deployment (labels and annotations are the store).
+/// Reads an instance back from its Deployment (labels and annotations are
+/// the store); the phase as [`observe`] sees it without the Pods.
 pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instance> {
+    instance_from(d, &[], now)
+}
+
+/// Reads an instance back from its Deployment and Pods.
+pub fn instance_from(d: &Deployment, pods: &[Pod], now: Timestamp) -> Result<Instance> {
     let ann = d.metadata.annotations.clone().unwrap_or_default();
     let get = |k: &str| {
         ann.get(k).cloned().ok_or_else(|| {
@@ -344,27 +387,11 @@ pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instan
         .cloned()
         .unwrap_or_default();
     let expires_at = time(ANN_EXPIRES_AT)?;
-    let status = d.status.clone().unwrap_or_default();
-    let deadline_exceeded = status
-        .conditions
-        .unwrap_or_default()
-        .iter()
-        .find(|c| c.type_ == "Progressing" && c.status == "False")
-        .map(|c| {
-            c.message
-                .clone()
-                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-        });
     let (phase, message) = if expires_at <= now {
         (Phase::Expired, None)
-    } else if status.available_replicas.unwrap_or(0) >= 1
-        && ann.get(ANN_STATE).map(String::as_str) == Some("complete")
-    {
-        (Phase::Ready, None)
-    } else if let Some(message) = deadline_exceeded {
-        (Phase::Failed, Some(message))
     } else {
-        (Phase::Pending, None)
+        let o = observe(d, pods);
+        (o.phase, o.message)
     };
     Ok(Instance {
         id: InstanceId::parse(&id_label)?,

@@ -14,9 +14,9 @@ pub mod record;
 pub mod router;
 pub mod supervisor;
 
-use crate::backend::{Backend, Created, ListFilter, Removed};
+use crate::backend::{Backend, ListFilter, NewInstance, Removed};
 use crate::events::{Event, EventLog};
-use crate::instance::{CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
+use crate::instance::{Instance, InstanceId, Phase, TtlPolicy, add};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -373,12 +373,8 @@ impl LocalBackend {
 
 #[async_trait]
 impl Backend for LocalBackend {
-    fn allowed_schemes(&self) -> &'static [&'static str] {
+    fn schemes(&self) -> &'static [&'static str] {
         &["https", "http", "file"]
-    }
-
-    fn ttl_policy(&self) -> TtlPolicy {
-        self.inner.settings.ttl
     }
 
     fn event_log(&self, id: &InstanceId) -> Option<EventLog> {
@@ -390,20 +386,7 @@ impl Backend for LocalBackend {
             .map(|e| e.events.subscribe())
     }
 
-    async fn create(&self, request: CreateRequest) -> Result<Created> {
-        let now = Timestamp::now();
-        let existing = self.snapshot().into_iter().find(|i| {
-            i.workload == request.workload.as_str()
-                && i.artifacts.sha256 == request.artifacts.sha256
-                && matches!(i.phase, Phase::Pending | Phase::Ready)
-        });
-        if let Some(instance) = existing {
-            return Ok(Created {
-                instance,
-                created: false,
-            });
-        }
-        let ttl = self.inner.settings.ttl.check(request.ttl)?;
+    async fn create(&self, request: NewInstance) -> Result<Instance> {
         let id = loop {
             let id = InstanceId::random();
             if !self
@@ -423,8 +406,8 @@ impl Backend for LocalBackend {
             workload: request.workload.as_str().to_owned(),
             owner: request.owner,
             artifacts: request.artifacts,
-            created_at: now,
-            expires_at: add(now, ttl),
+            created_at: request.created_at,
+            expires_at: request.expires_at,
             phase: Phase::Pending,
             message: None,
             writes: request.writes,
@@ -441,10 +424,7 @@ impl Backend for LocalBackend {
             return Err(e);
         }
         self.launch(stored, None);
-        Ok(Created {
-            instance: record,
-            created: true,
-        })
+        Ok(record)
     }
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
@@ -464,14 +444,9 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
-        let ttl = self.inner.settings.ttl.check(ttl)?;
-        let now = Timestamp::now();
-        let max = add(now, self.inner.settings.ttl.max);
-        let stored = self.update(id, |s| {
-            let from = s.instance.expires_at.max(now);
-            s.instance.expires_at = add(from, ttl).min(max);
-        })?;
+    async fn set_expiry(&self, id: &InstanceId, expires_at: Timestamp) -> Result<Instance> {
+        // Durable first: written and fsynced, then applied in memory.
+        let stored = self.update(id, |s| s.instance.expires_at = expires_at)?;
         Ok(stored.instance)
     }
 

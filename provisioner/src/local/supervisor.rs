@@ -351,7 +351,9 @@ impl LocalBackend {
                 _ = &mut stop => return,
             };
             if let Err(e) = fetched {
-                return self.fail(&id, format!("artefacts: {e}"), &mut stop).await;
+                return self
+                    .fail(&id, format!("artefacts: {}", e.public_reason()), &mut stop)
+                    .await;
             }
             self.event(
                 &id,
@@ -378,9 +380,16 @@ impl LocalBackend {
                 },
             };
             let port = r.record().port;
+            let writes = self.stored(&id).is_some_and(|s| s.instance.writes);
             let args = ServeArgs {
                 prefix: Some(id.prefix()),
                 upstream: Some(format!("http://127.0.0.1:{port}")),
+                // Read-only unless the instance was made with writes on.
+                writes: Some(if writes {
+                    adapter::config::Switch::On
+                } else {
+                    adapter::config::Switch::Off
+                }),
                 ..Default::default()
             };
             match ProxyConfig::resolve(args, Vec::<(String, String)>::new()) {
@@ -452,7 +461,7 @@ impl LocalBackend {
             Event::new(
                 "starting",
                 Phase::Pending,
-                Some(format!("mlflow server on 127.0.0.1:{port}")),
+                Some("starting the MLflow server".into()),
             ),
         );
         let log = dir.join(process::LOG);

@@ -7,8 +7,8 @@
 
 use super::crd::{ArtifactsSource, MlflowInstance, MlflowInstanceSpec};
 use super::instance_id;
-use crate::backend::{Backend, Created, ListFilter, Removed};
-use crate::instance::{Artifacts, CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
+use crate::backend::{Backend, ListFilter, NewInstance, Removed};
+use crate::instance::{Artifacts, Instance, InstanceId, Phase};
 use crate::labels::{ARTIFACTS_DIGEST, INSTANCE, OWNER, WORKLOAD, digest_label};
 use crate::settings::KubeSettings;
 use crate::{Error, Result};
@@ -130,32 +130,15 @@ impl OperatorBackend {
 
 #[async_trait]
 impl Backend for OperatorBackend {
-    fn allowed_schemes(&self) -> &'static [&'static str] {
+    fn schemes(&self) -> &'static [&'static str] {
         &["https", "http"]
     }
 
-    fn ttl_policy(&self) -> TtlPolicy {
-        self.settings.ttl
-    }
-
-    async fn create(&self, request: CreateRequest) -> Result<Created> {
-        let now = Timestamp::now();
-        let live = self
-            .to_instances(&self.all().await?, now)
-            .into_iter()
-            .find(|i| {
-                i.workload == request.workload.as_str()
-                    && i.artifacts.sha256 == request.artifacts.sha256
-                    && i.writes == request.writes
-                    && matches!(i.phase, Phase::Pending | Phase::Ready)
-            });
-        if let Some(instance) = live {
-            return Ok(Created {
-                instance,
-                created: false,
-            });
-        }
-        let ttl = self.settings.ttl.check(request.ttl)?;
+    async fn create(&self, request: NewInstance) -> Result<Instance> {
+        let ttl = request
+            .expires_at
+            .duration_since(request.created_at)
+            .unsigned_abs();
         let labels = BTreeMap::from([
             (WORKLOAD.to_owned(), request.workload.label_value()),
             (
@@ -193,10 +176,7 @@ impl Backend for OperatorBackend {
             ..Default::default()
         };
         let created = self.api.create(&params, &resource).await?;
-        Ok(Created {
-            instance: instance_from_resource(&created, &self.settings, Timestamp::now())?,
-            created: true,
-        })
+        instance_from_resource(&created, &self.settings, Timestamp::now())
     }
 
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
@@ -221,13 +201,9 @@ impl Backend for OperatorBackend {
         }
     }
 
-    async fn extend(&self, id: &InstanceId, ttl: Duration) -> Result<Instance> {
+    async fn set_expiry(&self, id: &InstanceId, expires_at: Timestamp) -> Result<Instance> {
         let r = self.find(id).await?;
         let now = Timestamp::now();
-        let current = instance_from_resource(&r, &self.settings, now)?;
-        let ttl = self.settings.ttl.check(ttl)?;
-        let from = current.expires_at.max(now);
-        let expires_at = add(from, ttl).min(add(now, self.settings.ttl.max));
         // Merge patch: `ttl: null` removes it (the CRD wants exactly one).
         let patch = json!({"spec": {"ttl": null, "expiresAt": Time(expires_at)}});
         let r = self

@@ -64,14 +64,16 @@ pub struct MlflowInstanceSpec {
     /// The portal's job or task id: 1 to 253 characters, no surrounding spaces.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^\S(.*\S)?$"))]
     pub workload: String,
-    /// Who asked for the instance: 1 to 128 characters, no spaces.
+    /// Who asked for the instance: 1 to 128 characters, no spaces. The
+    /// admission policy of k8s/operator holds it to the requesting user's name.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^\S+$"))]
     pub owner: String,
     /// The job's artefact archive (immutable: make a new resource for other artefacts).
     #[x_kube(validation = Rule::new("self == oldSelf").message("artifacts are immutable: create a new MlflowInstance"))]
     pub artifacts: ArtifactsSource,
     /// Time to live, counted from the resource's creation, as a Go duration
-    /// (`24h`, `90m`, `1h30m`; at least `1m`). Exactly one of ttl and expiresAt.
+    /// (`24h`, `90m`, `1h30m`; at least `1m`). Exactly one of ttl and expiresAt;
+    /// either is capped at the operator's longest TTL from the creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("ttl must be at least 1m"))]
@@ -79,10 +81,10 @@ pub struct MlflowInstanceSpec {
     /// When the instance is deleted (RFC 3339). Exactly one of ttl and expiresAt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// Images other than the operator's defaults.
+    /// Images other than the operator's defaults: only ones the operator allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageOverrides>,
-    /// Resources other than the operator's defaults.
+    /// Resources other than the operator's defaults, up to the operator's ceilings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceOverrides>,
     /// Let visitors write (create experiments, delete runs, ...). Off by
@@ -247,6 +249,6 @@ pub fn crd() -> CustomResourceDefinition {
 /// The CustomResourceDefinition as YAML (what `flowgate crd` prints and
 /// `k8s/crd/mlflowinstance.yaml` holds).
 pub fn crd_yaml() -> String {
-    let body = serde_yaml::to_string(&crd()).expect("the CRD serialises");
+    let body = serde_saphyr::to_string(&crd()).expect("the CRD serialises");
     format!("{HEADER}{body}")
 }

@@ -24,6 +24,7 @@ pub mod backend;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 
 pub use crd::{MlflowInstance, MlflowInstanceSpec, MlflowInstanceStatus};
@@ -43,6 +44,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use leader::{HoldEnd, LeaderElector, LeaseSettings};
 use metrics::Metrics;
+use policy::CrdPolicy;
 use reconcile::{Context, error_policy, reconcile};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
@@ -84,6 +86,8 @@ pub struct OperatorConfig {
     pub leader_election: Option<LeaseSettings>,
     /// How soon an instance not Ready yet is looked at again.
     pub pending_recheck: Duration,
+    /// What a resource may ask for (images, resources).
+    pub policy: CrdPolicy,
 }
 
 impl OperatorConfig {
@@ -96,6 +100,7 @@ impl OperatorConfig {
             identity: default_identity(),
             leader_election: Some(LeaseSettings::default()),
             pending_recheck: Duration::from_secs(15),
+            policy: CrdPolicy::default(),
         }
     }
 }
@@ -144,6 +149,7 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
         failures: Mutex::default(),
         pending_recheck: config.pending_recheck,
+        policy: config.policy.clone(),
     });
     tracing::info!(namespace = %ns, identity = %config.identity, route_kind = ?route_kind, "operator starting");
     let Some(lease) = config.leader_election.clone() else {

@@ -4,12 +4,15 @@
 //! status, with Events on transitions. Errors go to the status and are
 //! retried with exponential backoff.
 
-use super::crd::{MlflowInstance, MlflowInstanceSpec, MlflowInstanceStatus};
+use super::crd::{MlflowInstance, MlflowInstanceStatus};
 use super::instance_id;
 use super::metrics::Metrics;
-use crate::instance::{Artifacts, InstanceId, Phase, Workload, label_safe, validate_owner};
+use super::policy::CrdPolicy;
+use crate::instance::{
+    Artifacts, InstanceId, Phase, TtlPolicy, Workload, label_safe, validate_owner,
+};
 use crate::kube::objects::{InstanceSpec, deployment, ingress, route, service};
-use crate::kube::pod_failure;
+use crate::kube::phase::{Fetch, Observed, observe, progress_message};
 use crate::labels::{
     ARTIFACTS_DIGEST, INSTANCE, OPERATOR_FIELD_MANAGER, OWNER, WORKLOAD, digest_label,
 };
@@ -61,6 +64,8 @@ pub(crate) struct Context {
     /// How soon a Pending instance is looked at again (pod failures do not
     /// always change the Deployment).
     pub(crate) pending_recheck: Duration,
+    /// What a resource may ask for.
+    pub(crate) policy: CrdPolicy,
 }
 
 fn key(obj: &MlflowInstance) -> String {
@@ -108,6 +113,7 @@ pub(crate) fn backoff(n: u32) -> Duration {
 }
 
 /// The spec, checked as the CLI and the API check theirs.
+#[derive(Clone)]
 struct Checked {
     workload: String,
     owner: String,
@@ -115,7 +121,8 @@ struct Checked {
     expires_at: Timestamp,
 }
 
-fn check(obj: &MlflowInstance) -> std::result::Result<Checked, String> {
+/// The spec checked, with the expiry capped by `ttl`.
+fn check(obj: &MlflowInstance, ttl: &TtlPolicy) -> std::result::Result<Checked, String> {
     let spec = &obj.spec;
     let workload = Workload::parse(&spec.workload).map_err(|e| e.to_string())?;
     let owner = validate_owner(&spec.owner).map_err(|e| e.to_string())?;
@@ -133,48 +140,20 @@ fn check(obj: &MlflowInstance) -> std::result::Result<Checked, String> {
             .expires_at()
             .ok_or_else(|| format!("invalid ttl {:?}", spec.ttl.as_deref().unwrap_or("")))?,
     };
+    // Nobody keeps an instance longer than the operator allows, whatever the
+    // spec says.
+    let created = obj
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or_else(Timestamp::now, |t| t.0);
+    let expires_at = ttl.capped(created, expires_at);
     Ok(Checked {
         workload: workload.as_str().to_owned(),
         owner,
         artifacts,
         expires_at,
     })
-}
-
-/// The operator's settings with the resource's image and resource overrides.
-pub(crate) fn settings_for(base: &KubeSettings, spec: &MlflowInstanceSpec) -> KubeSettings {
-    let mut s = base.clone();
-    if let Some(image) = &spec.image {
-        if let Some(m) = &image.mlflow {
-            s.mlflow_image = m.clone();
-        }
-        if let Some(a) = &image.adapter {
-            s.adapter_image = a.clone();
-        }
-    }
-    if let Some(r) = &spec.resources {
-        let pair = |rl: &super::crd::RequestLimit| (rl.request.clone(), rl.limit.clone());
-        if let Some(m) = &r.mlflow {
-            if let Some(cpu) = &m.cpu {
-                s.mlflow_cpu = pair(cpu);
-            }
-            if let Some(mem) = &m.memory {
-                s.mlflow_memory = pair(mem);
-            }
-        }
-        if let Some(a) = &r.adapter {
-            if let Some(cpu) = &a.cpu {
-                s.adapter_cpu = pair(cpu);
-            }
-            if let Some(mem) = &a.memory {
-                s.adapter_memory = pair(mem);
-            }
-        }
-        if let Some(size) = &r.store_size {
-            s.store_size = size.clone();
-        }
-    }
-    s
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {
@@ -455,71 +434,120 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
         .clone()
         .ok_or_else(|| Error::Internal("MlflowInstance without a uid".into()))?;
     let id = instance_id(&uid);
-    let name = id.object_name();
-    let generation = obj.metadata.generation;
-    let old = obj.status_or_default();
-    let url = ctx.settings.url_for(&id);
     ensure_labels(obj, ctx, &id).await?;
-
-    let checked = match check(obj) {
-        Ok(c) => c,
+    let (checked, settings) = match admit(obj, ctx) {
+        Ok(admitted) => admitted,
         Err(message) => {
-            let status = MlflowInstanceStatus {
-                id: Some(id.to_string()),
-                phase: Some(Phase::Failed),
-                url: None,
-                expires_at: None,
-                ready_replicas: None,
-                observed_generation: generation,
-                conditions: merge_conditions(
-                    &old.conditions,
-                    vec![condition(READY, false, "InvalidSpec", &message)],
-                    generation,
-                ),
-                message: Some(message.clone()),
-            };
-            write_status(ctx, obj, &status).await?;
-            if old.phase != Some(Phase::Failed) {
-                publish(ctx, obj, EventType::Warning, "InvalidSpec", message).await;
-            }
+            refuse(obj, ctx, &id, "InvalidSpec", message).await?;
             return Ok(Action::await_change());
         }
     };
-    let now = Timestamp::now();
-    if checked.expires_at <= now {
+    if checked.expires_at <= Timestamp::now() {
         return expire(obj, ctx, &id, checked.expires_at).await;
     }
-
     // Objects of that name that are not ours (another instance, or the
     // provisioner's path) are never taken over.
+    let name = id.object_name();
     if let Some(existing) = ctx.deployments.get_opt(&name).await?
         && !controlled_by(existing.owner_references(), &uid)
     {
         let message = format!("a Deployment {name} exists that this resource does not own");
-        let status = MlflowInstanceStatus {
-            id: Some(id.to_string()),
-            phase: Some(Phase::Failed),
-            observed_generation: generation,
-            conditions: merge_conditions(
-                &old.conditions,
-                vec![condition(READY, false, "NameConflict", &message)],
-                generation,
-            ),
-            message: Some(message.clone()),
-            ..Default::default()
-        };
-        write_status(ctx, obj, &status).await?;
-        if old.phase != Some(Phase::Failed) {
-            publish(ctx, obj, EventType::Warning, "NameConflict", message).await;
-        }
+        refuse(obj, ctx, &id, "NameConflict", message).await?;
         return Ok(Action::requeue(RESYNC));
     }
+    let (d, exposed_by) = apply_objects(obj, ctx, &uid, &id, checked.clone(), &settings).await?;
+    let observed = if d
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        >= 1
+    {
+        observe(&d, &[])
+    } else {
+        let pods = ctx
+            .pods
+            .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
+            .await?;
+        observe(&d, &pods.items)
+    };
+    let old = obj.status_or_default();
+    let status = status_of(
+        obj,
+        &id,
+        &ctx.settings.url_for(&id),
+        &checked,
+        &d,
+        &observed,
+    );
+    write_status(ctx, obj, &status).await?;
+    publish_transitions(obj, ctx, &old, &status, &observed, exposed_by).await;
+    let until_expiry = checked
+        .expires_at
+        .duration_since(Timestamp::now())
+        .unsigned_abs()
+        + Duration::from_secs(1);
+    let mut next = until_expiry.min(RESYNC);
+    if observed.phase != Phase::Ready {
+        next = next.min(ctx.pending_recheck);
+    }
+    Ok(Action::requeue(next))
+}
 
+/// The spec checked and the settings it may have, or why not.
+fn admit(
+    obj: &MlflowInstance,
+    ctx: &Context,
+) -> std::result::Result<(Checked, KubeSettings), String> {
+    let checked = check(obj, &ctx.settings.ttl)?;
+    let settings = ctx.policy.settings_for(&ctx.settings, &obj.spec)?;
+    Ok((checked, settings))
+}
+
+/// Fails the resource for `reason` (InvalidSpec, NameConflict): the status
+/// says why, and a Warning Event on the transition.
+async fn refuse(
+    obj: &MlflowInstance,
+    ctx: &Context,
+    id: &InstanceId,
+    reason: &str,
+    message: String,
+) -> Result<()> {
+    let old = obj.status_or_default();
+    let generation = obj.metadata.generation;
+    let status = MlflowInstanceStatus {
+        id: Some(id.to_string()),
+        phase: Some(Phase::Failed),
+        observed_generation: generation,
+        conditions: merge_conditions(
+            &old.conditions,
+            vec![condition(READY, false, reason, &message)],
+            generation,
+        ),
+        message: Some(message.clone()),
+        ..Default::default()
+    };
+    write_status(ctx, obj, &status).await?;
+    if old.phase != Some(Phase::Failed) {
+        publish(ctx, obj, EventType::Warning, reason, message).await;
+    }
+    Ok(())
+}
+
+/// Server-side applies the Deployment, the Service and the Ingress or Route,
+/// all owned by the resource; returns the Deployment and what exposes it.
+async fn apply_objects(
+    obj: &MlflowInstance,
+    ctx: &Context,
+    uid: &str,
+    id: &InstanceId,
+    checked: Checked,
+    settings: &KubeSettings,
+) -> Result<(Deployment, &'static str)> {
     let mut owner = obj
         .controller_owner_ref(&())
         .ok_or_else(|| Error::Internal("MlflowInstance without a name or uid".into()))?;
     owner.block_owner_deletion = Some(true);
-    let settings = settings_for(&ctx.settings, &obj.spec);
     let spec = InstanceSpec {
         id: id.clone(),
         workload: checked.workload,
@@ -529,248 +557,138 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
             .metadata
             .creation_timestamp
             .as_ref()
-            .map_or(now, |t| t.0),
+            .map_or_else(Timestamp::now, |t| t.0),
         expires_at: checked.expires_at,
         writes: obj.spec.writes,
         controller: Some(owner.clone()),
     };
-    let d = apply(
-        ctx,
-        obj,
-        &uid,
-        "Deployment",
-        &ctx.deployments,
-        &deployment(&spec, &settings, "complete"),
-    )
-    .await?;
-    apply(
-        ctx,
-        obj,
-        &uid,
-        "Service",
-        &ctx.services,
-        &service(&spec, &owner),
-    )
-    .await?;
+    let d = deployment(&spec, settings, "complete");
+    let d = apply(ctx, obj, uid, "Deployment", &ctx.deployments, &d).await?;
+    let svc = service(&spec, &owner);
+    apply(ctx, obj, uid, "Service", &ctx.services, &svc).await?;
     let exposed_by = match ctx.route_kind {
         RouteKind::Route => {
-            apply(
-                ctx,
-                obj,
-                &uid,
-                "Route",
-                &ctx.routes,
-                &route(&spec, &settings, &owner),
-            )
-            .await?;
+            let r = route(&spec, settings, &owner);
+            apply(ctx, obj, uid, "Route", &ctx.routes, &r).await?;
             "Route"
         }
         _ => {
-            apply(
-                ctx,
-                obj,
-                &uid,
-                "Ingress",
-                &ctx.ingresses,
-                &ingress(&spec, &settings, &owner),
-            )
-            .await?;
+            let i = ingress(&spec, settings, &owner);
+            apply(ctx, obj, uid, "Ingress", &ctx.ingresses, &i).await?;
             "Ingress"
         }
     };
-
-    // Where the instance is.
-    let ds = d.status.clone().unwrap_or_default();
-    let available = ds.available_replicas.unwrap_or(0);
-    let (phase, ready, verified, message) = if available >= 1 {
-        (
-            Phase::Ready,
-            condition(
-                READY,
-                true,
-                "MinimumReplicasAvailable",
-                format!("serving at {url}"),
-            ),
-            condition(
-                ARTEFACTS_VERIFIED,
-                true,
-                "ChecksumMatched",
-                "the archive was fetched and its sha256 matched",
-            ),
-            None,
-        )
-    } else {
-        let pods = ctx
-            .pods
-            .list(&ListParams::default().labels(&format!("{INSTANCE}={id}")))
-            .await?;
-        let failure = pods.items.iter().find_map(pod_failure);
-        let fetched = pods.items.iter().any(fetch_succeeded);
-        let verified = match &failure {
-            Some(f) if f.container == "fetch" => {
-                condition(ARTEFACTS_VERIFIED, false, "FetchFailed", &f.message)
-            }
-            _ if fetched => condition(
-                ARTEFACTS_VERIFIED,
-                true,
-                "ChecksumMatched",
-                "the archive was fetched and its sha256 matched",
-            ),
-            _ => condition3(
-                ARTEFACTS_VERIFIED,
-                "Unknown",
-                "Fetching",
-                "the fetch init container has not finished",
-            ),
-        };
-        let deadline = ds
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == "Progressing" && c.status == "False")
-            .map(|c| {
-                c.message
-                    .clone()
-                    .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-            });
-        match (failure, deadline) {
-            (Some(f), _) => {
-                let reason = if f.container == "fetch" {
-                    "FetchFailed"
-                } else {
-                    "ContainerFailing"
-                };
-                (
-                    Phase::Failed,
-                    condition(READY, false, reason, &f.message),
-                    verified,
-                    Some(f.message),
-                )
-            }
-            (None, Some(m)) => (
-                Phase::Failed,
-                condition(READY, false, "ProgressDeadlineExceeded", &m),
-                verified,
-                Some(m),
-            ),
-            (None, None) => (
-                Phase::Pending,
-                condition(
-                    READY,
-                    false,
-                    "Starting",
-                    "waiting for the pod to become ready",
-                ),
-                verified,
-                None,
-            ),
-        }
-    };
-    let status = MlflowInstanceStatus {
-        id: Some(id.to_string()),
-        phase: Some(phase),
-        url: Some(url.clone()),
-        expires_at: Some(Time(checked.expires_at)),
-        ready_replicas: Some(ds.ready_replicas.unwrap_or(0)),
-        observed_generation: generation,
-        conditions: merge_conditions(
-            &old.conditions,
-            vec![
-                ready,
-                verified,
-                condition(
-                    EXPIRED,
-                    false,
-                    "NotExpired",
-                    format!("expires at {}", checked.expires_at),
-                ),
-            ],
-            generation,
-        ),
-        message: message.clone(),
-    };
-    write_status(ctx, obj, &status).await?;
-
-    // Events on transitions.
-    if old.url.is_none() {
-        publish(
-            ctx,
-            obj,
-            EventType::Normal,
-            "Created",
-            format!("applied Deployment, Service and {exposed_by} {name}"),
-        )
-        .await;
-    }
-    if old.phase != Some(phase) {
-        match phase {
-            Phase::Ready => {
-                publish(
-                    ctx,
-                    obj,
-                    EventType::Normal,
-                    "Ready",
-                    format!("serving at {url}"),
-                )
-                .await
-            }
-            Phase::Failed => {
-                let reason = status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == READY)
-                    .map(|c| c.reason.clone())
-                    .unwrap_or_default();
-                publish(
-                    ctx,
-                    obj,
-                    EventType::Warning,
-                    &reason,
-                    message.unwrap_or_default(),
-                )
-                .await;
-            }
-            Phase::Pending if old.phase == Some(Phase::Ready) => {
-                publish(
-                    ctx,
-                    obj,
-                    EventType::Warning,
-                    "Unavailable",
-                    "no ready replica".into(),
-                )
-                .await;
-            }
-            _ => {}
-        }
-    }
-
-    let until_expiry = checked
-        .expires_at
-        .duration_since(Timestamp::now())
-        .unsigned_abs()
-        + Duration::from_secs(1);
-    let mut next = until_expiry.min(RESYNC);
-    if phase != Phase::Ready {
-        next = next.min(ctx.pending_recheck);
-    }
-    Ok(Action::requeue(next))
+    Ok((d, exposed_by))
 }
 
-/// True when the pod's `fetch` init container finished successfully.
-fn fetch_succeeded(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .is_some_and(|statuses| {
-            statuses.iter().any(|cs| {
-                cs.name == "fetch"
-                    && cs
-                        .state
-                        .as_ref()
-                        .and_then(|s| s.terminated.as_ref())
-                        .is_some_and(|t| t.exit_code == 0)
-            })
-        })
+/// The status for what [`observe`] saw.
+fn status_of(
+    obj: &MlflowInstance,
+    id: &InstanceId,
+    url: &str,
+    checked: &Checked,
+    d: &Deployment,
+    observed: &Observed,
+) -> MlflowInstanceStatus {
+    let generation = obj.metadata.generation;
+    let ready = match observed.phase {
+        Phase::Ready => condition(READY, true, observed.reason, format!("serving at {url}")),
+        Phase::Pending => condition(
+            READY,
+            false,
+            observed.reason,
+            "waiting for the pod to become ready",
+        ),
+        _ => condition(
+            READY,
+            false,
+            observed.reason,
+            observed.message.clone().unwrap_or_default(),
+        ),
+    };
+    let verified = match &observed.fetch {
+        Fetch::Verified => condition(
+            ARTEFACTS_VERIFIED,
+            true,
+            "ChecksumMatched",
+            "the archive was fetched and its sha256 matched",
+        ),
+        Fetch::Failed(m) => condition(ARTEFACTS_VERIFIED, false, "FetchFailed", m),
+        Fetch::Downloading { bytes, total } => condition3(
+            ARTEFACTS_VERIFIED,
+            "Unknown",
+            "Downloading",
+            progress_message(*bytes, *total),
+        ),
+        Fetch::Waiting => condition3(
+            ARTEFACTS_VERIFIED,
+            "Unknown",
+            "Fetching",
+            "the fetch init container has not finished",
+        ),
+    };
+    let not_expired = condition(
+        EXPIRED,
+        false,
+        "NotExpired",
+        format!("expires at {}", checked.expires_at),
+    );
+    MlflowInstanceStatus {
+        id: Some(id.to_string()),
+        phase: Some(observed.phase),
+        url: Some(url.to_owned()),
+        expires_at: Some(Time(checked.expires_at)),
+        ready_replicas: Some(
+            d.status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+        ),
+        observed_generation: generation,
+        conditions: merge_conditions(
+            &obj.status_or_default().conditions,
+            vec![ready, verified, not_expired],
+            generation,
+        ),
+        message: observed.message.clone(),
+    }
+}
+
+/// Events for what changed since `old`.
+async fn publish_transitions(
+    obj: &MlflowInstance,
+    ctx: &Context,
+    old: &MlflowInstanceStatus,
+    status: &MlflowInstanceStatus,
+    observed: &Observed,
+    exposed_by: &str,
+) {
+    let name = status.id.as_deref().map(|id| format!("mlflow-{id}"));
+    if old.url.is_none() {
+        let note = format!(
+            "applied Deployment, Service and {exposed_by} {}",
+            name.unwrap_or_default()
+        );
+        publish(ctx, obj, EventType::Normal, "Created", note).await;
+    }
+    if old.phase == Some(observed.phase) {
+        return;
+    }
+    match observed.phase {
+        Phase::Ready => {
+            let note = format!("serving at {}", status.url.clone().unwrap_or_default());
+            publish(ctx, obj, EventType::Normal, "Ready", note).await;
+        }
+        Phase::Failed => {
+            let note = observed.message.clone().unwrap_or_default();
+            publish(ctx, obj, EventType::Warning, observed.reason, note).await;
+        }
+        Phase::Pending if old.phase == Some(Phase::Ready) => {
+            let note = "no ready replica".to_owned();
+            publish(ctx, obj, EventType::Warning, "Unavailable", note).await;
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

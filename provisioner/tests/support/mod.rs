@@ -152,6 +152,26 @@ pub async fn backend(client: Client, settings: KubeSettings) -> KubeBackend {
     KubeBackend::new(client, settings).await.unwrap()
 }
 
+/// The service over a backend of `ns`, as the CLI runs it: claims in Leases
+/// of `ns`, the settings' TTL bounds, no quotas.
+pub fn service(
+    backend: Arc<dyn provisioner::backend::Backend>,
+    client: Client,
+    ns: &str,
+    ttl: provisioner::instance::TtlPolicy,
+) -> provisioner::service::Provisioner {
+    provisioner::service::Provisioner::new(
+        backend,
+        Arc::new(provisioner::kube::ledger::LeaseLedger::new(client, ns)),
+        provisioner::service::Policy {
+            ttl,
+            quotas: provisioner::service::Quotas::unlimited(),
+            allow_file: false,
+            streams_per_caller: usize::MAX,
+        },
+    )
+}
+
 /// Cuts every request after the first Deployment apply, as if the API server
 /// went away in the middle of a create (the one fault the real server cannot
 /// be made to produce at that exact point).

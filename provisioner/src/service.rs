@@ -1,0 +1,573 @@
+//! The service layer: [`Provisioner`] sits between the front ends (the CLI,
+//! the REST API, the operator's backend) and the backends, and owns the rules
+//! of an instance, once:
+//! - **owner**: who the caller is and what it may see and change ([`Caller`]);
+//! - **input**: which URL schemes a caller may use (`file://` only for an open
+//!   API on loopback), the TTL bounds and the extension cap;
+//! - **dedupe and quotas**: a create for a workload and artefacts the owner
+//!   already has live returns that instance; an owner holds at most
+//!   [`Quotas::per_owner`] live instances. Both hold under concurrency, across
+//!   replicas, through a [`Ledger`] of claims written by compare-and-swap;
+//! - **events**: the launch progress a caller can follow.
+//!
+//! Backends ([`Backend`]) only make, read and remove their objects or
+//! processes.
+
+use crate::backend::{Backend, ListFilter, NewInstance, Removed};
+use crate::events::{self, Event, EventSource};
+use crate::instance::{Artifacts, CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
+use crate::ledger::{Claim, Ledger};
+use crate::{Error, Result};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use jiff::Timestamp;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A claim older than this was abandoned (its creator died): creates of the
+/// same artefacts stop waiting for it and it no longer counts for quotas.
+const CLAIM_STALE: Duration = Duration::from_secs(60);
+/// The longest a create keeps retrying its claim against other writers.
+const CLAIM_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Quotas on live (Pending or Ready) instances.
+#[derive(Clone, Copy, Debug)]
+pub struct Quotas {
+    /// Per owner (held under concurrency).
+    pub per_owner: usize,
+    /// For everyone together (checked from the live count: a burst from
+    /// several owners at once can pass it by the number of creates in flight).
+    pub total: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            per_owner: 20,
+            total: 200,
+        }
+    }
+}
+
+impl Quotas {
+    /// No limits (the CLI: whoever runs it has the cluster's credentials).
+    pub fn unlimited() -> Self {
+        Self {
+            per_owner: usize::MAX,
+            total: usize::MAX,
+        }
+    }
+}
+
+/// The rules a [`Provisioner`] applies.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// TTL bounds (and the cap on extensions, counted from now).
+    pub ttl: TtlPolicy,
+    /// Quotas.
+    pub quotas: Quotas,
+    /// Whether callers may name `file://` URLs (only an API without tokens
+    /// on loopback: everyone who can call it can read the machine's files
+    /// anyway).
+    pub allow_file: bool,
+    /// Event streams one caller may hold open at once.
+    pub streams_per_caller: usize,
+}
+
+/// Who is asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Whoever runs the CLI, or any caller of an API without tokens: may
+    /// act for any owner.
+    Anyone,
+    /// A caller authenticated as this owner: sees and changes only its own.
+    Owner(String),
+}
+
+impl Caller {
+    /// The owner a create is made for: the token's, or the one asked for
+    /// (anonymous when none), refusing a token that asks for someone else.
+    pub fn owner_for(&self, asked: Option<&str>) -> Result<String> {
+        match (self, asked) {
+            (Caller::Owner(mine), Some(asked)) if mine != asked => Err(Error::Forbidden(
+                "a token may only create instances for its own owner".into(),
+            )),
+            (Caller::Owner(mine), _) => Ok(mine.clone()),
+            (Caller::Anyone, Some(asked)) => crate::instance::validate_owner(asked),
+            (Caller::Anyone, None) => Ok(crate::instance::ANONYMOUS.to_owned()),
+        }
+    }
+
+    fn may_touch(&self, instance: &Instance) -> Result<()> {
+        match self {
+            Caller::Owner(o) if *o != instance.owner => Err(Error::Forbidden(format!(
+                "instance {} belongs to another owner",
+                instance.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The result of a create.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// The instance (new, or the owner's live one for the same workload and artefacts).
+    pub instance: Instance,
+    /// False when an existing instance was returned.
+    pub created: bool,
+}
+
+/// The service over one backend.
+pub struct Provisioner {
+    backend: Arc<dyn Backend>,
+    ledger: Arc<dyn Ledger>,
+    policy: Policy,
+    source: Option<Arc<dyn EventSource>>,
+    /// Open event streams per caller.
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Counts an open stream of a caller while it lives.
+struct StreamSlot {
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().expect("streams lock");
+        if let Some(n) = streams.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The ledger an owner's claims are in.
+fn ledger_name(owner: &str) -> String {
+    format!("owner/{owner}")
+}
+
+/// What a create is for: the same workload and artefacts give the same key.
+fn claim_key(workload: &str, sha256: &str, writes: bool) -> String {
+    let mut h = Sha256::new();
+    h.update(workload.as_bytes());
+    h.update([0]);
+    h.update(sha256.as_bytes());
+    h.update([u8::from(writes)]);
+    hex::encode(h.finalize())[..32].to_owned()
+}
+
+fn live(i: &Instance) -> bool {
+    matches!(i.phase, Phase::Pending | Phase::Ready)
+}
+
+impl Provisioner {
+    /// The service over `backend`, with claims kept in `ledger`.
+    pub fn new(backend: Arc<dyn Backend>, ledger: Arc<dyn Ledger>, policy: Policy) -> Self {
+        Self {
+            backend,
+            ledger,
+            policy,
+            source: None,
+            streams: Arc::default(),
+        }
+    }
+
+    /// Takes launch events from `source` (one shared watch) instead of
+    /// polling per stream.
+    pub fn with_events(mut self, source: Arc<dyn EventSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// TTL bounds.
+    pub fn ttl_policy(&self) -> TtlPolicy {
+        self.policy.ttl
+    }
+
+    /// The URL schemes callers may name.
+    pub fn schemes(&self) -> Vec<&'static str> {
+        self.backend
+            .schemes()
+            .iter()
+            .copied()
+            .filter(|s| *s != "file" || self.policy.allow_file)
+            .collect()
+    }
+
+    /// Validates raw artefact input against the schemes callers may use.
+    pub fn artifacts(&self, url: &str, sha256: &str) -> Result<Artifacts> {
+        Artifacts::validated(url, sha256, &self.schemes())
+    }
+
+    /// Creates an instance, or returns the owner's live one for the same
+    /// workload and artefacts; refuses past the owner's quota.
+    pub async fn create(&self, request: CreateRequest) -> Result<Created> {
+        let mut request = request;
+        let artifacts = self.artifacts(&request.artifacts.url, &request.artifacts.sha256)?;
+        request.artifacts = artifacts.clone();
+        let ttl = self.policy.ttl.check(request.ttl)?;
+        let owner = request.owner.clone();
+        let key = claim_key(request.workload.as_str(), &artifacts.sha256, request.writes);
+        let mine = match self.claim(&owner, &key, &request).await? {
+            Ok(by) => by,
+            Err(existing) => {
+                return Ok(Created {
+                    instance: existing,
+                    created: false,
+                });
+            }
+        };
+        let now = Timestamp::now();
+        let made = self
+            .backend
+            .create(NewInstance {
+                workload: request.workload,
+                owner: owner.clone(),
+                artifacts,
+                created_at: now,
+                expires_at: add(now, ttl),
+                writes: request.writes,
+            })
+            .await;
+        // Made (or not): the objects now speak for themselves.
+        if let Err(e) = self.release(&owner, &mine).await {
+            tracing::warn!(%owner, error = %e, "could not release a claim (it lapses by itself)");
+        }
+        Ok(Created {
+            instance: made?,
+            created: true,
+        })
+    }
+
+    /// Claims `key` for `owner`: Ok(claim id) when this create may go ahead,
+    /// Err(instance) when the owner already has it live.
+    async fn claim(
+        &self,
+        owner: &str,
+        key: &str,
+        request: &CreateRequest,
+    ) -> Result<std::result::Result<String, Instance>> {
+        let name = ledger_name(owner);
+        let deadline = Instant::now() + CLAIM_DEADLINE;
+        let by = InstanceId::random().to_string();
+        loop {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(
+                    "too many creates at once for this owner; try again".into(),
+                ));
+            }
+            let ledger = self.ledger.read(&name).await?;
+            let mine: Vec<Instance> = self
+                .backend
+                .list(&ListFilter {
+                    workload: None,
+                    owner: Some(owner.to_owned()),
+                })
+                .await?
+                .into_iter()
+                .filter(live)
+                .collect();
+            if let Some(existing) = mine.iter().find(|i| {
+                i.workload == request.workload.as_str()
+                    && i.artifacts.sha256 == request.artifacts.sha256
+                    && i.writes == request.writes
+            }) {
+                return Ok(Err(existing.clone()));
+            }
+            let now = Timestamp::now();
+            let fresh: Vec<Claim> = ledger
+                .claims
+                .into_iter()
+                .filter(|c| add(c.at, CLAIM_STALE) > now)
+                .collect();
+            if fresh.iter().any(|c| c.key == key) {
+                // Another create (here or on another replica) is making it:
+                // wait for its instance.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let live_keys: Vec<String> = mine
+                .iter()
+                .map(|i| claim_key(&i.workload, &i.artifacts.sha256, i.writes))
+                .collect();
+            let in_flight = fresh.iter().filter(|c| !live_keys.contains(&c.key)).count();
+            let count = mine.len() + in_flight;
+            if count >= self.policy.quotas.per_owner {
+                return Err(Error::Quota(format!(
+                    "{owner} already has {count} live instances (limit {})",
+                    self.policy.quotas.per_owner
+                )));
+            }
+            if self.policy.quotas.total != usize::MAX {
+                let total = self.backend.count_live(None).await?;
+                if total >= self.policy.quotas.total {
+                    return Err(Error::Quota(format!(
+                        "{total} instances are live (limit {})",
+                        self.policy.quotas.total
+                    )));
+                }
+            }
+            let mut claims = fresh;
+            claims.push(Claim {
+                key: key.to_owned(),
+                at: now,
+                by: by.clone(),
+            });
+            if self
+                .ledger
+                .write(&name, &claims, ledger.version.as_deref())
+                .await?
+            {
+                return Ok(Ok(by));
+            }
+            // Somebody wrote in between: read again, after a little jitter.
+            let ms = rand::rng().random_range(5..50);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// Removes this create's claim.
+    async fn release(&self, owner: &str, by: &str) -> Result<()> {
+        let name = ledger_name(owner);
+        for _ in 0..50 {
+            let ledger = self.ledger.read(&name).await?;
+            let now = Timestamp::now();
+            let claims: Vec<Claim> = ledger
+                .claims
+                .iter()
+                .filter(|c| c.by != by && add(c.at, CLAIM_STALE) > now)
+                .cloned()
+                .collect();
+            if claims.len() == ledger.claims.len() {
+                return Ok(());
+            }
+            if self
+                .ledger
+                .write(&name, &claims, ledger.version.as_deref())
+                .await?
+            {
+                return Ok(());
+            }
+            let ms = rand::rng().random_range(5..50);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Err(Error::Timeout("releasing a claim".into()))
+    }
+
+    /// One instance the caller may see.
+    pub async fn get(&self, caller: &Caller, id: &InstanceId) -> Result<Instance> {
+        let instance = self.backend.get(id).await?;
+        caller.may_touch(&instance)?;
+        Ok(instance)
+    }
+
+    /// Instances matching `filter` (a caller with a token sees only its own).
+    pub async fn list(&self, caller: &Caller, filter: ListFilter) -> Result<Vec<Instance>> {
+        let filter = match caller {
+            Caller::Owner(o) => ListFilter {
+                owner: Some(o.clone()),
+                ..filter
+            },
+            Caller::Anyone => filter,
+        };
+        self.backend.list(&filter).await
+    }
+
+    /// Deletes an instance the caller may change.
+    pub async fn delete(&self, caller: &Caller, id: &InstanceId) -> Result<()> {
+        self.get(caller, id).await?;
+        self.backend.delete(id).await
+    }
+
+    /// Pushes the expiry `ttl` further, from the current expiry (or now if
+    /// past), to at most the longest TTL from now.
+    pub async fn extend(
+        &self,
+        caller: &Caller,
+        id: &InstanceId,
+        ttl: Duration,
+    ) -> Result<Instance> {
+        let current = self.get(caller, id).await?;
+        let expires_at = self
+            .policy
+            .ttl
+            .extended(current.expires_at, Timestamp::now(), ttl)?;
+        self.backend.set_expiry(id, expires_at).await
+    }
+
+    /// Removes expired instances and leftovers.
+    pub async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
+        self.backend.gc(dry_run).await
+    }
+
+    /// The launch progress of an instance the caller may see, until a final
+    /// event.
+    pub async fn events(
+        &self,
+        caller: &Caller,
+        id: &InstanceId,
+    ) -> Result<BoxStream<'static, Event>> {
+        self.get(caller, id).await?;
+        let slot = self.stream_slot(caller)?;
+        let stream = match (self.backend.event_log(id), &self.source) {
+            (Some(log), _) => events::from_log(log).boxed(),
+            (None, Some(source)) => Arc::clone(source).subscribe(id),
+            (None, None) => by_polling(
+                Arc::clone(&self.backend),
+                id.clone(),
+                Duration::from_secs(1),
+            )
+            .boxed(),
+        };
+        Ok(stream
+            .map(move |e| {
+                let _held = &slot;
+                e
+            })
+            .boxed())
+    }
+
+    /// A slot for one more stream of `caller`, or a quota error past the cap.
+    fn stream_slot(&self, caller: &Caller) -> Result<StreamSlot> {
+        let key = match caller {
+            Caller::Owner(o) => o.clone(),
+            Caller::Anyone => String::new(),
+        };
+        let mut streams = self.streams.lock().expect("streams lock");
+        let n = streams.entry(key.clone()).or_insert(0);
+        if *n >= self.policy.streams_per_caller {
+            return Err(Error::Quota(format!(
+                "{} event streams are open for this caller (limit {})",
+                *n, self.policy.streams_per_caller
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            streams: Arc::clone(&self.streams),
+            key,
+        })
+    }
+
+    /// Waits until the instance is Ready (or Failed, or the timeout passes),
+    /// calling `progress` whenever the phase or message changes.
+    pub async fn wait_ready(
+        &self,
+        id: &InstanceId,
+        timeout: Duration,
+        progress: &(dyn for<'i> Fn(&'i Instance) + Send + Sync),
+    ) -> Result<Instance> {
+        let deadline = Instant::now() + timeout;
+        let mut last: Option<(Phase, Option<String>)> = None;
+        loop {
+            let instance = self.backend.get(id).await?;
+            let now = (instance.phase, instance.message.clone());
+            if last.as_ref() != Some(&now) {
+                progress(&instance);
+                last = Some(now);
+            }
+            match instance.phase {
+                Phase::Ready => return Ok(instance),
+                Phase::Failed | Phase::Expired => {
+                    return Err(Error::Failed {
+                        id: id.to_string(),
+                        reason: instance
+                            .message
+                            .unwrap_or_else(|| instance.phase.to_string()),
+                    });
+                }
+                Phase::Pending => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "instance {id} not ready after {}",
+                    humantime::format_duration(timeout)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Derives events by polling the instance: `created` first, then one event
+/// per phase change, until Ready, Failed, Expired or gone.
+fn by_polling(
+    backend: Arc<dyn Backend>,
+    id: InstanceId,
+    every: Duration,
+) -> impl futures_util::Stream<Item = Event> + Send + 'static {
+    let first = Event::new("created", Phase::Pending, None);
+    futures_util::stream::unfold(
+        (
+            backend,
+            id,
+            Some(first),
+            None::<(Phase, Option<String>)>,
+            false,
+        ),
+        move |(backend, id, pending, mut last, done)| async move {
+            if done {
+                return None;
+            }
+            if let Some(first) = pending {
+                return Some((first, (backend, id, None, last, false)));
+            }
+            loop {
+                match backend.get(&id).await {
+                    Ok(i) => {
+                        let key = (i.phase, i.message.clone());
+                        if last.as_ref() != Some(&key) {
+                            last = Some(key);
+                            let event = Event::from_instance(&i);
+                            let done = event.is_final();
+                            return Some((event, (backend, id, None, last, done)));
+                        }
+                    }
+                    Err(Error::NotFound(_)) => {
+                        return Some((Event::gone(), (backend, id, None, last, true)));
+                    }
+                    Err(e) => tracing::warn!(%id, error = %e, "polling for events"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners() {
+        let alice = Caller::Owner("alice".into());
+        assert_eq!(alice.owner_for(None).unwrap(), "alice");
+        assert_eq!(alice.owner_for(Some("alice")).unwrap(), "alice");
+        assert!(matches!(
+            alice.owner_for(Some("bob")),
+            Err(Error::Forbidden(_))
+        ));
+        assert_eq!(Caller::Anyone.owner_for(None).unwrap(), "anonymous");
+        assert!(Caller::Anyone.owner_for(Some("a b")).is_err());
+    }
+
+    #[test]
+    fn keys_tell_workloads_and_artefacts_apart() {
+        assert_eq!(claim_key("w", "a", false), claim_key("w", "a", false));
+        assert_ne!(claim_key("w", "a", false), claim_key("w", "b", false));
+        assert_ne!(claim_key("wa", "", false), claim_key("w", "a", false));
+        assert_ne!(claim_key("w", "a", false), claim_key("w", "a", true));
+    }
+}
