@@ -127,14 +127,15 @@ def markdown(results):
     docs = m.get("document_headers", {})
     if docs:
         lines += ["index.html (the document) as Chromium fetched it, cold / warm:", "",
-                  "| contender | cold: status, KiB, encoding | warm: status, from cache | Cache-Control | ETag |",
+                  "| contender | cold: status, bytes, encoding | warm: bytes on the wire (headers only = 304) "
+                  "| Cache-Control | ETag |",
                   "|---|---|---|---|---|"]
         for c in cs:
             d = docs.get(c, {})
             cold, warm = d.get("cold"), d.get("warm")
             if cold:
-                lines.append(f"| {c} | {cold['status']}, {cold['bytes'] / 1024:.1f}, {cold['encoding'] or 'identity'} | "
-                             + (f"{warm['status']}, {warm['cache'] or 'no'}" if warm else "—")
+                lines.append(f"| {c} | {cold['status']}, {cold['bytes']}, {cold['encoding'] or 'identity'} | "
+                             + (f"{warm['bytes']}" if warm else "—")
                              + f" | {cold['cache_control'] or '—'} | {'yes' if cold['etag'] else '—'} |")
         lines.append("")
     if m["failures"]:
