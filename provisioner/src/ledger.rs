@@ -94,7 +94,11 @@ mod tests {
             at: Timestamp::now(),
             by: "a".into(),
         };
-        assert!(l.write("alice", &[c.clone()], None).await.unwrap());
+        assert!(
+            l.write("alice", std::slice::from_ref(&c), None)
+                .await
+                .unwrap()
+        );
         assert!(!l.write("alice", &[], None).await.unwrap());
         let now = l.read("alice").await.unwrap();
         assert_eq!(now.claims, [c]);

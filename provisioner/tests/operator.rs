@@ -522,7 +522,8 @@ async fn a_resource_gets_only_the_images_resources_and_time_the_operator_allows(
     let (client, ns) = setup().await;
     let op = operator(&client, &ns);
     let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
-    let refused: [(&str, fn(&mut MlflowInstanceSpec), &str); 4] = [
+    type Edit = fn(&mut MlflowInstanceSpec);
+    let refused: [(&str, Edit, &str); 4] = [
         (
             "miner",
             |s| {

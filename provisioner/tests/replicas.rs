@@ -40,7 +40,7 @@ const BOB: &str = "bob-token-0000000002";
 /// bob and a quota of 3 per owner.
 async fn replica(ns: &str, tokens: &std::path::Path) -> Replica {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
         .env("KUBECONFIG", &cluster().kubeconfig)
         .env("FLOWGATE_LOG_FORMAT", "text")
         .args(["--backend", "kubernetes", "--namespace", ns])
@@ -64,6 +64,8 @@ async fn replica(ns: &str, tokens: &std::path::Path) -> Replica {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("flowgate serve did not come up");
 }
 

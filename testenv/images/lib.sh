@@ -8,7 +8,9 @@
 
 # shellcheck shell=bash
 images_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-images_cache=${FLOWGATE_CACHE:-$images_root/.cache}/images
+# FLOWGATE_IMAGES_CACHE: a folder outside the checkout keeps image builds (and the
+# release cargo target they use) across clones of the same machine.
+images_cache=${FLOWGATE_IMAGES_CACHE:-${FLOWGATE_CACHE:-$images_root/.cache}/images}
 
 # min(WANT, this process's hard limit) for `ulimit -H FLAG`
 _flowgate_limit() {

@@ -45,7 +45,12 @@ pub fn cluster() -> &'static Cluster {
             down = root.join("testenv/k8s/k8s-down").display(),
             dir = dir.display()
         );
-        Command::new("setsid").args(["-f", "bash", "-c", &watcher]).spawn().expect("starting the cluster watcher");
+        // `setsid -f` forks the watcher off and returns at once.
+        let started = Command::new("setsid")
+            .args(["-f", "bash", "-c", &watcher])
+            .status()
+            .expect("starting the cluster watcher");
+        assert!(started.success(), "starting the cluster watcher: {started}");
         Cluster { kubeconfig: dir.join("kubeconfig") }
     })
 }
