@@ -69,6 +69,10 @@ async fn fails(options: &FetchOptions, within: Duration) -> String {
     assert!(t.elapsed() < within, "took {:?}: {e}", t.elapsed());
     assert!(matches!(e, FetchError::Transfer { .. }), "{e:?}");
     assert!(!options.dest.exists());
+    // What an API caller is told names the bound that fired, not the address.
+    let public = e.public_reason();
+    assert!(public.contains("(--"), "{public}");
+    assert!(!public.contains("127.0.0.1"), "{public}");
     e.to_string()
 }
 

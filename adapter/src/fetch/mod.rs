@@ -130,6 +130,25 @@ impl FetchError {
     /// be used to probe which servers or ports answer. The full error is
     /// for the log.
     pub fn public_reason(&self) -> String {
+        // Which time bound fired is the caller's to know (it says what to
+        // retry with); the address that failed to answer is not.
+        if let FetchError::Transfer { reason, .. } = self {
+            for (flag, what) in [
+                (
+                    "(--connect-timeout)",
+                    "no connection within the connect timeout",
+                ),
+                (
+                    "(--stall-timeout)",
+                    "the server sent nothing for longer than the stall timeout",
+                ),
+                ("(--deadline)", "not finished within the deadline"),
+            ] {
+                if reason.contains(flag) {
+                    return format!("download failed: {what} {flag}");
+                }
+            }
+        }
         match self {
             FetchError::ChecksumMismatch { .. } => {
                 "checksum mismatch: the archive's sha256 is not the one given; nothing was unpacked"
