@@ -8,9 +8,12 @@ mlflow executable of an MLflow venv; its python writes the example store).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,9 +60,16 @@ def mlflow_bin() -> str:
 
 
 class Archive:
+    """The job's archive, served over loopback HTTP as a portal's store would serve
+    it (an API with tokens refuses file:// URLs)."""
+
     def __init__(self, path: Path):
         self.path = path
-        self.url = path.as_uri()
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(path.parent))
+        handler.log_message = lambda *args: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{path.name}"
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -239,6 +249,9 @@ class FaultProxy:
                     cut = True
             # one request per connection, so that every request is seen here
             first, rest = head.split(b"\r\n", 1)
+            # as a reverse proxy in front of it would: the server answers only
+            # its public host names (421 otherwise)
+            rest = re.sub(rb"(?im)^host:[^\r\n]*", b"Host: %s:%d" % (self.upstream[0].encode(), self.upstream[1]), rest)
             u.sendall(first + b"\r\nConnection: close\r\n" + rest)
             threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
             seen = b""
