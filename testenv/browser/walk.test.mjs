@@ -404,7 +404,10 @@ for (const spec of VERSIONS) {
         assert.ok(!exps.body.toString().includes('ssrf'), 'no experiment created');
         // DNS rebinding: the same adapter under another name
         const rebound = await request({ port: env.port, path: env.root, headers: { Host: `rebound.example:${env.port}` } });
-        assert.equal(rebound.status, 421);
+        // Behind an Ingress the router already refuses a host it has no rule
+        // for (404); the adapter's own 421 is what answers when it is reached.
+        if (TARGET) assert.ok([404, 421].includes(rebound.status), `rebound Host: ${rebound.status}`);
+        else assert.equal(rebound.status, 421);
       });
 
       it('the instance path without its slash redirects to it', { timeout: 15000 }, async () => {
