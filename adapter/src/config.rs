@@ -2,6 +2,7 @@
 //! fallbacks (envy), resolved into one typed [`ProxyConfig`]. Resolution takes
 //! the environment as an iterator, so tests never touch the process's own.
 
+use crate::access::{Gate, KeyError, Keys};
 use crate::host::{InvalidHost, PublicHosts};
 use crate::prefix::{InvalidPrefix, Prefix};
 use clap::{Args, ValueEnum};
@@ -93,6 +94,9 @@ pub struct ServeArgs {
     /// Most client connections open at once; more are closed at accept [env: FLOWGATE_MAX_CONNECTIONS] [default: 1024]
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// A `link` instance: the installation's access keys (one per line, the first signs); only an access link or its cookie opens the instance [env: FLOWGATE_ACCESS_KEYS] [default: none, the URL alone opens it]
+    #[arg(long)]
+    pub access_keys: Option<std::path::PathBuf>,
 }
 
 /// The same settings as read from `FLOWGATE_*` variables.
@@ -113,6 +117,7 @@ struct EnvArgs {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<String>,
+    access_keys: Option<std::path::PathBuf>,
 }
 
 /// Why the configuration cannot be used.
@@ -138,6 +143,9 @@ pub enum ConfigError {
     /// The environment could not be read.
     #[error("environment: {0}")]
     Env(#[from] envy::Error),
+    /// The access keys cannot be used.
+    #[error(transparent)]
+    Access(#[from] KeyError),
 }
 
 /// Everything the proxy needs, validated.
@@ -183,6 +191,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Largest request head accepted (bytes).
     pub max_header_bytes: usize,
+    /// `link` access: who may open the instance; `None`: anyone with the URL.
+    pub access: Option<Gate>,
 }
 
 impl ProxyConfig {
@@ -267,6 +277,13 @@ impl ProxyConfig {
                 Ok(d)
             }
         };
+        let access = match args.access_keys.or(env.access_keys) {
+            Some(path) => Some(Gate::new(
+                Keys::load(&path)?,
+                prefix.as_str().trim_start_matches('/'),
+            )),
+            None => None,
+        };
         let upstream_origin_header =
             HeaderValue::from_str(&upstream_origin).expect("checked as an authority");
         let prefix_header =
@@ -323,6 +340,7 @@ impl ProxyConfig {
             )?,
             max_connections,
             max_header_bytes: 64 * 1024,
+            access,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! is forwarded) → [`headers`] and [`rewrite`] (what changes on the way out) →
 //! [`plan`], [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
 
+pub mod access;
 pub mod body;
 pub mod coding;
 pub mod config;

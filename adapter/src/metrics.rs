@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const REWRITE_KINDS: [&str; 5] = ["header", "html", "css", "script", "compress"];
 const UPSTREAM_ERRORS: [&str; 3] = ["connect", "upstream", "timeout"];
-const REFUSALS: [&str; 3] = ["read_only", "host", "path"];
+const REFUSALS: [&str; 4] = ["read_only", "host", "path", "access"];
 
 /// Why a request was answered by the adapter instead of being forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +25,8 @@ pub enum Refusal {
     Host = 1,
     /// A path that does not decode (400).
     Path = 2,
+    /// No valid access link or session on a `link` instance (401).
+    Access = 3,
 }
 
 /// Connection-level series, shared with the accept loop.
@@ -38,6 +40,27 @@ pub struct ConnectionMetrics {
     pub idle_closed: Counter,
 }
 
+impl ConnectionMetrics {
+    /// Adds the series to `registry` (the adapter's, or the REST API's).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            self.open.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Client connections closed at accept: --max-connections were open",
+            self.refused.clone(),
+        );
+        registry.register(
+            "idle_closed_connections",
+            "Client connections closed for sending no request in time",
+            self.idle_closed.clone(),
+        );
+    }
+}
+
 /// The adapter's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -49,7 +72,7 @@ pub struct Metrics {
     upstream_errors: [Counter; 3],
     in_flight: Gauge,
     last_activity: Gauge,
-    refused: [Counter; 3],
+    refused: [Counter; 4],
     abandoned: Counter,
     connections: ConnectionMetrics,
 }
@@ -116,7 +139,7 @@ impl Metrics {
         let connections = ConnectionMetrics::default();
         registry.register(
             "refused_requests",
-            "Requests answered by the adapter, not forwarded: read_only (403), host (421), path (400)",
+            "Requests answered by the adapter, not forwarded: read_only (403), host (421), path (400), access (401)",
             refused_family,
         );
         registry.register(
@@ -124,21 +147,7 @@ impl Metrics {
             "Requests whose client left before the response was ready",
             abandoned.clone(),
         );
-        registry.register(
-            "open_connections",
-            "Client connections open now",
-            connections.open.clone(),
-        );
-        registry.register(
-            "refused_connections",
-            "Client connections closed at accept: --max-connections were open",
-            connections.refused.clone(),
-        );
-        registry.register(
-            "idle_closed_connections",
-            "Client connections closed for sending no request in time",
-            connections.idle_closed.clone(),
-        );
+        connections.register(&mut registry);
         let response_bytes = Counter::default();
         let rewrite_capped = Counter::default();
         let in_flight = Gauge::default();

@@ -1,8 +1,9 @@
 //! The request path: own endpoints, the checks that decide whether a request
 //! is forwarded at all (public host, canonical path inside the prefix,
-//! read-only policy), forwarding to the upstream, and shaping the response
+//! access link or session ([`crate::access`]), read-only policy), forwarding to the upstream, and shaping the response
 //! (headers, then the body as [`crate::plan`] decides).
 
+use crate::access::{self, Decision, Denied, strip_cookie};
 use crate::body::ProxyBody;
 use crate::coding::{Coding, negotiate};
 use crate::config::ProxyConfig;
@@ -31,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A digest of the original body, wrong once the body changes.
 const CONTENT_MD5: header::HeaderName = header::HeaderName::from_static("content-md5");
@@ -55,6 +56,8 @@ pub struct Proxy {
 }
 
 impl crate::server::Handler for Proxy {
+    type Body = ProxyBody;
+
     fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -193,7 +196,7 @@ impl Proxy {
     /// Everything but the own endpoints.
     async fn route(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         exchange: &mut Exchange<'_>,
     ) -> Response<ProxyBody> {
@@ -231,6 +234,27 @@ impl Proxy {
         // also the path forwarded.
         let class = RouteClass::of_upstream_path(rest);
         exchange.class = class;
+        let mut cookie_for_app = None;
+        if let Some(gate) = &self.config.access {
+            let secure = forwarded_https(req.headers());
+            match gate.decide(
+                req.uri().path(),
+                req.uri().query(),
+                req.headers(),
+                secure,
+                SystemTime::now(),
+            ) {
+                // our cookie is taken out of what is forwarded (below)
+                Decision::Allow => cookie_for_app = strip_cookie(req.headers(), access::COOKIE),
+                Decision::Exchange { location, cookie } => {
+                    return enter_with_cookie(&location, &cookie);
+                }
+                Decision::Deny(why) => {
+                    self.metrics.refused(Refusal::Access);
+                    return access_denied(req.headers(), why);
+                }
+            }
+        }
         if !self.config.writes && !read_only_allows(req.method(), rest) {
             self.metrics.refused(Refusal::ReadOnly);
             return read_only(req.method(), rest);
@@ -238,6 +262,13 @@ impl Proxy {
         let forwarded = if self.config.rewrite { rest } else { &*path };
         let upstream_pq = with_query(forwarded, req.uri().query());
         drop(path);
+        if let Some(cleaned) = cookie_for_app {
+            let headers = req.headers_mut();
+            headers.remove(header::COOKIE);
+            if let Some(v) = cleaned {
+                headers.insert(header::COOKIE, v);
+            }
+        }
         exchange.enter_in_flight();
         match self.forward(req, upstream_pq, class, peer).await {
             Ok(response) => response,
@@ -503,6 +534,59 @@ fn one_date(headers: &mut HeaderMap) {
         let first = dates.get().clone();
         dates.insert(first);
     }
+}
+
+/// Whether the browser came over https, as the router in front says.
+fn forwarded_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// A valid access link: the session cookie, and the same URL without the token.
+fn enter_with_cookie(location: &str, cookie: &str) -> Response<ProxyBody> {
+    let mut response = plain(StatusCode::SEE_OTHER, "signed in\n");
+    let headers = response.headers_mut();
+    if let (Ok(l), Ok(c)) = (
+        HeaderValue::from_str(location),
+        HeaderValue::from_str(cookie),
+    ) {
+        headers.insert(header::LOCATION, l);
+        headers.insert(header::SET_COOKIE, c);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // the token must not leak through the Referer of the next page
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    response
+}
+
+/// No valid link or session: 401, an HTML page for browsers, JSON otherwise;
+/// never the app's content.
+pub fn access_denied(request: &HeaderMap, why: Option<Denied>) -> Response<ProxyBody> {
+    let html = request
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    let (body, kind) = if html {
+        (
+            Bytes::from_static(access::DENIED_PAGE.as_bytes()),
+            "text/html; charset=utf-8",
+        )
+    } else {
+        (Bytes::from(access::denied_json(why)), "application/json")
+    };
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("FlowgateLink realm=\"flowgate\""),
+    );
+    response
 }
 
 /// A write to a read-only instance: 403 with an error MLflow's UI can show.

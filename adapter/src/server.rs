@@ -11,7 +11,6 @@
 //! version read that is still waiting). HTTP/2 peers also get keep-alive
 //! pings, so a vanished peer with a stream open is noticed.
 
-use crate::body::ProxyBody;
 use crate::config::ProxyConfig;
 use crate::metrics::ConnectionMetrics;
 use bytes::Bytes;
@@ -38,15 +37,19 @@ const SILENCE_GRACE: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive ping interval, and how long a ping may go unanswered.
 const H2_PING: Duration = Duration::from_secs(20);
 
-/// Something that answers requests: one instance's proxy, or a router that
-/// picks a proxy by path (the provisioner's local backend).
+/// Something that answers requests: one instance's proxy, a router that
+/// picks a proxy by path (the provisioner's local backend), or the
+/// provisioner's REST API.
 pub trait Handler: Send + Sync + 'static {
+    /// The response body.
+    type Body: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
+
     /// Answers one request; errors are responses too.
     fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send;
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Where the accept loop counts connections, if anywhere.
     fn connection_metrics(&self) -> Option<&ConnectionMetrics> {
@@ -287,19 +290,22 @@ impl Drop for Active {
     }
 }
 
+/// A body's error, as hyper takes it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pin_project! {
     /// A response body that keeps its request counted as in flight until it
     /// has been sent (or dropped).
-    struct Tracked {
+    struct Tracked<B> {
         #[pin]
-        inner: ProxyBody,
+        inner: B,
         _guard: Active,
     }
 }
 
-impl Body for Tracked {
+impl<B: Body<Data = Bytes>> Body for Tracked<B> {
     type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,

@@ -5,7 +5,7 @@
 
 use crate::Result;
 use crate::events::EventLog;
-use crate::instance::{Artifacts, Instance, InstanceId, Phase, Workload};
+use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, Workload};
 use async_trait::async_trait;
 use jiff::Timestamp;
 
@@ -24,6 +24,8 @@ pub struct NewInstance {
     pub expires_at: Timestamp,
     /// Let visitors write through the adapter (default: read-only).
     pub writes: bool,
+    /// Who may open it.
+    pub access: Access,
 }
 
 /// Which instances to list.

@@ -1,8 +1,11 @@
 //! The `flowgate` command line: flags, subcommands, and running them against a
 //! backend. `main.rs` only parses and calls [`run`].
 
+use crate::access::Links;
 use crate::backend::{Backend, ListFilter};
-use crate::instance::{ANONYMOUS, CreateRequest, Instance, InstanceId, Workload, validate_owner};
+use crate::instance::{
+    ANONYMOUS, Access, CreateRequest, Instance, InstanceId, Workload, validate_owner,
+};
 use crate::kube::KubeBackend;
 use crate::kube::ledger::LeaseLedger;
 use crate::operator::OperatorConfig;
@@ -88,6 +91,15 @@ pub struct OperatorOpts {
     /// The largest artefact volume a resource may ask for
     #[arg(long, env = "FLOWGATE_MAX_STORE_SIZE", default_value = "20Gi")]
     pub max_store_size: String,
+    /// Access modes a resource may ask for (comma-separated); `public` lets
+    /// anyone with an instance's URL open it
+    #[arg(
+        long,
+        env = "FLOWGATE_ALLOWED_ACCESS",
+        value_delimiter = ',',
+        default_value = "link"
+    )]
+    pub allowed_access: Vec<Access>,
 }
 
 /// Subcommands.
@@ -119,6 +131,10 @@ pub enum Command {
         /// Let visitors write (create experiments, delete runs); default: read-only
         #[arg(long)]
         writes: bool,
+        /// Who may open it: link (only through its access link, shown as
+        /// access_url) or public (the URL alone)
+        #[arg(long, value_enum, default_value_t = Access::Link)]
+        access: Access,
         /// Wait until the instance serves (or fails)
         #[arg(long)]
         wait: bool,
@@ -218,7 +234,10 @@ pub async fn run(cli: Cli) -> Result<String> {
             b
         }
     };
-    let service = Provisioner::new(backend, ledger, policy);
+    let mut service = Provisioner::new(backend, ledger, policy);
+    if let Some(path) = &cli.kube.access_keys {
+        service = service.with_links(Links::load(path, Links::DEFAULT_TTL)?);
+    }
     let caller = Caller::Anyone;
     let now = Timestamp::now;
     let show_one = |i: &Instance| match cli.output {
@@ -233,6 +252,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             ttl,
             owner,
             writes,
+            access,
             wait,
             wait_timeout,
         } => {
@@ -242,6 +262,7 @@ pub async fn run(cli: Cli) -> Result<String> {
                 artifacts: service.artifacts(&artifacts, &sha256)?,
                 ttl: service.ttl_policy().resolve(ttl.as_deref())?,
                 writes,
+                access,
             };
             let created = service.create(request).await?;
             if !created.created {
@@ -351,6 +372,7 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
         max_cpu: opts.max_cpu.clone(),
         max_memory: opts.max_memory.clone(),
         max_store_size: opts.max_store_size.clone(),
+        access: opts.allowed_access.clone(),
     };
     for (flag, q) in [
         ("max-cpu", &opts.max_cpu),

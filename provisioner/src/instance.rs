@@ -221,6 +221,52 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Who may open an instance.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    utoipa::ToSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Only a signed, short-lived access link (`access_url`, minted by the
+    /// API) opens it; the adapter trades the link for a cookie scoped to
+    /// `/<id>/`. The default.
+    #[default]
+    Link,
+    /// The URL alone opens it.
+    Public,
+}
+
+impl Access {
+    /// What an instance recorded before access modes existed was made as.
+    pub fn unrecorded() -> Self {
+        Access::Public
+    }
+
+    /// As written in flags, annotations and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Link => "link",
+            Access::Public => "public",
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One MLflow instance as the portal sees it.
 #[derive(
     Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema,
@@ -254,6 +300,14 @@ pub struct Instance {
     /// the default, makes the instance a read-only viewer.
     #[serde(default)]
     pub writes: bool,
+    /// Who may open it: `link` (only through `access_url`) or `public`.
+    #[serde(default = "Access::unrecorded")]
+    pub access: Access,
+    /// A `link` instance's access link, fresh on every read: valid for a few
+    /// minutes, it signs the browser in until the instance expires. Send the
+    /// user here, never to `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_url: Option<String>,
 }
 
 impl Instance {
@@ -276,6 +330,8 @@ pub struct CreateRequest {
     pub ttl: Duration,
     /// Let visitors write through the adapter (default: read-only).
     pub writes: bool,
+    /// Who may open it.
+    pub access: Access,
 }
 
 /// Bounds on time-to-live.

@@ -33,6 +33,9 @@ pub const ANN_URL: &str = "flowgate.io/url";
 /// `true` when visitors may write (the adapter's `--writes on`); absent or
 /// anything else: read-only.
 pub const ANN_WRITES: &str = "flowgate.io/writes";
+/// `link` (opens only through an access link; the adapter has the access
+/// keys) or `public`; absent on instances made before access modes: public.
+pub const ANN_ACCESS: &str = "flowgate.io/access";
 /// `creating` until every object of the instance exists, then `complete`.
 pub const ANN_STATE: &str = "flowgate.io/state";
 

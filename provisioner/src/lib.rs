@@ -6,6 +6,7 @@
 //! builds every object) → [`operator`] (the `MlflowInstance` custom resource,
 //! its controller and `--backend operator`) → [`cli`] (the command line).
 
+pub mod access;
 pub mod api;
 pub mod backend;
 pub mod cli;

@@ -7,6 +7,8 @@
 //! processes are stopped. The process returns within `--drain-timeout`
 //! whatever clients do: connections still open at the bound are cut.
 
+use crate::access::Links;
+use crate::api::server::{ApiLimits, serve_api};
 use crate::api::{ApiState, auth::Tokens, check_listen, guard_hosts, router};
 use crate::backend::Backend;
 use crate::hosts::PublicHosts;
@@ -21,7 +23,7 @@ use crate::operator::backend::OperatorBackend;
 use crate::service::{Policy, Provisioner, Quotas};
 use crate::settings::{BackendKind, KubeArgs, KubeSettings};
 use crate::{Error, Result};
-use adapter::server::{ConnectionLimits, serve as serve_http, shutdown_signal};
+use adapter::server::{ConnectionLimits, Drain, serve as serve_http, shutdown_signal};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -43,6 +45,17 @@ pub struct ServeOpts {
     /// Live instances allowed in all
     #[arg(long, env = "FLOWGATE_QUOTA_TOTAL", default_value_t = 200)]
     pub quota_total: usize,
+    /// REST API connections open at once; more are closed at accept
+    #[arg(long, env = "FLOWGATE_API_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub api_max_connections: usize,
+    /// REST API connections: closed when no request head arrives within this
+    /// (new connections) or no request comes for this long (keep-alive)
+    #[arg(long, env = "FLOWGATE_API_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub api_idle_timeout: Duration,
+    /// A REST API request not answered within this gets 504 (an event
+    /// stream counts as answered once it starts)
+    #[arg(long, env = "FLOWGATE_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
     /// Event streams (GET .../events) one caller may hold open at once
     #[arg(long, env = "FLOWGATE_STREAMS_PER_CALLER", default_value_t = 20)]
     pub streams_per_caller: usize,
@@ -52,6 +65,10 @@ pub struct ServeOpts {
     /// Local backend: the base URL given to users [default: http://<local-listen>]
     #[arg(long, env = "FLOWGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Local backend: unknown instance ids one client may ask for in a
+    /// minute; past it, every instance path answers it 429 until the minute ends
+    #[arg(long, env = "FLOWGATE_GUESS_LIMIT", default_value_t = 30)]
+    pub guess_limit: u32,
     /// Local backend: where instances keep their data
     #[arg(long, env = "FLOWGATE_DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
@@ -139,6 +156,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
     let mut instances_served = None;
     let ttl = KubeSettings::from_args(kube, "default")?.ttl;
     let mut watch = None;
+    let mut keys = kube.access_keys.clone();
     let (backend, ledger): (Arc<dyn Backend>, Arc<dyn Ledger>) = match kind {
         BackendKind::Kubernetes | BackendKind::Operator => {
             let client = kube::Client::try_default()
@@ -176,10 +194,15 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                     },
                     store_bytes: parse_size(&kube.store_size)?,
                 },
+                access_keys: kube.access_keys.clone(),
             };
             let backend = LocalBackend::open(settings).await?;
-            let routes =
-                Arc::new(LocalRouter::new(backend.routes()).with_public_hosts(Arc::clone(&hosts)));
+            keys = Some(backend.access_keys().to_path_buf());
+            let routes = Arc::new(
+                LocalRouter::new(backend.routes())
+                    .with_public_hosts(Arc::clone(&hosts))
+                    .with_guess_limit(opts.guess_limit),
+            );
             let limits = ConnectionLimits {
                 header_read_timeout: Duration::from_secs(30),
                 max_header_bytes: 64 * 1024,
@@ -222,11 +245,27 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
     if let Some(watch) = watch {
         provisioner = provisioner.with_events(watch);
     }
+    match &keys {
+        Some(path) => provisioner = provisioner.with_links(Links::load(path, Links::DEFAULT_TTL)?),
+        None => {
+            tracing::warn!("no access keys (--access-keys): only `public` instances can be made")
+        }
+    }
     let provisioner = Arc::new(provisioner);
     let state = ApiState::new(provisioner, tokens);
     tracing::info!(api = %opts.listen, backend = ?kind, "flowgate serve ready");
-    let api = axum::serve(api_listener, guard_hosts(router(state), hosts))
-        .with_graceful_shutdown(stopped());
+    let limits = ApiLimits {
+        connections: ConnectionLimits {
+            header_read_timeout: opts.api_idle_timeout,
+            idle_timeout: opts.api_idle_timeout,
+            max_header_bytes: 64 * 1024,
+            drain_timeout: http_drain,
+            max_connections: opts.api_max_connections,
+        },
+        request_timeout: opts.request_timeout,
+    };
+    let app = guard_hosts(router(Arc::clone(&state)), hosts);
+    let api = serve_api(app, &state, &limits, api_listener, stopped());
     // Draining ends at the bound, whatever clients do.
     let mut rx = deadline_rx.clone();
     let bound = async move {
@@ -236,7 +275,9 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         }
     };
     tokio::select! {
-        r = api => r.map_err(|e| Error::Internal(format!("REST API: {e}")))?,
+        drain = api => if drain == Drain::TimedOut {
+            tracing::warn!("REST API drain timed out; open connections are cut");
+        },
         () = bound => tracing::warn!("REST API drain timed out; open connections are cut"),
     }
     let at = (*deadline_rx.borrow_and_update()).unwrap_or_else(Instant::now);

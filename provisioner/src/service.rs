@@ -8,14 +8,20 @@
 //!   already has live returns that instance; an owner holds at most
 //!   [`Quotas::per_owner`] live instances. Both hold under concurrency, across
 //!   replicas, through a [`Ledger`] of claims written by compare-and-swap;
-//! - **events**: the launch progress a caller can follow.
+//! - **events**: the launch progress a caller can follow;
+//! - **access links**: a `link` instance is shown with a fresh, signed
+//!   `access_url` on every read ([`Links`]); creating one needs the
+//!   installation's access keys.
 //!
 //! Backends ([`Backend`]) only make, read and remove their objects or
 //! processes.
 
+use crate::access::Links;
 use crate::backend::{Backend, ListFilter, NewInstance, Removed};
 use crate::events::{self, Event, EventSource};
-use crate::instance::{Artifacts, CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add};
+use crate::instance::{
+    Access, Artifacts, CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add,
+};
 use crate::ledger::{Claim, Ledger};
 use crate::{Error, Result};
 use futures_util::StreamExt;
@@ -129,6 +135,8 @@ pub struct Provisioner {
     source: Option<Arc<dyn EventSource>>,
     /// Open event streams per caller.
     streams: Arc<Mutex<HashMap<String, usize>>>,
+    /// Mints access links; `None`: `link` instances cannot be made.
+    links: Option<Links>,
 }
 
 /// Counts an open stream of a caller while it lives.
@@ -155,12 +163,13 @@ fn ledger_name(owner: &str) -> String {
 }
 
 /// What a create is for: the same workload and artefacts give the same key.
-fn claim_key(workload: &str, sha256: &str, writes: bool) -> String {
+fn claim_key(workload: &str, sha256: &str, writes: bool, access: Access) -> String {
     let mut h = Sha256::new();
     h.update(workload.as_bytes());
     h.update([0]);
     h.update(sha256.as_bytes());
     h.update([u8::from(writes)]);
+    h.update(access.as_str().as_bytes());
     hex::encode(h.finalize())[..32].to_owned()
 }
 
@@ -177,7 +186,14 @@ impl Provisioner {
             policy,
             source: None,
             streams: Arc::default(),
+            links: None,
         }
+    }
+
+    /// Mints access links to `link` instances with these keys.
+    pub fn with_links(mut self, links: Links) -> Self {
+        self.links = Some(links);
+        self
     }
 
     /// Takes launch events from `source` (one shared watch) instead of
@@ -220,12 +236,25 @@ impl Provisioner {
         request.artifacts = artifacts.clone();
         let ttl = self.policy.ttl.check(request.ttl)?;
         let owner = request.owner.clone();
-        let key = claim_key(request.workload.as_str(), &artifacts.sha256, request.writes);
+        if request.access == Access::Link && self.links.is_none() {
+            return Err(Error::Invalid {
+                field: "access",
+                message: "this server has no access keys (--access-keys), so it cannot make \
+                          `link` instances; ask for access `public`, or configure the keys"
+                    .into(),
+            });
+        }
+        let key = claim_key(
+            request.workload.as_str(),
+            &artifacts.sha256,
+            request.writes,
+            request.access,
+        );
         let mine = match self.claim(&owner, &key, &request).await? {
             Ok(by) => by,
             Err(existing) => {
                 return Ok(Created {
-                    instance: existing,
+                    instance: self.present(existing),
                     created: false,
                 });
             }
@@ -240,6 +269,7 @@ impl Provisioner {
                 created_at: now,
                 expires_at: add(now, ttl),
                 writes: request.writes,
+                access: request.access,
             })
             .await;
         // Made (or not): the objects now speak for themselves.
@@ -247,7 +277,7 @@ impl Provisioner {
             tracing::warn!(%owner, error = %e, "could not release a claim (it lapses by itself)");
         }
         Ok(Created {
-            instance: made?,
+            instance: self.present(made?),
             created: true,
         })
     }
@@ -284,6 +314,7 @@ impl Provisioner {
                 i.workload == request.workload.as_str()
                     && i.artifacts.sha256 == request.artifacts.sha256
                     && i.writes == request.writes
+                    && i.access == request.access
             }) {
                 return Ok(Err(existing.clone()));
             }
@@ -301,7 +332,7 @@ impl Provisioner {
             }
             let live_keys: Vec<String> = mine
                 .iter()
-                .map(|i| claim_key(&i.workload, &i.artifacts.sha256, i.writes))
+                .map(|i| claim_key(&i.workload, &i.artifacts.sha256, i.writes, i.access))
                 .collect();
             let in_flight = fresh.iter().filter(|c| !live_keys.contains(&c.key)).count();
             let count = mine.len() + in_flight;
@@ -371,7 +402,7 @@ impl Provisioner {
     pub async fn get(&self, caller: &Caller, id: &InstanceId) -> Result<Instance> {
         let instance = self.backend.get(id).await?;
         caller.may_touch(&instance)?;
-        Ok(instance)
+        Ok(self.present(instance))
     }
 
     /// Instances matching `filter` (a caller with a token sees only its own).
@@ -383,7 +414,45 @@ impl Provisioner {
             },
             Caller::Anyone => filter,
         };
-        self.backend.list(&filter).await
+        let all = self.backend.list(&filter).await?;
+        Ok(all.into_iter().map(|i| self.present(i)).collect())
+    }
+
+    /// A new access link to a `link` instance the caller may see, valid for
+    /// `ttl` (at most [`Links::MAX_TTL`], and never past the instance's expiry).
+    pub async fn link(&self, caller: &Caller, id: &InstanceId, ttl: Duration) -> Result<String> {
+        let instance = self.get(caller, id).await?;
+        if instance.access != Access::Link {
+            return Err(Error::Invalid {
+                field: "access",
+                message: format!("{id} is public: its url opens it, no link is needed"),
+            });
+        }
+        let links = self.links.as_ref().ok_or_else(|| {
+            Error::Unavailable("this server has no access keys (--access-keys)".into())
+        })?;
+        if ttl.is_zero() || ttl > Links::MAX_TTL {
+            return Err(Error::Invalid {
+                field: "ttl",
+                message: format!(
+                    "an access link lives between 1s and {}",
+                    humantime::format_duration(Links::MAX_TTL)
+                ),
+            });
+        }
+        Ok(links.url(&instance, ttl))
+    }
+
+    /// The instance as callers see it: with a fresh access link when it
+    /// opens by link and is not over.
+    fn present(&self, mut instance: Instance) -> Instance {
+        instance.access_url = match (&self.links, instance.access, instance.phase) {
+            (Some(links), Access::Link, Phase::Pending | Phase::Ready) => {
+                Some(links.url(&instance, links.ttl))
+            }
+            _ => None,
+        };
+        instance
     }
 
     /// Deletes an instance the caller may change.
@@ -405,7 +474,7 @@ impl Provisioner {
             .policy
             .ttl
             .extended(current.expires_at, Timestamp::now(), ttl)?;
-        self.backend.set_expiry(id, expires_at).await
+        Ok(self.present(self.backend.set_expiry(id, expires_at).await?))
     }
 
     /// Removes expired instances and leftovers.
@@ -479,7 +548,7 @@ impl Provisioner {
                 last = Some(now);
             }
             match instance.phase {
-                Phase::Ready => return Ok(instance),
+                Phase::Ready => return Ok(self.present(instance)),
                 Phase::Failed | Phase::Expired => {
                     return Err(Error::Failed {
                         id: id.to_string(),
@@ -565,9 +634,14 @@ mod tests {
 
     #[test]
     fn keys_tell_workloads_and_artefacts_apart() {
-        assert_eq!(claim_key("w", "a", false), claim_key("w", "a", false));
-        assert_ne!(claim_key("w", "a", false), claim_key("w", "b", false));
-        assert_ne!(claim_key("wa", "", false), claim_key("w", "a", false));
-        assert_ne!(claim_key("w", "a", false), claim_key("w", "a", true));
+        let key = |w, a, writes| claim_key(w, a, writes, Access::Link);
+        assert_eq!(key("w", "a", false), key("w", "a", false));
+        assert_ne!(key("w", "a", false), key("w", "b", false));
+        assert_ne!(key("wa", "", false), key("w", "a", false));
+        assert_ne!(key("w", "a", false), key("w", "a", true));
+        assert_ne!(
+            claim_key("w", "a", false, Access::Link),
+            claim_key("w", "a", false, Access::Public)
+        );
     }
 }

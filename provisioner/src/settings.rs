@@ -135,6 +135,20 @@ pub struct KubeArgs {
     /// `flowgate-fetch`); none: no progress until the download ends
     #[arg(long, env = "FLOWGATE_FETCH_SERVICE_ACCOUNT", global = true)]
     pub fetch_service_account: Option<String>,
+    /// The installation's access keys (one per line, the first signs): needed
+    /// to make `link` instances and show their access links [default with the
+    /// local backend: DATA_DIR/access-keys, made at the first start]
+    #[arg(long, env = "FLOWGATE_ACCESS_KEYS", global = true)]
+    pub access_keys: Option<std::path::PathBuf>,
+    /// The Secret (key `keys`) holding the same keys, mounted into `link`
+    /// instances' adapters
+    #[arg(
+        long,
+        env = "FLOWGATE_ACCESS_SECRET",
+        default_value = "flowgate-access-keys",
+        global = true
+    )]
+    pub access_secret: String,
 }
 
 /// Resolved settings.
@@ -172,6 +186,8 @@ pub struct KubeSettings {
     pub stuck_after: Duration,
     /// The fetch container's ServiceAccount, for progress reports.
     pub fetch_service_account: Option<String>,
+    /// The Secret with the access keys, mounted into `link` instances.
+    pub access_secret: String,
 }
 
 impl KubeSettings {
@@ -216,6 +232,7 @@ impl KubeSettings {
             },
             stuck_after: args.stuck_after,
             fetch_service_account: args.fetch_service_account.clone(),
+            access_secret: args.access_secret.clone(),
         })
     }
 

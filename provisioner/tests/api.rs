@@ -5,6 +5,7 @@
 
 mod support;
 
+use provisioner::access::Links;
 use provisioner::api::auth::Tokens;
 use provisioner::api::{ApiState, router};
 use provisioner::backend::Backend;
@@ -100,6 +101,7 @@ async fn spawn_api_with(
     ttl: TtlPolicy,
     tokens: Option<Tokens>,
     quotas: Quotas,
+    links: Links,
 ) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -109,16 +111,57 @@ async fn spawn_api_with(
         allow_file: tokens.is_none(),
         streams_per_caller: 4,
     };
-    let service = Arc::new(Provisioner::new(backend, ledger, policy));
+    let service = Arc::new(Provisioner::new(backend, ledger, policy).with_links(links));
     let app = router(ApiState::new(service, tokens));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
 
-/// The API over the local backend (claims in memory, short TTLs allowed).
-async fn spawn_api(backend: Arc<dyn Backend>, tokens: Option<Tokens>, quotas: Quotas) -> String {
+/// The API over the local backend (claims in memory, short TTLs allowed,
+/// links signed with the data dir's keys, as `flowgate serve` does).
+async fn spawn_api(local: &Local, tokens: Option<Tokens>, quotas: Quotas) -> String {
     let ledger = Arc::new(MemoryLedger::default());
-    spawn_api_with(backend, ledger, short_ttls(), tokens, quotas).await
+    let links = Links::load(local.backend.access_keys(), Links::DEFAULT_TTL).unwrap();
+    let backend = Arc::new(local.backend.clone());
+    spawn_api_with(backend, ledger, short_ttls(), tokens, quotas, links).await
+}
+
+/// Creates an instance of the test archive for `workload` (more fields in
+/// `extra`); the API's answer.
+async fn create_job(c: &reqwest::Client, base: &str, workload: &str, extra: Value) -> Value {
+    let (archive, sha) = store_archive();
+    let mut body = json!({"workload": workload, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    c.post(format!("{base}/api/v1/instances"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// GET `url`; its JSON body.
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Opens an access link as a browser does (without following the redirect):
+/// the session cookie (`name=value`) and where it sends the browser.
+async fn sign_in(access_url: &str) -> (String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c.get(access_url).send().await.unwrap();
+    assert_eq!(r.status(), 303, "{access_url}");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    (cookie.split(';').next().unwrap().to_owned(), location)
 }
 
 /// Serves one file over HTTP on loopback; returns its URL.
@@ -152,6 +195,7 @@ async fn local_backend(data: &Path, ttl: TtlPolicy) -> Local {
         public_url: format!("http://{addr}"),
         ttl,
         supervision: Default::default(),
+        access_keys: None,
     };
     let backend = LocalBackend::open(settings).await.unwrap();
     let routes = Arc::new(LocalRouter::new(backend.routes()));
@@ -245,32 +289,15 @@ async fn contract(base: &str, url: &str, sha: &str) {
         r.json().await.unwrap()
     };
     assert_eq!(again["id"], id.as_str());
-    let one: Value = c
-        .get(format!("{base}/api/v1/instances/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = get_json(&c, &format!("{base}/api/v1/instances/{id}")).await;
     assert_eq!(one["workload"], "panda-6543210");
-    let listed: Value = c
-        .get(format!("{base}/api/v1/instances?workload=panda-6543210"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = get_json(
+        &c,
+        &format!("{base}/api/v1/instances?workload=panda-6543210"),
+    )
+    .await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
-    let none: Value = c
-        .get(format!("{base}/api/v1/instances?workload=other"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let none = get_json(&c, &format!("{base}/api/v1/instances?workload=other")).await;
     assert_eq!(none.as_array().unwrap().len(), 0);
     let extended: Value = c
         .post(format!("{base}/api/v1/instances/{id}/extend"))
@@ -365,14 +392,7 @@ async fn contract(base: &str, url: &str, sha: &str) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let doc: Value = c
-        .get(format!("{base}/api/v1/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(&c, &format!("{base}/api/v1/openapi.json")).await;
     assert!(doc["paths"]["/api/v1/instances/{id}/events"]["get"].is_object());
     assert_eq!(
         c.get(format!("{base}/healthz"))
@@ -399,7 +419,7 @@ async fn contract_on_the_local_backend() {
     let (archive, sha) = store_archive();
     let data = tempfile::tempdir().unwrap();
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     contract(&base, &format!("file://{}", archive.display()), sha).await;
     local.backend.stop_all().await;
 }
@@ -412,7 +432,16 @@ async fn contract_on_the_kubernetes_backend() {
     let ttl = settings.ttl;
     let ledger = Arc::new(LeaseLedger::new(client.clone(), &ns));
     let backend = support::backend(client, settings).await;
-    let base = spawn_api_with(Arc::new(backend), ledger, ttl, None, Quotas::default()).await;
+    let links = support::test_links();
+    let base = spawn_api_with(
+        Arc::new(backend),
+        ledger,
+        ttl,
+        None,
+        Quotas::default(),
+        links,
+    )
+    .await;
     contract(
         &base,
         "https://store.example.test/job.tgz",
@@ -423,21 +452,15 @@ async fn contract_on_the_kubernetes_backend() {
 
 #[tokio::test]
 async fn local_launch_serves_the_job_and_reports_each_step() {
-    let (archive, sha) = store_archive();
     let data = tempfile::tempdir().unwrap();
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     let c = http();
-    let created: Value = c
-        .post(format!("{base}/api/v1/instances"))
-        .json(&json!({"workload": "job-1", "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = create_job(&c, &base, "job-1", json!({"access": "public"})).await;
     let id = created["id"].as_str().unwrap().to_owned();
+    // public: the URL alone opens it, no link is minted
+    assert_eq!(created["access"], "public");
+    assert!(created.get("access_url").is_none(), "{created}");
     let steps: Vec<String> = events(&base, &id, None)
         .await
         .into_iter()
@@ -496,12 +519,164 @@ async fn local_launch_serves_the_job_and_reports_each_step() {
     local.backend.stop_all().await;
 }
 
+/// `link` (the default): only the access link the API shows opens the
+/// instance; the adapter trades it for a cookie scoped to the instance and
+/// redirects to the URL without the token; nothing else reaches MLflow.
+#[tokio::test]
+async fn link_instances_open_only_through_their_access_link() {
+    let data = tempfile::tempdir().unwrap();
+    let local = local_backend(data.path(), short_ttls()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
+    let c = http();
+    let mut made = Vec::new();
+    for w in ["job-a", "job-b"] {
+        let v = create_job(&c, &base, w, json!({})).await;
+        assert_eq!(v["access"], "link", "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert_eq!(events(&base, &id, None).await.last().unwrap().0, "ready");
+        made.push(v);
+    }
+    let (a, b) = (&made[0], &made[1]);
+    let (url_a, url_b) = (a["url"].as_str().unwrap(), b["url"].as_str().unwrap());
+    let id_a = a["id"].as_str().unwrap();
+    let link_a = a["access_url"].as_str().unwrap();
+    assert!(
+        link_a.starts_with(&format!("{url_a}?flowgate_access=")),
+        "{link_a}"
+    );
+
+    // No link, no cookie: a page saying how to get in, or a JSON error; never MLflow.
+    let page = c
+        .get(url_a)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 401);
+    let text = page.text().await.unwrap();
+    assert!(
+        text.contains("access link") && !text.contains("static-files"),
+        "{text}"
+    );
+    let api = c
+        .get(format!(
+            "{url_a}ajax-api/2.0/mlflow/experiments/search?max_results=5"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 401);
+    assert_eq!(
+        api.json::<Value>().await.unwrap()["error_code"],
+        "UNAUTHENTICATED"
+    );
+
+    // The link: a cookie for /<id>/ only, and the URL without the token.
+    let raw = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(link_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 303);
+    assert_eq!(raw.headers()["location"], format!("/{id_a}/"));
+    let set = raw.headers()["set-cookie"].to_str().unwrap();
+    for attr in [
+        format!("Path=/{id_a}/"),
+        "HttpOnly".into(),
+        "SameSite=Lax".into(),
+    ] {
+        assert!(set.contains(&attr), "{attr} not in {set}");
+    }
+    assert!(!set.contains("Secure"), "plain http: {set}");
+    let (session_a, _) = sign_in(link_a).await;
+    let page = c
+        .get(url_a)
+        .header("cookie", &session_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("static-files/"));
+    let search: Value = c
+        .post(format!("{url_a}ajax-api/2.0/mlflow/experiments/search"))
+        .header("cookie", &session_a)
+        .header("origin", local.instances.as_str())
+        .json(&json!({"max_results": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        search["experiments"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "{search}"
+    );
+
+    // A's link and A's cookie do not open B.
+    let b_with_a_link = link_a.replace(id_a, b["id"].as_str().unwrap());
+    let r = c.get(&b_with_a_link).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(url_b)
+        .header("cookie", &session_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A tampered token does not open A.
+    let mut tampered = link_a.to_owned();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == '0' { '1' } else { '0' });
+    assert_eq!(c.get(&tampered).send().await.unwrap().status(), 401);
+
+    // Another link to share, short-lived; it expires.
+    let r = c
+        .post(format!("{base}/api/v1/instances/{id_a}/links"))
+        .json(&json!({"ttl": "1s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let short = r.json::<Value>().await.unwrap()["access_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = c.get(&short).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("expired"));
+    let r = c
+        .post(format!("{base}/api/v1/instances/{id_a}/links"))
+        .json(&json!({"ttl": "30d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // GET mints a fresh link each time.
+    let again = get_json(&c, &format!("{base}/api/v1/instances/{id_a}")).await;
+    let (session_again, _) = sign_in(again["access_url"].as_str().unwrap()).await;
+    let page = c
+        .get(url_a)
+        .header("cookie", &session_again)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    local.backend.stop_all().await;
+}
+
 #[tokio::test]
 async fn failing_launches_say_why() {
     let (archive, sha) = store_archive();
     let data = tempfile::tempdir().unwrap();
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     let c = http();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -544,14 +719,7 @@ async fn failing_launches_say_why() {
         for secret in [real_sha.as_str(), &port.to_string(), "refused", "127.0.0.1"] {
             assert!(!message.contains(secret), "{message:?} reveals {secret:?}");
         }
-        let now: Value = c
-            .get(format!("{base}/api/v1/instances/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let now = get_json(&c, &format!("{base}/api/v1/instances/{id}")).await;
         assert_eq!(now["phase"], "Failed");
         assert!(now["message"].as_str().unwrap().contains(want));
     }
@@ -565,7 +733,7 @@ async fn tokens_owners_and_quotas() {
     let local = local_backend(data.path(), short_ttls()).await;
     let tokens = Tokens::parse("alice-token-000000001 alice\nbob-token-0000000002 bob\n").unwrap();
     let base = spawn_api(
-        Arc::new(local.backend.clone()),
+        &local,
         Some(tokens),
         Quotas {
             per_owner: 1,
@@ -680,30 +848,28 @@ async fn tokens_owners_and_quotas() {
 
 #[tokio::test]
 async fn restart_readopts_live_instances_and_drops_expired_ones() {
-    let (archive, sha) = store_archive();
     let data = tempfile::tempdir().unwrap();
     let c = http();
-    let (keep_id, gone_id) = {
+    let (keep_id, gone_id, session) = {
         let local = local_backend(data.path(), short_ttls()).await;
-        let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+        let base = spawn_api(&local, None, Quotas::default()).await;
         let mut ids = Vec::new();
+        let mut sessions = Vec::new();
         for w in ["keep", "gone"] {
-            let v: Value = c
-                .post(format!("{base}/api/v1/instances"))
-                .json(&json!({"workload": w, "artifacts": {"url": format!("file://{}", archive.display()), "sha256": sha}}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = create_job(&c, &base, w, json!({})).await;
             let id = v["id"].as_str().unwrap().to_owned();
             assert_eq!(events(&base, &id, None).await.last().unwrap().0, "ready");
+            sessions.push(sign_in(v["access_url"].as_str().unwrap()).await.0);
             ids.push(id);
         }
         local.backend.stop_all().await;
-        (ids[0].clone(), ids[1].clone())
+        (ids[0].clone(), ids[1].clone(), sessions[0].clone())
     };
+    // The keys are rotated while the server is down: a new key signs, the old
+    // one still verifies (the browser's session stays valid).
+    let keys = data.path().join("access-keys");
+    let old = std::fs::read_to_string(&keys).unwrap();
+    std::fs::write(&keys, format!("{}\n{old}", "n".repeat(64))).unwrap();
     // While the server is down, one instance's time runs out.
     let record = data
         .path()
@@ -715,7 +881,7 @@ async fn restart_readopts_live_instances_and_drops_expired_ones() {
     std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
 
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     assert_eq!(
         c.get(format!("{base}/api/v1/instances/{gone_id}"))
             .send()
@@ -729,9 +895,22 @@ async fn restart_readopts_live_instances_and_drops_expired_ones() {
         events(&base, &keep_id, None).await.last().unwrap().0,
         "ready"
     );
-    // The same URL works again (new server, new MLflow port, same id).
+    // The same URL works again (new server, new MLflow port, same id), for
+    // the browser signed in before.
     let page = c
         .get(format!("{}/{keep_id}/", local.instances))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    // A link minted now is signed with the new key, and opens it too.
+    let got = get_json(&c, &format!("{base}/api/v1/instances/{keep_id}")).await;
+    let (fresh, _) = sign_in(got["access_url"].as_str().unwrap()).await;
+    assert_ne!(fresh, session);
+    let page = c
+        .get(format!("{}/{keep_id}/", local.instances))
+        .header("cookie", &fresh)
         .send()
         .await
         .unwrap();
@@ -744,7 +923,7 @@ async fn expiry_and_crashes() {
     let (archive, sha) = store_archive();
     let data = tempfile::tempdir().unwrap();
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     let c = http();
     let create = |w: &'static str, ttl: &'static str| {
         c.post(format!("{base}/api/v1/instances"))
@@ -775,14 +954,7 @@ async fn expiry_and_crashes() {
     assert!(killed.success());
     let mut seen = Vec::new();
     for _ in 0..600 {
-        let now: Value = c
-            .get(format!("{base}/api/v1/instances/{crash_id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let now = get_json(&c, &format!("{base}/api/v1/instances/{crash_id}")).await;
         if now["phase"] == "Pending" {
             assert!(
                 now["message"].as_str().unwrap_or("").contains("MLflow")
@@ -973,7 +1145,7 @@ async fn other_host_names_are_misdirected() {
 async fn writes_are_off_unless_asked_for() {
     let data = tempfile::tempdir().unwrap();
     let local = local_backend(data.path(), short_ttls()).await;
-    let base = spawn_api(Arc::new(local.backend.clone()), None, Quotas::default()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
     let c = http();
     let body = |workload: &str, writes: Option<Value>| {
         let mut b = json!({"workload": workload, "artifacts": {"url": "file:///nonexistent/job.tgz", "sha256": "0".repeat(64)}});
@@ -1018,16 +1190,163 @@ async fn writes_are_off_unless_asked_for() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let doc: Value = c
-        .get(format!("{base}/api/v1/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(&c, &format!("{base}/api/v1/openapi.json")).await;
     assert_eq!(
         doc["components"]["schemas"]["CreateBody"]["properties"]["writes"]["type"],
         "boolean"
     );
+}
+
+/// Reads until the server closes the connection (EOF or reset); how long that took.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// The REST API's connections are bounded like the adapter's: a client that
+/// says nothing, or half an HTTP/2 preface, is closed; connections beyond the
+/// cap are refused (and counted); a request whose body never finishes gets a
+/// JSON 504 instead of holding its connection for ever.
+#[tokio::test]
+async fn api_connections_and_slow_requests_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let data = tempfile::tempdir().unwrap();
+    let (_serve, api, _) = serve_binary(
+        data.path(),
+        &[
+            "--api-idle-timeout",
+            "1s",
+            "--request-timeout",
+            "1s",
+            "--api-max-connections",
+            "3",
+        ],
+    )
+    .await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", api));
+
+    let mut silent = connect().await.unwrap();
+    let mut half = connect().await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // the third fills the cap: a fourth is closed at once
+    let mut third = connect().await.unwrap();
+    let mut fourth = connect().await.unwrap();
+    let refused = closed_within(&mut fourth, Duration::from_secs(10)).await;
+    assert!(
+        refused.is_some_and(|t| t < Duration::from_millis(900)),
+        "a connection beyond --api-max-connections stays open: {refused:?}"
+    );
+    for (what, s) in [
+        ("silent", &mut silent),
+        ("half preface", &mut half),
+        ("third", &mut third),
+    ] {
+        let closed = closed_within(s, Duration::from_secs(10)).await;
+        assert!(closed.is_some(), "a {what} connection stays open");
+    }
+
+    // a body announced and never sent
+    let mut slow = connect().await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /api/v1/instances HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"owner\":"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).contains("\"timeout\"") {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        answered.is_ok(),
+        "a trickled body holds its request: {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("\"error\":\"timeout\""), "{text}");
+
+    let metrics = http()
+        .get(format!("http://127.0.0.1:{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not in {metrics}"))
+    };
+    assert!(value("flowgate_api_refused_connections_total") >= 1.0);
+    assert!(value("flowgate_api_idle_closed_connections_total") >= 2.0);
+}
+
+/// Guessing ids on the local listener: past `--guess-limit` unknown ids in a
+/// minute a client gets 429 (with Retry-After) for every instance path;
+/// another client is not affected.
+#[tokio::test]
+async fn guessing_ids_is_slowed_down() {
+    let data = tempfile::tempdir().unwrap();
+    let (_serve, _api, inst) = serve_binary(data.path(), &["--guess-limit", "5"]).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let guesser = from("127.0.0.1");
+    let url = |id: &str| format!("http://127.0.0.1:{inst}/{id}/");
+    for i in 0..5 {
+        let r = guesser
+            .get(url(&format!("zzzzzz{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "guess {i}");
+    }
+    let r = guesser.get(url("zzzzzz9")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let r = guesser.get(url("yyyyyyy")).send().await.unwrap();
+    assert_eq!(r.status(), 429, "every instance path, not only unknown ids");
+    let probe = guesser
+        .get(format!("http://127.0.0.1:{inst}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), 200);
+    // another address still gets honest answers
+    let other = from("127.0.0.2");
+    let r = other.get(url("zzzzzz9")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
 }

@@ -13,7 +13,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use provisioner::Error;
 use provisioner::backend::{Backend, ListFilter};
-use provisioner::instance::{Artifacts, CreateRequest, InstanceId, Phase, Workload};
+use provisioner::instance::{Access, Artifacts, CreateRequest, InstanceId, Phase, Workload};
 use provisioner::kube::KubeBackend;
 use provisioner::kube::objects::route_resource;
 use provisioner::service::Provisioner;
@@ -35,6 +35,8 @@ fn request(workload: &str, seed: &str) -> CreateRequest {
         .unwrap(),
         ttl: Duration::from_secs(24 * 3600),
         writes: false,
+        // these tests are about objects and lifecycles; link access has its own
+        access: Access::Public,
     }
 }
 

@@ -166,7 +166,8 @@ impl Server {
     async fn create(&self, workload: &str, url: &str, sha: &str) -> reqwest::Response {
         http()
             .post(format!("{}/api/v1/instances", self.api))
-            .json(&json!({"workload": workload, "artifacts": {"url": url, "sha256": sha}}))
+            // public: these tests open instances by their URL (access links have their own, in api.rs)
+            .json(&json!({"workload": workload, "artifacts": {"url": url, "sha256": sha}, "access": "public"}))
             .send()
             .await
             .unwrap()

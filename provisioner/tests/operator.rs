@@ -21,7 +21,7 @@ use kube::client::ClientBuilder;
 use kube::{Client, ResourceExt};
 use provisioner::Error;
 use provisioner::backend::{Backend, ListFilter};
-use provisioner::instance::{Artifacts, CreateRequest, Phase, Workload};
+use provisioner::instance::{Access, Artifacts, CreateRequest, Phase, Workload};
 use provisioner::kube::objects::route_resource;
 use provisioner::operator::backend::OperatorBackend;
 use provisioner::operator::crd::{
@@ -122,6 +122,7 @@ fn spec(workload: &str) -> MlflowInstanceSpec {
         image: None,
         resources: None,
         writes: false,
+        access: Access::Link,
     }
 }
 
@@ -523,7 +524,12 @@ async fn a_resource_gets_only_the_images_resources_and_time_the_operator_allows(
     let op = operator(&client, &ns);
     let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
     type Edit = fn(&mut MlflowInstanceSpec);
-    let refused: [(&str, Edit, &str); 4] = [
+    let refused: [(&str, Edit, &str); 5] = [
+        (
+            "open-door",
+            |s| s.access = Access::Public,
+            "is not one the operator allows",
+        ),
         (
             "miner",
             |s| {
@@ -1337,6 +1343,8 @@ fn request(workload: &str) -> CreateRequest {
         .unwrap(),
         ttl: Duration::from_secs(24 * 3600),
         writes: false,
+        // the operator allows `link` only, by default
+        access: Access::Link,
     }
 }
 
@@ -1704,10 +1712,15 @@ async fn the_flowgate_binary_runs_the_operator_and_the_cli_and_api_work_through_
         l.local_addr().unwrap().port()
     };
     let bin = env!("CARGO_BIN_EXE_flowgate");
+    // the installation's access keys: instances are `link` by default
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_dir.path().join("access-keys");
+    std::fs::write(&keys, "k".repeat(40)).unwrap();
     let flowgate = |args: &[&str]| {
         let mut c = std::process::Command::new(bin);
         c.env("KUBECONFIG", &cluster().kubeconfig)
             .env("FLOWGATE_LOG_FORMAT", "text")
+            .env("FLOWGATE_ACCESS_KEYS", &keys)
             .args([
                 "--namespace",
                 &ns,
@@ -1771,6 +1784,15 @@ async fn the_flowgate_binary_runs_the_operator_and_the_cli_and_api_work_through_
     );
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["phase"], "Ready");
+    assert_eq!(created["access"], "link");
+    let link = created["access_url"].as_str().unwrap();
+    assert!(
+        link.starts_with(&format!(
+            "{}?flowgate_access=",
+            created["url"].as_str().unwrap()
+        )),
+        "{link}"
+    );
     let id = created["id"].as_str().unwrap().to_owned();
     let listed = flowgate(&["--backend", "operator", "list"])
         .output()

@@ -40,6 +40,7 @@ const BOB: &str = "bob-token-0000000002";
 /// bob and a quota of 3 per owner.
 async fn replica(ns: &str, tokens: &std::path::Path) -> Replica {
     let port = free_port();
+    std::fs::write(tokens.with_file_name("access-keys"), "r".repeat(48)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
         .env("KUBECONFIG", &cluster().kubeconfig)
         .env("FLOWGATE_LOG_FORMAT", "text")
@@ -48,6 +49,9 @@ async fn replica(ns: &str, tokens: &std::path::Path) -> Replica {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--quota-per-owner", "3", "--tokens"])
         .arg(tokens)
+        // both replicas sign access links with the same keys (next to the tokens)
+        .arg("--access-keys")
+        .arg(tokens.with_file_name("access-keys"))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -47,7 +47,7 @@ test('./quickstart serves the example job in a browser', { timeout: 600_000 }, a
     let out = '';
     quickstart.stdout.on('data', (d) => {
       out += d;
-      const m = out.match(/is ready: (http:\/\/\S+\/)/);
+      const m = out.match(/is ready: (http:\/\/\S+)/);
       if (m) resolve(m[1]);
     });
     quickstart.once('exit', (code) => reject(new Error(`quickstart exited ${code}:\n${stderr}`)));
@@ -58,7 +58,14 @@ test('./quickstart serves the example job in a browser', { timeout: 600_000 }, a
   context = await launchChromium(path.join(tmp, 'profile'));
   const requests = recordRequests(context);
   const page = await context.newPage();
+  // The plain URL alone does not open it (access `link`): a 401 page.
+  const plain = url.replace(/\?.*$/, '');
+  const refused = await page.goto(plain);
+  assert.equal(refused.status(), 401);
+  assert.match(await page.content(), /access link/);
+  // The access link signs the browser in and leaves the address bar clean.
   await page.goto(url);
+  assert.equal(page.url(), plain, 'the token leaves the address bar');
   await page.getByText('Model training', { exact: true }).first().click();
   await page.getByRole('link', { name: 'Experiments', exact: true }).first().click();
   await page.getByRole('link', { name: 'flowgate-demo', exact: true }).first().click();
@@ -70,6 +77,8 @@ test('./quickstart serves the example job in a browser', { timeout: 600_000 }, a
   const prefix = new URL(url).pathname;
   const strays = requests.filter((r) => /^https?:/.test(r.url) && !new URL(r.url).pathname.startsWith(prefix));
   assert.deepEqual(strays, [], 'every request stays under the instance path');
-  const failed = requests.filter((r) => r.failure || (r.status >= 400 && !/users\/current$/.test(r.url)));
+  // the deliberate 401 of the plain URL above is the only refusal
+  const failed = requests.filter((r) => r.failure || (r.status >= 400 && !/users\/current$/.test(r.url)
+    && !(r.status === 401 && r.url === plain)));
   assert.deepEqual(failed, [], 'no request failed');
 });

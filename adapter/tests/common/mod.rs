@@ -73,7 +73,12 @@ pub async fn decode(coding: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Requests the test upstream has received (in this test binary).
+pub static UPSTREAM_REQUESTS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
+    UPSTREAM_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = req.uri().path().to_owned();
     let html = |body: UpBody| {
         Response::builder()
@@ -322,6 +327,11 @@ impl AdapterBuilder {
 
     pub fn upstream_timeout(mut self, d: Duration) -> Self {
         self.args.upstream_timeout = Some(d);
+        self
+    }
+
+    pub fn access_keys(mut self, path: &std::path::Path) -> Self {
+        self.args.access_keys = Some(path.to_path_buf());
         self
     }
 

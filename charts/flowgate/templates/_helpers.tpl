@@ -116,6 +116,9 @@ FLOWGATE_QUOTA_TOTAL: {{ .Values.quotas.total | int | toString | quote }}
 {{ $env }}: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- if ne .Values.accessKeys.secretName "flowgate-access-keys" }}
+FLOWGATE_ACCESS_SECRET: {{ .Values.accessKeys.secretName | quote }}
+{{- end }}
 RUST_LOG: {{ .Values.logLevel | quote }}
 {{- range $k, $v := .Values.extraConfig }}
 {{ $k }}: {{ $v | toString | quote }}

@@ -18,7 +18,8 @@ def open_in_mlflow(request, pandaid):
     url, sha256 = job_archive(pandaid)
     instance = FLOWGATE.create(str(pandaid), url=url, sha256=sha256, ttl="24h")
     if instance.ready:
-        return HttpResponseRedirect(instance.url)
+        # the access link: it signs this user's browser in to the instance
+        return HttpResponseRedirect(instance.open_url)
 
     def page():
         yield "<!doctype html><meta charset=utf-8><title>Starting MLflow</title><ul>\n"
@@ -27,7 +28,7 @@ def open_in_mlflow(request, pandaid):
             for event in FLOWGATE.events(instance.id, timeout=600):
                 yield f"<li>{escape(event.step)} {escape(event.message or '')}</li>\n"
                 if event.step == "ready":
-                    ready = escape(event.url or FLOWGATE.get(instance.id).url)
+                    ready = escape(FLOWGATE.get(instance.id).open_url)  # a fresh access link
                     yield f'</ul><meta http-equiv=refresh content="0; url={ready}"><a href="{ready}">Open MLflow</a>\n'
                     return
                 if event.final:  # failed, expired, deleted

@@ -45,9 +45,19 @@ def test_lifecycle_create_wait_get_list_extend_delete(server, archive):
         assert {"downloading", "verified", "starting"} <= set(names), names
         assert steps[-1][1].url == ready.url
         assert ready.phase is Phase.READY and ready.ready
-        # what the portal then redirects to: MLflow, under the instance's prefix
-        page = httpx.get(ready.url, timeout=30)
-        assert page.status_code == 200 and "mlflow" in page.text.lower()
+        # access `link` (the default): the plain URL is refused; what the portal
+        # redirects to, the access link, signs the browser in and lands on MLflow
+        assert inst.access == "link" and ready.access_url.startswith(ready.url + "?flowgate_access=")
+        assert ready.open_url == ready.access_url
+        assert httpx.get(ready.url, timeout=30).status_code == 401
+        with httpx.Client(follow_redirects=True, timeout=30) as browser:
+            page = browser.get(ready.open_url)
+            assert page.status_code == 200 and "mlflow" in page.text.lower()
+            assert str(page.url) == ready.url, "the token leaves the address"
+        shared = fg.link(inst.id, ttl="1h")
+        assert shared.startswith(ready.url + "?flowgate_access=")
+        with httpx.Client(follow_redirects=True, timeout=30) as other_browser:
+            assert other_browser.get(shared).status_code == 200
 
         assert inst.id in [i.id for i in fg.list(workload="client-lifecycle")]
         assert inst.id in [i.id for i in fg.list()]

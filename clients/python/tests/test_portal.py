@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
+import httpx
 import pytest
 from conftest import ROOT, TOKENS
 
@@ -55,12 +56,18 @@ def test_view_streams_progress_then_redirects(portal, monkeypatch, archive):
     assert {"downloading", "verified", "starting"} <= set(steps)
     instance = portal.FLOWGATE.list(workload="6543210")[0]
     assert instance.ready and instance.owner == "portal"
-    assert f'<meta http-equiv=refresh content="0; url={instance.url}">' in page
-    assert f'<a href="{instance.url}">Open MLflow</a>' in page
+    # the user is sent to a fresh access link (the plain URL would get a 401)
+    link = re.search(r'<meta http-equiv=refresh content="0; url=(\S+)">', page).group(1)
+    assert link.startswith(instance.url + "?flowgate_access="), link
+    assert f'<a href="{link}">Open MLflow</a>' in page
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+        opened = browser.get(link)
+        assert opened.status_code == 200 and str(opened.url) == instance.url
 
     # the next click on the link: the instance is live and ready, straight there
     again = call(portal, monkeypatch, 6543210, archive.url, archive.sha256)
-    assert again.status_code == 302 and again["Location"] == instance.url
+    assert again.status_code == 302
+    assert again["Location"].startswith(instance.url + "?flowgate_access=")
     portal.FLOWGATE.delete(instance.id)
 
 

@@ -4,11 +4,12 @@
 //! wrong without internals (the log keeps the details).
 
 pub mod auth;
+pub mod server;
 
 use crate::backend::ListFilter;
 use crate::events::Event;
 use crate::hosts::PublicHosts;
-use crate::instance::{Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload};
+use crate::instance::{Access, Artifacts, CreateRequest, Instance, InstanceId, Phase, Workload};
 use crate::service::{Caller, Provisioner};
 use crate::{Error, Result};
 use auth::Tokens;
@@ -37,6 +38,7 @@ pub struct ApiState {
     tokens: Option<Tokens>,
     registry: Registry,
     requests: Family<[(&'static str, String); 1], Counter>,
+    connections: adapter::metrics::ConnectionMetrics,
 }
 
 impl ApiState {
@@ -49,11 +51,14 @@ impl ApiState {
             "API requests answered, by status",
             requests.clone(),
         );
+        let connections = adapter::metrics::ConnectionMetrics::default();
+        connections.register(&mut registry);
         Arc::new(Self {
             provisioner,
             tokens,
             registry,
             requests,
+            connections,
         })
     }
 }
@@ -184,6 +189,28 @@ pub struct CreateBody {
     /// runs, ...). Default false: a read-only viewer.
     #[serde(default)]
     pub writes: bool,
+    /// Who may open it: `link` (default: only through the `access_url` the
+    /// API shows) or `public` (the URL alone).
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// `POST /api/v1/instances/{id}/links`.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct LinkBody {
+    /// How long the link may be used to sign in, e.g. `1h` (default 10m, at
+    /// most 7d, never past the instance's expiry).
+    #[serde(default)]
+    #[schema(pattern = r"^[0-9]+(s|m|h|d)$", example = "1h")]
+    pub ttl: Option<String>,
+}
+
+/// A minted access link.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct AccessLink {
+    /// Opens the instance; signs the browser in until the instance expires.
+    pub access_url: String,
 }
 
 /// `POST /api/v1/instances/{id}/extend`.
@@ -219,8 +246,8 @@ pub struct SseFrame {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flowgate", description = "Short-lived MLflow instances for job results", version = "1"),
-    paths(create, list, get_one, events, extend, delete),
-    components(schemas(Instance, Artifacts, Phase, CreateBody, ExtendBody, ApiError, Event, SseFrame)),
+    paths(create, list, get_one, events, extend, links, delete),
+    components(schemas(Instance, Artifacts, Phase, Access, CreateBody, ExtendBody, LinkBody, AccessLink, ApiError, Event, SseFrame)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -246,6 +273,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/instances/{id}", get(get_one).delete(delete))
         .route("/api/v1/instances/{id}/events", get(events))
         .route("/api/v1/instances/{id}/extend", post(extend))
+        .route("/api/v1/instances/{id}/links", post(links))
         .route(
             "/api/v1/openapi.json",
             get(|| async { Json(ApiDoc::openapi()) }),
@@ -328,6 +356,7 @@ async fn create(
         artifacts: p.artifacts(&body.artifacts.url, &body.artifacts.sha256)?,
         ttl: p.ttl_policy().resolve(body.ttl.as_deref())?,
         writes: body.writes,
+        access: body.access,
     };
     let created = p.create(request).await?;
     let status = if created.created {
@@ -400,6 +429,26 @@ async fn extend(
     let ttl = humantime::parse_duration(&body.ttl)
         .map_err(|e| Error::invalid("ttl", format!("{:?}: {e}", body.ttl)))?;
     Ok(Json(state.provisioner.extend(&caller, &id, ttl).await?))
+}
+
+/// Mint another access link to a `link` instance (to share it).
+#[utoipa::path(post, path = "/api/v1/instances/{id}/links", params(("id" = String, Path, description = "instance id")), request_body = LinkBody,
+    responses((status = 201, body = AccessLink), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+async fn links(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<LinkBody>,
+) -> ApiResult<(StatusCode, Json<AccessLink>)> {
+    let caller = caller(&state, &headers)?;
+    let id = parse_id(&id)?;
+    let ttl = match body.ttl.as_deref() {
+        None => crate::access::Links::DEFAULT_TTL,
+        Some(raw) => humantime::parse_duration(raw)
+            .map_err(|e| Error::invalid("ttl", format!("{raw:?}: {e}")))?,
+    };
+    let access_url = state.provisioner.link(&caller, &id, ttl).await?;
+    Ok((StatusCode::CREATED, Json(AccessLink { access_url })))
 }
 
 /// Delete an instance.

@@ -238,6 +238,7 @@ impl Backend for KubeBackend {
             created_at: new.created_at,
             expires_at: new.expires_at,
             writes: new.writes,
+            access: new.access,
             controller: None,
         };
         let name = spec.id.object_name();

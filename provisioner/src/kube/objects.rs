@@ -6,7 +6,7 @@
 //! ([`InstanceSpec::controller`]).
 
 use super::phase::observe;
-use crate::instance::{Artifacts, Instance, InstanceId, Phase, label_safe};
+use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, label_safe};
 use crate::labels::*;
 use crate::settings::KubeSettings;
 use crate::{Error, Result};
@@ -43,6 +43,8 @@ pub struct InstanceSpec {
     pub expires_at: Timestamp,
     /// Visitors may write (the adapter's `FLOWGATE_WRITES=on`); off by default.
     pub writes: bool,
+    /// Who may open it: `link` mounts the access keys' Secret into the adapter.
+    pub access: Access,
     /// The operator's `MlflowInstance` that owns every object, Deployment
     /// included (the objects are then labelled managed-by
     /// [`OPERATOR_MANAGER`]). None on the provisioner's path, where the
@@ -91,6 +93,7 @@ pub fn annotations(
         (ANN_EXPIRES_AT.into(), spec.expires_at.to_string()),
         (ANN_URL.into(), settings.url_for(&spec.id)),
         (ANN_WRITES.into(), spec.writes.to_string()),
+        (ANN_ACCESS.into(), spec.access.as_str().into()),
         (ANN_STATE.into(), state.into()),
     ])
 }
@@ -241,7 +244,31 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
     if let Some(account) = &s.fetch_service_account {
         report_progress(&mut value["spec"]["template"]["spec"], account);
     }
+    if spec.access == Access::Link {
+        mount_access_keys(&mut value["spec"]["template"]["spec"], &s.access_secret);
+    }
     serde_json::from_value(value).expect("the Deployment template is a valid Deployment")
+}
+
+/// A `link` instance: the adapter checks access links and cookies with the
+/// installation's keys, the Secret `secret` (key `keys`), mounted into it
+/// alone. The pod does not start until the Secret exists.
+fn mount_access_keys(pod: &mut Value, secret: &str) {
+    pod["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+        .push(json!({"name": "access-keys", "secret": {
+            "secretName": secret,
+            "items": [{"key": "keys", "path": "keys"}],
+            "defaultMode": 0o444,
+        }}));
+    let adapter = &mut pod["containers"][1];
+    adapter["env"]
+        .as_array_mut()
+        .expect("env")
+        .push(json!({"name": "FLOWGATE_ACCESS_KEYS", "value": "/etc/flowgate-access/keys"}));
+    adapter["volumeMounts"] =
+        json!([{"name": "access-keys", "mountPath": "/etc/flowgate-access", "readOnly": true}]);
 }
 
 /// Lets the fetch init container report progress in its Pod's status (see
@@ -407,6 +434,11 @@ pub fn instance_from(d: &Deployment, pods: &[Pod], now: Timestamp) -> Result<Ins
         phase,
         message,
         writes: ann.get(ANN_WRITES).map(String::as_str) == Some("true"),
+        access: match ann.get(ANN_ACCESS).map(String::as_str) {
+            Some("link") => Access::Link,
+            _ => Access::Public,
+        },
+        access_url: None,
     })
 }
 
@@ -440,6 +472,7 @@ mod tests {
             created_at: "2026-11-26T10:00:00Z".parse().unwrap(),
             expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
             writes: false,
+            access: Access::Link,
             controller: None,
         }
     }

@@ -9,6 +9,7 @@
 //! healthy, else starting it), keeps Failed ones Failed, and removes expired
 //! ones. Each MLflow is supervised and restarted when it exits ([`supervisor`]).
 
+pub mod guesses;
 pub mod process;
 pub mod record;
 pub mod router;
@@ -48,6 +49,9 @@ pub struct LocalSettings {
     pub ttl: TtlPolicy,
     /// Restarts, timeouts, size bounds.
     pub supervision: Supervision,
+    /// The access keys `link` instances are opened with [default:
+    /// DATA_DIR/access-keys, made when absent].
+    pub access_keys: Option<PathBuf>,
 }
 
 struct Entry {
@@ -99,6 +103,10 @@ impl LocalBackend {
                 )
             })?;
         let mlflow = MlflowCommand::prepare(&settings.mlflow, &settings.data_dir)?;
+        let mut settings = settings;
+        if settings.access_keys.is_none() {
+            settings.access_keys = Some(crate::access::ensure_local_keys(&settings.data_dir)?);
+        }
         let backend = Self {
             inner: Arc::new(Inner {
                 settings,
@@ -110,6 +118,15 @@ impl LocalBackend {
         };
         backend.recover().await;
         Ok(backend)
+    }
+
+    /// The key file `link` instances are opened with (links are minted with it).
+    pub fn access_keys(&self) -> &std::path::Path {
+        self.inner
+            .settings
+            .access_keys
+            .as_deref()
+            .expect("set by open")
     }
 
     /// The route table the local listener serves.
@@ -411,6 +428,8 @@ impl Backend for LocalBackend {
             phase: Phase::Pending,
             message: None,
             writes: request.writes,
+            access: request.access,
+            access_url: None,
         };
         let stored = Stored {
             instance: record.clone(),

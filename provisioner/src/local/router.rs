@@ -1,7 +1,9 @@
 //! One listener for every local instance: `/<id>/...` goes to that instance's
 //! adapter [`Proxy`] (the sidecar's code, used as a library), so each MLflow sees
-//! what it would see in a pod.
+//! what it would see in a pod. Clients guessing ids are slowed down
+//! ([`super::guesses`]).
 
+use super::guesses::Guesses;
 use crate::hosts::PublicHosts;
 use adapter::Proxy;
 use adapter::body::ProxyBody;
@@ -11,6 +13,7 @@ use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 /// Instance id → its proxy; instances not serving, and why.
 #[derive(Default)]
@@ -88,12 +91,24 @@ enum Lookup {
 pub struct LocalRouter {
     table: Arc<RouteTable>,
     hosts: Option<Arc<PublicHosts>>,
+    guesses: Option<Guesses>,
 }
 
 impl LocalRouter {
     /// A router over `table` that answers any `Host`.
     pub fn new(table: Arc<RouteTable>) -> Self {
-        Self { table, hosts: None }
+        Self {
+            table,
+            hosts: None,
+            guesses: None,
+        }
+    }
+
+    /// Answers 429 to a client that asked for more than `limit` unknown ids
+    /// in a minute, for every instance path, until its minute ends.
+    pub fn with_guess_limit(mut self, limit: u32) -> Self {
+        self.guesses = Some(Guesses::new(limit, Duration::from_secs(60)));
+        self
     }
 
     /// Answers 421 to a `Host` not in `hosts` (`/healthz` excepted): a page on
@@ -102,6 +117,21 @@ impl LocalRouter {
         self.hosts = Some(hosts);
         self
     }
+}
+
+/// 429 for a client guessing ids, with when to come back.
+fn too_many_guesses(wait: Duration) -> Response<ProxyBody> {
+    let mut r = page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        "Too many requests for instances that do not exist. Try again in a minute.",
+        false,
+    );
+    let secs = wait.as_secs().max(1).to_string();
+    if let Ok(v) = header::HeaderValue::from_str(&secs) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 fn page(status: StatusCode, title: &str, text: &str, refresh: bool) -> Response<ProxyBody> {
@@ -128,6 +158,8 @@ fn page(status: StatusCode, title: &str, text: &str, refresh: bool) -> Response<
 }
 
 impl Handler for LocalRouter {
+    type Body = ProxyBody;
+
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -153,7 +185,22 @@ impl Handler for LocalRouter {
             .next()
             .unwrap_or("")
             .to_owned();
-        match self.table.lookup(&id) {
+        let now = Instant::now();
+        if let Some(wait) = self
+            .guesses
+            .as_ref()
+            .and_then(|g| g.blocked(peer.ip(), now))
+        {
+            return too_many_guesses(wait);
+        }
+        let lookup = self.table.lookup(&id);
+        if matches!(lookup, Lookup::Unknown)
+            && let Some(wait) = self.guesses.as_ref().and_then(|g| g.miss(peer.ip(), now))
+        {
+            tracing::warn!(client = %peer.ip(), "too many unknown instance ids: 429 until the minute ends");
+            return too_many_guesses(wait);
+        }
+        match lookup {
             Lookup::Ready(proxy) => proxy.handle(req, peer).await,
             Lookup::Waiting(Waiting::Starting) => page(
                 StatusCode::SERVICE_UNAVAILABLE,

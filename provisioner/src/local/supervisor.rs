@@ -21,7 +21,7 @@ use super::LocalBackend;
 use super::process;
 use super::record::{self, ProcessRecord};
 use crate::events::Event;
-use crate::instance::{InstanceId, Phase};
+use crate::instance::{Access, InstanceId, Phase};
 use crate::{Error, Result};
 use adapter::fetch::{FetchOptions, Timeouts};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
@@ -380,8 +380,12 @@ impl LocalBackend {
                 },
             };
             let port = r.record().port;
-            let writes = self.stored(&id).is_some_and(|s| s.instance.writes);
+            let (writes, link) = self.stored(&id).map_or((false, true), |s| {
+                (s.instance.writes, s.instance.access == Access::Link)
+            });
             let args = ServeArgs {
+                // A `link` instance opens only through its access link.
+                access_keys: link.then(|| self.access_keys().to_path_buf()),
                 prefix: Some(id.prefix()),
                 upstream: Some(format!("http://127.0.0.1:{port}")),
                 // Read-only unless the instance was made with writes on.

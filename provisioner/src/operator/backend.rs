@@ -78,6 +78,8 @@ pub fn instance_from_resource(
         phase,
         message: status.message,
         writes: r.spec.writes,
+        access: r.spec.access,
+        access_url: None,
     })
 }
 
@@ -168,6 +170,7 @@ impl Backend for OperatorBackend {
                 image: None,
                 resources: None,
                 writes: request.writes,
+                access: request.access,
             },
             status: None,
         };

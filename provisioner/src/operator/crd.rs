@@ -4,7 +4,7 @@
 //! `k8s/crd/mlflowinstance.yaml`). The apiserver validates specs with the
 //! OpenAPI patterns and the CEL rules declared here.
 
-use crate::instance::{Phase, add};
+use crate::instance::{Access, Phase, add};
 use jiff::Timestamp;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -91,6 +91,11 @@ pub struct MlflowInstanceSpec {
     /// default: the instance is a read-only viewer of the job's results.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub writes: bool,
+    /// Who may open it: `link` (the default: only through a signed access
+    /// link minted by the API; the pod mounts the installation's access keys)
+    /// or `public` (the URL alone).
+    #[serde(default)]
+    pub access: Access,
 }
 
 /// Where the job's artefacts are, and their checksum.

@@ -2,10 +2,12 @@
 //! any image or any amount of resources. Images come from the operator's
 //! configuration (its defaults, or one of its allowed lists); resources and
 //! the store size stay under the operator's ceilings; the expiry is capped by
-//! the operator's longest TTL. (The owner is checked against the requesting
+//! the operator's longest TTL; the access mode is one the operator allows
+//! (`link` only, by default). (The owner is checked against the requesting
 //! user by the ValidatingAdmissionPolicy in `k8s/operator`.)
 
 use super::crd::MlflowInstanceSpec;
+use crate::instance::Access;
 use crate::settings::KubeSettings;
 
 /// The operator's limits on what a resource asks for.
@@ -21,6 +23,9 @@ pub struct CrdPolicy {
     pub max_memory: String,
     /// The largest artefact volume.
     pub max_store_size: String,
+    /// The access modes a resource may ask for (`link` only, by default:
+    /// a `public` instance opens for anyone with its URL).
+    pub access: Vec<Access>,
 }
 
 impl Default for CrdPolicy {
@@ -31,6 +36,7 @@ impl Default for CrdPolicy {
             max_cpu: "2".into(),
             max_memory: "4Gi".into(),
             max_store_size: "20Gi".into(),
+            access: vec![Access::Link],
         }
     }
 }
@@ -87,6 +93,17 @@ impl CrdPolicy {
         spec: &MlflowInstanceSpec,
     ) -> Result<KubeSettings, String> {
         let mut s = base.clone();
+        if !self.access.contains(&spec.access) {
+            return Err(format!(
+                "access {} is not one the operator allows ({})",
+                spec.access,
+                self.access
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         if let Some(image) = &spec.image {
             if let Some(m) = &image.mlflow {
                 if *m != base.mlflow_image && !self.mlflow_images.contains(m) {

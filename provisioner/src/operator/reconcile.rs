@@ -560,6 +560,7 @@ async fn apply_objects(
             .map_or_else(Timestamp::now, |t| t.0),
         expires_at: checked.expires_at,
         writes: obj.spec.writes,
+        access: obj.spec.access,
         controller: Some(owner.clone()),
     };
     let d = deployment(&spec, settings, "complete");

@@ -175,6 +175,13 @@ pub fn service(
             streams_per_caller: usize::MAX,
         },
     )
+    .with_links(test_links())
+}
+
+/// Access links signed with a test key (instances are `link` by default).
+pub fn test_links() -> provisioner::access::Links {
+    let keys = adapter::access::Keys::parse(&"t".repeat(40), "test keys").unwrap();
+    provisioner::access::Links::new(keys, provisioner::access::Links::DEFAULT_TTL)
 }
 
 /// Cuts every request after the first Deployment apply, as if the API server

@@ -124,8 +124,12 @@ class Client:
         sha256: str,
         ttl: Optional[Ttl] = None,
         owner: Optional[str] = None,
+        access: Optional[str] = None,
     ) -> Instance:
         """An instance for the job ``workload`` serving the archive at ``url``.
+
+        ``access`` is ``link`` (the server's default: only the instance's
+        :attr:`~Instance.access_url` opens it) or ``public`` (the URL alone).
 
         When one is live for the same workload and checksum, that one is returned:
         ``Instance.created`` is ``True`` for a new instance (HTTP 201), ``False``
@@ -137,6 +141,8 @@ class Client:
             body["ttl"] = _ttl(ttl)
         if owner is not None:
             body["owner"] = owner
+        if access is not None:
+            body["access"] = access
         status, doc, _ = self._call("POST", "instances", json_body=body)
         return Instance.from_json(doc, created=(status == 201))
 
@@ -194,6 +200,15 @@ class Client:
             headers={"Idempotency-Key": key},
         )
         return Instance.from_json(doc)
+
+    def link(self, instance_id: str, ttl: Optional[Ttl] = None) -> str:
+        """Another access link to a ``link`` instance (to share it), valid for
+        ``ttl`` (the server's default, 10 minutes, when ``None``)."""
+        body: Dict[str, Any] = {} if ttl is None else {"ttl": _ttl(ttl)}
+        _, doc, _ = self._call("POST", self._path(instance_id) + "/links", json_body=body)
+        if not isinstance(doc, dict) or not isinstance(doc.get("access_url"), str):
+            raise ProtocolError("the links answer has no access_url")
+        return doc["access_url"]
 
     def delete(self, instance_id: str) -> None:
         """Delete an instance. A retry that finds it gone counts as done."""

@@ -99,6 +99,12 @@ class Instance:
     phase: Phase
     #: Why it failed, when it did.
     message: Optional[str] = None
+    #: Who may open it: ``link`` (only through :attr:`access_url`) or ``public``.
+    access: str = "public"
+    #: A ``link`` instance's access link, fresh on every read, valid for a few
+    #: minutes: send the user here (it signs the browser in until the instance
+    #: expires), never to :attr:`url`. ``None`` for ``public`` instances.
+    access_url: Optional[str] = None
     #: ``True`` when :meth:`Client.create` made it; ``False`` when it returned the
     #: live instance for the same workload and artefacts (``None`` from other calls).
     created: Optional[bool] = None
@@ -117,6 +123,8 @@ class Instance:
             url=_str(doc, "url"),
             phase=Phase.parse(doc.get("phase")),
             message=_str(doc, "message", optional=True),
+            access=_str(doc, "access", optional=True) or "public",
+            access_url=_str(doc, "access_url", optional=True),
             created=created,
             raw=doc,
         )
@@ -124,6 +132,11 @@ class Instance:
     @property
     def ready(self) -> bool:
         return self.phase is Phase.READY
+
+    @property
+    def open_url(self) -> str:
+        """Where to send a user: the access link, or the URL of a public instance."""
+        return self.access_url or self.url
 
 
 #: Steps after which the events stream ends.
