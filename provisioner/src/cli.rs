@@ -3,11 +3,13 @@
 
 use crate::access::Links;
 use crate::backend::{Backend, ListFilter};
+use crate::instance::add;
 use crate::instance::{
     ANONYMOUS, Access, CreateRequest, Instance, InstanceId, Workload, validate_owner,
 };
 use crate::kube::KubeBackend;
 use crate::kube::ledger::LeaseLedger;
+use crate::kube::objects::{InstanceSpec, preview};
 use crate::operator::OperatorConfig;
 use crate::operator::backend::OperatorBackend;
 use crate::operator::leader::LeaseSettings;
@@ -17,17 +19,26 @@ use crate::output::{self, Format};
 use crate::serve::ServeOpts;
 use crate::service::{Caller, Policy, Provisioner, Quotas};
 pub use crate::settings::BackendKind;
+use crate::settings::RouteKind;
 use crate::settings::{KubeArgs, KubeSettings};
 use crate::{Error, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use jiff::Timestamp;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// `flowgate --version`: the release and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("FLOWGATE_GIT_COMMIT"),
+    ")"
+);
+
 /// Creates, lists, extends and deletes MLflow instances for job results.
 #[derive(Parser, Debug)]
-#[command(name = "flowgate", version)]
+#[command(name = "flowgate", version = VERSION)]
 pub struct Cli {
     /// Where instances run
     #[arg(
@@ -111,6 +122,12 @@ pub enum Command {
     Operator(OperatorOpts),
     /// Print the MlflowInstance CustomResourceDefinition (YAML)
     Crd,
+    /// Print a shell completion script (e.g. `flowgate completion bash > /etc/bash_completion.d/flowgate`)
+    Completion {
+        /// bash, zsh, fish, elvish or powershell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Create an instance for a job's artefacts (or return the live one)
     Create {
         /// The portal's job or task id
@@ -138,6 +155,10 @@ pub enum Command {
         /// Wait until the instance serves (or fails)
         #[arg(long)]
         wait: bool,
+        /// Print the objects it would apply (`-o yaml`, the default here, or
+        /// `-o json`) and apply nothing; needs no cluster
+        #[arg(long, conflicts_with = "wait")]
+        dry_run: bool,
         /// Longest wait
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         wait_timeout: Duration,
@@ -195,6 +216,54 @@ pub enum Command {
     },
 }
 
+/// `flowgate create --dry-run`: the objects of a new instance, from the
+/// flags alone (no cluster: `--route-kind auto` is taken as `ingress`).
+fn dry_run_create(cli: &Cli) -> Result<String> {
+    let Command::Create {
+        workload,
+        artifacts,
+        sha256,
+        ttl,
+        owner,
+        writes,
+        access,
+        ..
+    } = &cli.command
+    else {
+        unreachable!("called for create only")
+    };
+    let settings = KubeSettings::from_args(&cli.kube, "default")?;
+    let route_kind = match settings.route_kind {
+        RouteKind::Auto => {
+            eprintln!("--route-kind auto asks the cluster; without one this shows an Ingress");
+            RouteKind::Ingress
+        }
+        kind => kind,
+    };
+    let now = Timestamp::now();
+    let spec = InstanceSpec {
+        id: InstanceId::random(),
+        workload: Workload::parse(workload)?.as_str().to_owned(),
+        owner: validate_owner(owner)?,
+        artifacts: crate::instance::Artifacts::validated(artifacts, sha256, &["https", "http"])?,
+        created_at: now,
+        expires_at: add(now, settings.ttl.resolve(ttl.as_deref())?),
+        writes: *writes,
+        access: *access,
+        controller: None,
+    };
+    let objects = preview(&spec, &settings, route_kind);
+    Ok(match cli.output {
+        Format::Json => {
+            output::json(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}))
+        }
+        _ => objects
+            .iter()
+            .map(|o| format!("---\n{}", output::yaml(o)))
+            .collect(),
+    })
+}
+
 /// Runs a parsed command line; returns what to print.
 pub async fn run(cli: Cli) -> Result<String> {
     if let Command::Serve(opts) = &cli.command {
@@ -208,15 +277,21 @@ pub async fn run(cli: Cli) -> Result<String> {
     if let Command::Operator(opts) = &cli.command {
         return run_operator(&cli.kube, opts).await.map(|()| String::new());
     }
+    if let Command::Completion { shell } = &cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "flowgate", &mut out);
+        return Ok(String::from_utf8_lossy(&out).into_owned());
+    }
+    if let Command::Create { dry_run: true, .. } = &cli.command {
+        return dry_run_create(&cli);
+    }
     if cli.backend == BackendKind::Local {
         return Err(Error::invalid(
             "backend",
             "local instances belong to a running `flowgate serve --backend local`: use its REST API (see README)",
         ));
     }
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+    let client = cli.kube.client().await?;
     let settings = KubeSettings::from_args(&cli.kube, client.default_namespace())?;
     let policy = Policy {
         ttl: settings.ttl,
@@ -240,10 +315,7 @@ pub async fn run(cli: Cli) -> Result<String> {
     }
     let caller = Caller::Anyone;
     let now = Timestamp::now;
-    let show_one = |i: &Instance| match cli.output {
-        Format::Json => output::json(i),
-        Format::Table => output::table(std::slice::from_ref(i), now()),
-    };
+    let show_one = |i: &Instance| output::instance(i, cli.output, now());
     match cli.command {
         Command::Create {
             workload,
@@ -255,6 +327,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             access,
             wait,
             wait_timeout,
+            dry_run: _,
         } => {
             let request = CreateRequest {
                 workload: Workload::parse(&workload)?,
@@ -282,10 +355,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             let list = service
                 .list(&caller, ListFilter { workload, owner })
                 .await?;
-            Ok(match cli.output {
-                Format::Json => output::json(&list),
-                Format::Table => output::table(&list, now()),
-            })
+            Ok(output::instances(&list, cli.output, now()))
         }
         Command::Delete { id } => {
             let id = InstanceId::parse(&id)?;
@@ -305,6 +375,8 @@ pub async fn run(cli: Cli) -> Result<String> {
             let removed = service.gc(dry_run).await?;
             Ok(match cli.output {
                 Format::Json => output::json(&removed),
+                Format::Yaml => output::yaml(&removed),
+                Format::Name => removed.iter().map(|r| format!("{}\n", r.name)).collect(),
                 Format::Table => {
                     let verb = if dry_run { "would remove" } else { "removed" };
                     let mut s: String = removed
@@ -316,8 +388,8 @@ pub async fn run(cli: Cli) -> Result<String> {
                 }
             })
         }
-        Command::Serve(_) | Command::Operator(_) | Command::Crd => {
-            unreachable!("serve, operator and crd return above")
+        Command::Serve(_) | Command::Operator(_) | Command::Crd | Command::Completion { .. } => {
+            unreachable!("serve, operator, crd and completion return above")
         }
         Command::Upgrade {
             mlflow_image,
@@ -360,9 +432,7 @@ pub async fn run(cli: Cli) -> Result<String> {
 /// `flowgate operator`: the metrics listener and the controller, until
 /// SIGTERM or Ctrl-C.
 async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+    let client = kube_args.client().await?;
     let settings = KubeSettings::from_args(kube_args, client.default_namespace())?;
     let mut config = OperatorConfig::new(settings);
     config.concurrency = opts.concurrency;

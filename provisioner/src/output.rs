@@ -1,4 +1,5 @@
-//! Printing instances for people (a table) or programs (`--output json`).
+//! Printing instances for people (a table) or programs (`--output json`,
+//! `yaml`, or `name`: one id per line, for shell loops).
 
 use crate::instance::Instance;
 use clap::ValueEnum;
@@ -11,6 +12,38 @@ pub enum Format {
     Table,
     /// JSON.
     Json,
+    /// YAML.
+    Yaml,
+    /// The ids only, one per line.
+    Name,
+}
+
+/// Instances in `format` (`table` for people).
+pub fn instances(list: &[Instance], format: Format, now: Timestamp) -> String {
+    match format {
+        Format::Table => table(list, now),
+        Format::Json => json(&list),
+        Format::Yaml => yaml(&list),
+        Format::Name => list.iter().map(|i| format!("{}\n", i.id)).collect(),
+    }
+}
+
+/// One instance in `format`: an object, not a list of one.
+pub fn instance(i: &Instance, format: Format, now: Timestamp) -> String {
+    match format {
+        Format::Json => json(i),
+        Format::Yaml => yaml(i),
+        _ => instances(std::slice::from_ref(i), format, now),
+    }
+}
+
+/// Renders any serialisable value as YAML.
+pub fn yaml<T: serde::Serialize>(value: &T) -> String {
+    let mut out = serde_saphyr::to_string(value).expect("instances serialise");
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 /// Renders instances as a table with a header.

@@ -159,9 +159,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
     let mut keys = kube.access_keys.clone();
     let (backend, ledger): (Arc<dyn Backend>, Arc<dyn Ledger>) = match kind {
         BackendKind::Kubernetes | BackendKind::Operator => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| Error::Internal(format!("no Kubernetes configuration: {e}")))?;
+            let client = kube.client().await?;
             let settings = KubeSettings::from_args(kube, client.default_namespace())?;
             let ledger = Arc::new(LeaseLedger::new(client.clone(), &settings.namespace));
             watch = Some(Watch::start(client.clone(), &settings.namespace));

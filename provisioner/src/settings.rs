@@ -31,6 +31,12 @@ pub enum RouteKind {
 /// Flags of the Kubernetes backend.
 #[derive(Args, Clone, Debug)]
 pub struct KubeArgs {
+    /// The kubeconfig file [default: $KUBECONFIG, ~/.kube/config, or the pod's ServiceAccount]
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use [default: its current context]
+    #[arg(long, global = true)]
+    pub context: Option<String>,
     /// Namespace of the instances [default: the kubeconfig's, or the pod's]
     #[arg(long, short = 'n', env = "FLOWGATE_NAMESPACE", global = true)]
     pub namespace: Option<String>,
@@ -149,6 +155,35 @@ pub struct KubeArgs {
         global = true
     )]
     pub access_secret: String,
+}
+
+impl KubeArgs {
+    /// A client for the cluster `--kubeconfig` and `--context` name, as
+    /// kubectl picks it: without them $KUBECONFIG, ~/.kube/config, then the
+    /// pod's ServiceAccount.
+    pub async fn client(&self) -> crate::Result<kube::Client> {
+        let no_config = |e: &dyn std::fmt::Display| {
+            crate::Error::Internal(format!("no Kubernetes configuration: {e}"))
+        };
+        if self.kubeconfig.is_none() && self.context.is_none() {
+            return kube::Client::try_default().await.map_err(|e| no_config(&e));
+        }
+        let options = kube::config::KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    crate::Error::invalid("kubeconfig", format!("{}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(file, &options).await
+            }
+            None => kube::Config::from_kubeconfig(&options).await,
+        }
+        .map_err(|e| crate::Error::invalid("context", e.to_string()))?;
+        kube::Client::try_from(config).map_err(|e| no_config(&e))
+    }
 }
 
 /// Resolved settings.

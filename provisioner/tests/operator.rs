@@ -1799,6 +1799,54 @@ async fn the_flowgate_binary_runs_the_operator_and_the_cli_and_api_work_through_
         .unwrap();
     let table = String::from_utf8_lossy(&listed.stdout);
     assert!(table.contains(&id) && table.contains("Ready"), "{table}");
+    // -o name and -o yaml, as kubectl's
+    let names = flowgate(&["--backend", "operator", "-o", "name", "list"])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&names.stdout);
+    assert!(names.lines().any(|l| l == id), "{names}");
+    let yaml = flowgate(&["--backend", "operator", "-o", "yaml", "get", &id])
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(
+        yaml.contains(&format!("id: {id}")) && yaml.contains("phase: Ready"),
+        "{yaml}"
+    );
+    // --kubeconfig instead of $KUBECONFIG; --context picks one of its contexts
+    let via_flags = |context: &str| {
+        std::process::Command::new(bin)
+            .env_remove("KUBECONFIG")
+            .env("HOME", keys_dir.path())
+            .arg("--kubeconfig")
+            .arg(&cluster().kubeconfig)
+            .args([
+                "--context",
+                context,
+                "--namespace",
+                &ns,
+                "--backend",
+                "operator",
+            ])
+            .args(["-o", "name", "list"])
+            .output()
+            .unwrap()
+    };
+    let current = kube::config::Kubeconfig::read_from(&cluster().kubeconfig)
+        .unwrap()
+        .current_context
+        .expect("the test kubeconfig names its context");
+    let out = via_flags(&current);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&id),
+        "{out:?}"
+    );
+    let out = via_flags("no-such-context");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-context"),
+        "{out:?}"
+    );
     let extended = flowgate(&[
         "--backend",
         "operator",

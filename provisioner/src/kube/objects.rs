@@ -8,7 +8,7 @@
 use super::phase::observe;
 use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, label_safe};
 use crate::labels::*;
-use crate::settings::KubeSettings;
+use crate::settings::{KubeSettings, RouteKind};
 use crate::{Error, Result};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -384,6 +384,49 @@ pub fn route(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> D
     route
 }
 
+/// The objects `create` would apply for `spec`, for `create --dry-run`:
+/// the Deployment, the Service and the Ingress or Route (`route_kind`, already
+/// resolved), each as JSON with its apiVersion and kind, in the instance's
+/// namespace. Without a cluster there is no Deployment uid, so the ownership
+/// that makes deleting the Deployment remove the rest is left out: applying
+/// this by hand makes objects that gc does not tie together.
+pub fn preview(spec: &InstanceSpec, s: &KubeSettings, route_kind: RouteKind) -> Vec<Value> {
+    let placeholder = OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: spec.id.object_name(),
+        uid: String::new(),
+        ..Default::default()
+    };
+    let mut out = vec![
+        to_value(deployment(spec, s, "complete"), "apps/v1", "Deployment"),
+        to_value(service(spec, &placeholder), "v1", "Service"),
+        match route_kind {
+            RouteKind::Route => {
+                serde_json::to_value(route(spec, s, &placeholder)).expect("a Route")
+            }
+            _ => to_value(
+                ingress(spec, s, &placeholder),
+                "networking.k8s.io/v1",
+                "Ingress",
+            ),
+        },
+    ];
+    for o in &mut out {
+        let meta = o["metadata"].as_object_mut().expect("metadata");
+        meta.remove("ownerReferences");
+        meta.insert("namespace".into(), json!(s.namespace));
+    }
+    out
+}
+
+fn to_value<T: serde::Serialize>(object: T, api_version: &str, kind: &str) -> Value {
+    let mut v = serde_json::to_value(object).expect("objects serialise");
+    v["apiVersion"] = json!(api_version);
+    v["kind"] = json!(kind);
+    v
+}
+
 /// Reads an instance back from its Deployment (labels and annotations are
 /// the store); the phase as [`observe`] sees it without the Pods.
 pub fn instance_from_deployment(d: &Deployment, now: Timestamp) -> Result<Instance> {
@@ -505,6 +548,47 @@ mod tests {
         spec.writes = false;
         let d = deployment(&spec, &settings(), "complete");
         assert!(!instance_from_deployment(&d, now).unwrap().writes);
+    }
+
+    #[test]
+    fn only_a_link_instance_s_adapter_gets_the_access_keys() {
+        let mut spec = spec();
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        let v = serde_json::to_value(deployment(&spec, &settings(), "complete")).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "access-keys")
+            .expect("the access-keys volume");
+        assert_eq!(volume["secret"]["secretName"], "flowgate-access-keys");
+        let adapter = &pod["containers"][1];
+        assert_eq!(adapter["name"], "adapter");
+        assert!(adapter["env"].as_array().unwrap().iter().any(|e| {
+            e["name"] == "FLOWGATE_ACCESS_KEYS" && e["value"] == "/etc/flowgate-access/keys"
+        }));
+        assert_eq!(adapter["volumeMounts"][0]["readOnly"], true);
+        // neither MLflow nor fetch sees the keys
+        for other in [&pod["containers"][0], &pod["initContainers"][0]] {
+            let mounts = other["volumeMounts"].as_array().unwrap();
+            assert!(mounts.iter().all(|m| m["name"] != "access-keys"), "{other}");
+        }
+        let d = deployment(&spec, &settings(), "complete");
+        assert_eq!(
+            instance_from_deployment(&d, now).unwrap().access,
+            Access::Link
+        );
+
+        spec.access = Access::Public;
+        let v = serde_json::to_value(deployment(&spec, &settings(), "complete")).unwrap();
+        let text = v.to_string();
+        assert!(!text.contains("access-keys") && !text.contains("FLOWGATE_ACCESS_KEYS"));
+        let d = deployment(&spec, &settings(), "complete");
+        assert_eq!(
+            instance_from_deployment(&d, now).unwrap().access,
+            Access::Public
+        );
     }
 
     #[test]
