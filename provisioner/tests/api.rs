@@ -265,8 +265,10 @@ async fn contract(base: &str, url: &str, sha: &str) {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/api/v1/instances/{id}"));
     assert!(
         created["url"]
             .as_str()

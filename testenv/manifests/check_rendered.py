@@ -280,7 +280,8 @@ def main():
     if d:
         spec = d["spec"]["template"]["spec"]
         ctr = spec["containers"][0]
-        if ctr.get("args") != ["serve", "--listen", "0.0.0.0:7000", "--tokens", "/etc/flowgate/tokens"]:
+        if ctr.get("args") != ["serve", "--listen", "0.0.0.0:7000", "--tokens", "/etc/flowgate/tokens",
+                               "--access-keys", "/etc/flowgate-access/keys"]:
             probs.append(f"args {ctr.get('args')}")
         ports = {p.get("name"): p.get("containerPort") for p in ctr.get("ports", [])}
         if ports.get("http") != 7000:
@@ -293,6 +294,9 @@ def main():
         tok = vols.get(mounts.get("/etc/flowgate"), {}).get("secret", {})
         if tok.get("secretName") != "flowgate-api-tokens":
             probs.append("/etc/flowgate is not the Secret flowgate-api-tokens")
+        keys = vols.get(mounts.get("/etc/flowgate-access"), {}).get("secret", {})
+        if keys.get("secretName") != "flowgate-access-keys":
+            probs.append("/etc/flowgate-access is not the Secret flowgate-access-keys")
         sel = d["spec"]["selector"]["matchLabels"]
         tl = d["spec"]["template"]["metadata"]["labels"]
         if any(tl.get(k) != v for k, v in sel.items()):
@@ -306,7 +310,7 @@ def main():
                 probs.append(f"Service port {p.get('port')} -> {p.get('targetPort')}, not 80 -> http")
             if any(tl.get(k) != v for k, v in svc["spec"]["selector"].items()):
                 probs.append("Service selector does not match the API pods")
-    c.check("API Deployment: flowgate serve on 0.0.0.0:7000 with tokens from a Secret, /healthz probes, "
+    c.check("API Deployment: flowgate serve on 0.0.0.0:7000 with tokens and access keys from Secrets, /healthz probes, "
             "Service 80 -> 7000", probs)
 
     # gc

@@ -340,14 +340,20 @@ fn parse_id(raw: &str) -> ApiResult<InstanceId> {
 
 /// Create an instance, or return the live one for the same workload and artefacts.
 #[utoipa::path(post, path = "/api/v1/instances", request_body = CreateBody, responses(
-    (status = 201, description = "created", body = Instance),
-    (status = 200, description = "the live instance for this workload and checksum", body = Instance),
+    (status = 201, description = "created", body = Instance,
+        headers(("Location" = String, description = "the instance: /api/v1/instances/{id}"))),
+    (status = 200, description = "the live instance for this workload and checksum", body = Instance,
+        headers(("Location" = String, description = "the instance: /api/v1/instances/{id}"))),
     (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
 async fn create(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CreateBody>,
-) -> ApiResult<(StatusCode, Json<Instance>)> {
+) -> ApiResult<(
+    StatusCode,
+    [(header::HeaderName, String); 1],
+    Json<Instance>,
+)> {
     let caller = caller(&state, &headers)?;
     let p = &state.provisioner;
     let request = CreateRequest {
@@ -364,7 +370,12 @@ async fn create(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(created.instance)))
+    let location = format!("/api/v1/instances/{}", created.instance.id);
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(created.instance),
+    ))
 }
 
 /// List instances (a token's caller sees only its own).
