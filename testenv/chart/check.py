@@ -185,7 +185,8 @@ def static(name, rendered_file, chart_values, values_file=None):
     ns_want = (values.get("namespace") or {}).get("name") or "default"
     check(f"every namespaced object in {ns_want}",
           [f"{o['kind']}/{o['metadata']['name']} in {o['metadata'].get('namespace')}" for o in objs
-           if o["kind"] not in ("Namespace", "CustomResourceDefinition") and o["metadata"].get("namespace") != ns_want])
+           if o["kind"] not in ("Namespace", "CustomResourceDefinition", "ValidatingAdmissionPolicy",
+                                "ValidatingAdmissionPolicyBinding") and o["metadata"].get("namespace") != ns_want])
 
     # pods: restricted and bounded
     probs = []
@@ -299,6 +300,9 @@ def static(name, rendered_file, chart_values, values_file=None):
 
     # NetworkPolicies: one per non-null entry, spec as given
     want_np = {k: v for k, v in (values.get("networkPolicies") or {}).items() if v}
+    operator = values.get("operator") or {}
+    if operator.get("enabled") and operator.get("networkPolicy"):
+        want_np["flowgate-operator"] = {"spec": operator["networkPolicy"]}
     got_np = {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
     probs = [f"NetworkPolicies {sorted(got_np)}, want {sorted(want_np)}"] if set(got_np) != set(want_np) else []
     for k, v in want_np.items():
