@@ -477,6 +477,34 @@ impl Provisioner {
         Ok(self.present(self.backend.set_expiry(id, expires_at).await?))
     }
 
+    /// Sets the expiry to `at` (at most the longest TTL from now); an expiry
+    /// already at or past `at` is left as it is, so a retry changes nothing.
+    pub async fn extend_to(
+        &self,
+        caller: &Caller,
+        id: &InstanceId,
+        at: Timestamp,
+    ) -> Result<Instance> {
+        let current = self.get(caller, id).await?;
+        let now = Timestamp::now();
+        if at <= now {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        if at > add(now, self.policy.ttl.max) {
+            return Err(Error::invalid(
+                "expires_at",
+                format!(
+                    "at most {} from now",
+                    humantime::format_duration(self.policy.ttl.max)
+                ),
+            ));
+        }
+        if at <= current.expires_at {
+            return Ok(current);
+        }
+        Ok(self.present(self.backend.set_expiry(id, at).await?))
+    }
+
     /// Removes expired instances and leftovers.
     pub async fn gc(&self, dry_run: bool) -> Result<Vec<Removed>> {
         self.backend.gc(dry_run).await

@@ -298,9 +298,53 @@ async fn contract(base: &str, url: &str, sha: &str) {
         &format!("{base}/api/v1/instances?workload=panda-6543210"),
     )
     .await;
-    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    assert!(listed.get("continue").is_none(), "one page: {listed}");
     let none = get_json(&c, &format!("{base}/api/v1/instances?workload=other")).await;
-    assert_eq!(none.as_array().unwrap().len(), 0);
+    assert_eq!(none["items"].as_array().unwrap().len(), 0);
+    // pages, as Kubernetes lists: the second create is the live one, so make
+    // another instance and walk both with limit=1
+    let other = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&json!({"workload": "panda-7654321", "artifacts": {"url": url, "sha256": sha}, "ttl": "2h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 201);
+    let other: Value = other.json().await.unwrap();
+    let first = get_json(&c, &format!("{base}/api/v1/instances?limit=1")).await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 1);
+    let token = first["continue"].as_str().expect("a next page").to_owned();
+    let second = get_json(
+        &c,
+        &format!("{base}/api/v1/instances?limit=1&continue={token}"),
+    )
+    .await;
+    let ids: Vec<&str> = [&first, &second]
+        .iter()
+        .map(|p| p["items"][0]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str(), other["id"].as_str().unwrap()]);
+    assert!(second.get("continue").is_none(), "{second}");
+    let bad = c
+        .get(format!("{base}/api/v1/instances?limit=1&continue=not-ours"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.headers()["content-type"], "application/problem+json");
+    let problem: Value = bad.json().await.unwrap();
+    assert_eq!(
+        (problem["status"].as_u64(), problem["error"].as_str()),
+        (Some(400), Some("invalid"))
+    );
+    c.delete(format!(
+        "{base}/api/v1/instances/{}",
+        other["id"].as_str().unwrap()
+    ))
+    .send()
+    .await
+    .unwrap();
     let extended: Value = c
         .post(format!("{base}/api/v1/instances/{id}/extend"))
         .json(&json!({"ttl": "1h"}))
@@ -311,6 +355,89 @@ async fn contract(base: &str, url: &str, sha: &str) {
         .await
         .unwrap();
     assert!(extended["expires_at"].as_str().unwrap() > created["expires_at"].as_str().unwrap());
+    let expiry = |v: &Value| {
+        v["expires_at"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+    };
+    // A retry of a relative extension (same Idempotency-Key) is not applied twice.
+    let extend = |body: Value, key: Option<&'static str>| {
+        let mut r = c
+            .post(format!("{base}/api/v1/instances/{id}/extend"))
+            .json(&body);
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        r.send()
+    };
+    let once: Value = extend(json!({"ttl": "1h"}), Some("k-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let twice: Value = extend(json!({"ttl": "1h"}), Some("k-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(expiry(&once), expiry(&twice), "the retry extended again");
+    assert!(expiry(&once) > expiry(&extended));
+    // An absolute expiry: applied once; a retry or an earlier one changes nothing.
+    let target = expiry(&once) + jiff::SignedDuration::from_mins(30);
+    for _ in 0..2 {
+        let v: Value = extend(json!({"expires_at": target.to_string()}), None)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(expiry(&v), target);
+    }
+    let earlier = target - jiff::SignedDuration::from_hours(1);
+    let v: Value = extend(json!({"expires_at": earlier.to_string()}), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(expiry(&v), target, "extend never shortens");
+    for body in [
+        json!({"expires_at": "2999-01-01T00:00:00Z"}),
+        json!({"ttl": "1h", "expires_at": target.to_string()}),
+        json!({}),
+    ] {
+        let r = extend(body.clone(), None).await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    // ETag: unchanged → 304; a change → a new tag.
+    let r = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let tag = r.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(tag.starts_with("W/\""), "{tag}");
+    let r = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    extend(json!({"ttl": "1m"}), None).await.unwrap();
+    let r = c
+        .get(format!("{base}/api/v1/instances/{id}"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), tag);
 
     // Bad input: a JSON error with a 4xx, never a 500.
     let bad: Vec<(Value, &str)> = vec![
@@ -827,8 +954,8 @@ async fn tokens_owners_and_quotas() {
         .json()
         .await
         .unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 1);
-    assert_eq!(listed[0]["owner"], "bob");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["items"][0]["owner"], "bob");
     let mut as_alice = body("c");
     as_alice["owner"] = json!("alice");
     assert_eq!(

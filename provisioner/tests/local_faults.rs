@@ -676,7 +676,7 @@ async fn a_full_disk_gives_507_and_changes_nothing() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
 
     // After a restart (space back), the records say exactly what the API said.
     let (api_port, instances_port) = (server.api_port, server.instances_port);
@@ -691,8 +691,8 @@ async fn a_full_disk_gives_507_and_changes_nothing() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    assert_eq!(list[0]["expires_at"], before["expires_at"]);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["items"][0]["expires_at"], before["expires_at"]);
     let r = c
         .post(format!("{}/api/v1/instances/{id}/extend", server.api))
         .json(&json!({"ttl": "2h"}))

@@ -25,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub struct ApiState {
     registry: Registry,
     requests: Family<[(&'static str, String); 1], Counter>,
     connections: adapter::metrics::ConnectionMetrics,
+    applied: AppliedKeys,
 }
 
 impl ApiState {
@@ -59,30 +61,49 @@ impl ApiState {
             registry,
             requests,
             connections,
+            applied: AppliedKeys::default(),
         })
     }
 }
 
-/// The body of an error response.
+/// The body of an error response: an RFC 9457 problem document
+/// (`application/problem+json`) with two extension members, `error` (the
+/// stable code) and `message` (the same text as `detail`, as the first
+/// version of the API named it).
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct ApiError {
-    /// A stable code: `invalid`, `unauthorized`, `forbidden`, `not_found`, `quota`, `failed`, `timeout`, `upstream`, `insufficient_storage`, `unavailable`, `internal`.
+    /// `urn:flowgate:error:<code>`: what kind of problem, stable.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP status phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// A stable code: `invalid`, `unauthorized`, `forbidden`, `not_found`, `quota`, `failed`, `timeout`, `upstream`, `insufficient_storage`, `unavailable`, `internal`, `misdirected`.
     pub error: String,
-    /// For people.
+    /// The same as `detail`.
     pub message: String,
 }
 
 /// An error as a response.
-pub struct ApiFailure(StatusCode, ApiError);
+#[derive(Debug)]
+pub struct ApiFailure(StatusCode, Box<ApiError>);
 
 impl ApiFailure {
     fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
         Self(
             status,
-            ApiError {
+            Box::new(ApiError {
+                kind: format!("urn:flowgate:error:{error}"),
+                title: status.canonical_reason().unwrap_or("Error").into(),
+                status: status.as_u16(),
+                detail: message.clone(),
                 error: error.into(),
-                message: message.into(),
-            },
+                message,
+            }),
         )
     }
 }
@@ -112,7 +133,12 @@ impl From<Error> for ApiFailure {
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let mut response = (self.0, Json(self.1)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/problem+json"),
+        );
+        response
     }
 }
 
@@ -213,13 +239,52 @@ pub struct AccessLink {
     pub access_url: String,
 }
 
-/// `POST /api/v1/instances/{id}/extend`.
+/// `POST /api/v1/instances/{id}/extend`: exactly one of `expires_at` and
+/// `ttl`. `expires_at` is idempotent by itself (an expiry already at or past
+/// it is left alone); `ttl` adds to the current expiry, so a retry carries
+/// the first try's `Idempotency-Key` header and is not applied twice.
 #[derive(Deserialize, ToSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendBody {
     /// How much longer, e.g. `12h`.
+    #[serde(default)]
     #[schema(pattern = r"^[0-9]+(s|m|h|d)$", example = "12h")]
-    pub ttl: String,
+    pub ttl: Option<String>,
+    /// The new expiry (RFC 3339), at most the longest TTL from now.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<jiff::Timestamp>,
+}
+
+/// Idempotency keys of `extend` calls already applied (per API process), so
+/// a retried relative extension is not applied twice.
+#[derive(Default)]
+pub struct AppliedKeys(std::sync::Mutex<HashMap<String, std::time::Instant>>);
+
+impl AppliedKeys {
+    /// How long a key is remembered.
+    const KEEP: Duration = Duration::from_secs(3600);
+    /// Most keys remembered.
+    const MAX: usize = 10_000;
+
+    /// True the first time `key` is seen (within [`Self::KEEP`]).
+    fn first(&self, key: String) -> bool {
+        let now = std::time::Instant::now();
+        let mut keys = self.0.lock().expect("keys lock");
+        if keys.len() >= Self::MAX {
+            keys.retain(|_, at| now.duration_since(*at) < Self::KEEP);
+            if keys.len() >= Self::MAX {
+                keys.clear();
+            }
+        }
+        match keys.get(&key) {
+            Some(at) if now.duration_since(*at) < Self::KEEP => false,
+            _ => {
+                keys.insert(key, now);
+                true
+            }
+        }
+    }
 }
 
 /// `GET /api/v1/instances` query.
@@ -229,6 +294,71 @@ pub struct ListQuery {
     pub workload: Option<String>,
     /// Only this owner.
     pub owner: Option<String>,
+    /// At most this many instances (1 to 1000); the answer's `continue`
+    /// fetches the next page. Without it: every instance, one page.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// The `continue` of the previous page.
+    #[serde(rename = "continue")]
+    #[param(rename = "continue")]
+    pub after: Option<String>,
+}
+
+/// One page of instances, oldest first (ties by id), as Kubernetes lists page.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct InstanceList {
+    /// The instances of this page.
+    pub items: Vec<Instance>,
+    /// Opaque: pass as `continue` for the next page; absent on the last one.
+    #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Where a page starts: after this (created_at, id).
+fn cursor(i: &Instance) -> String {
+    hex::encode(format!("{}|{}", i.created_at, i.id))
+}
+
+fn parse_cursor(token: &str) -> Option<(jiff::Timestamp, String)> {
+    let raw = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let (at, id) = raw.split_once('|')?;
+    InstanceId::parse(id).ok()?;
+    Some((at.parse().ok()?, id.to_owned()))
+}
+
+/// The page of `all` after `after`, at most `limit` long.
+fn page(
+    mut all: Vec<Instance>,
+    limit: Option<usize>,
+    after: Option<&str>,
+) -> ApiResult<InstanceList> {
+    all.sort_by(|a, b| (a.created_at, a.id.as_str()).cmp(&(b.created_at, b.id.as_str())));
+    if let Some(token) = after {
+        let (at, id) = parse_cursor(token).ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "continue: not a token this API gave",
+            )
+        })?;
+        all.retain(|i| (i.created_at, i.id.as_str()) > (at, id.as_str()));
+    }
+    let Some(limit) = limit else {
+        return Ok(InstanceList {
+            items: all,
+            next: None,
+        });
+    };
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "limit: between 1 and 1000",
+        ));
+    }
+    let next = (all.len() > limit).then(|| cursor(&all[limit - 1]));
+    all.truncate(limit);
+    Ok(InstanceList { items: all, next })
 }
 
 /// One server-sent event as framed on the wire: `event:` names the step,
@@ -247,7 +377,7 @@ pub struct SseFrame {
 #[openapi(
     info(title = "Flowgate", description = "Short-lived MLflow instances for job results", version = "1"),
     paths(create, list, get_one, events, extend, links, delete),
-    components(schemas(Instance, Artifacts, Phase, Access, CreateBody, ExtendBody, LinkBody, AccessLink, ApiError, Event, SseFrame)),
+    components(schemas(Instance, Artifacts, Phase, Access, CreateBody, ExtendBody, LinkBody, AccessLink, InstanceList, ApiError, Event, SseFrame)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -344,7 +474,7 @@ fn parse_id(raw: &str) -> ApiResult<InstanceId> {
         headers(("Location" = String, description = "the instance: /api/v1/instances/{id}"))),
     (status = 200, description = "the live instance for this workload and checksum", body = Instance,
         headers(("Location" = String, description = "the instance: /api/v1/instances/{id}"))),
-    (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 429, body = ApiError)))]
+    (status = 400, body = ApiError, content_type = "application/problem+json"), (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 429, body = ApiError, content_type = "application/problem+json")))]
 async fn create(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -379,35 +509,70 @@ async fn create(
 }
 
 /// List instances (a token's caller sees only its own).
-#[utoipa::path(get, path = "/api/v1/instances", params(ListQuery), responses((status = 200, body = Vec<Instance>), (status = 401, body = ApiError)))]
+#[utoipa::path(get, path = "/api/v1/instances", params(ListQuery), responses((status = 200, body = InstanceList), (status = 400, body = ApiError, content_type = "application/problem+json"), (status = 401, body = ApiError, content_type = "application/problem+json")))]
 async fn list(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Json<Vec<Instance>>> {
+) -> ApiResult<Json<InstanceList>> {
     let caller = caller(&state, &headers)?;
     let filter = ListFilter {
         workload: q.workload,
         owner: q.owner,
     };
-    Ok(Json(state.provisioner.list(&caller, filter).await?))
+    let all = state.provisioner.list(&caller, filter).await?;
+    Ok(Json(page(all, q.limit, q.after.as_deref())?))
 }
 
 /// One instance.
 #[utoipa::path(get, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
-    responses((status = 200, body = Instance), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+    params(("If-None-Match" = Option<String>, Header, description = "an ETag of an earlier answer: 304 when nothing changed")),
+    responses((status = 200, body = Instance, headers(("ETag" = String, description = "changes when anything but access_url changes"))),
+        (status = 304, description = "unchanged since the ETag given (no body: keep the earlier answer, whose access_url may have expired)"),
+        (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
 async fn get_one(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Instance>> {
+) -> ApiResult<Response> {
     let caller = caller(&state, &headers)?;
-    Ok(Json(state.provisioner.get(&caller, &parse_id(&id)?).await?))
+    let instance = state.provisioner.get(&caller, &parse_id(&id)?).await?;
+    let tag = etag(&instance);
+    let unchanged = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == tag || t.trim() == "*");
+    let status = if unchanged {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = if unchanged {
+        status.into_response()
+    } else {
+        Json(instance).into_response()
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+/// A weak validator over everything the instance says but its access link,
+/// which is minted anew on every read.
+fn etag(instance: &Instance) -> String {
+    use sha2::{Digest, Sha256};
+    let mut stable = instance.clone();
+    stable.access_url = None;
+    let bytes = serde_json::to_vec(&stable).expect("instances serialise");
+    format!("W/\"{}\"", &hex::encode(Sha256::digest(&bytes))[..20])
 }
 
 /// Launch progress as server-sent events, until ready or failed; a heartbeat every 15 s.
 #[utoipa::path(get, path = "/api/v1/instances/{id}/events", params(("id" = String, Path, description = "instance id")),
-    responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = SseFrame), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = SseFrame), (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
 async fn events(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -428,7 +593,7 @@ async fn events(
 
 /// Push the expiry further.
 #[utoipa::path(post, path = "/api/v1/instances/{id}/extend", params(("id" = String, Path, description = "instance id")), request_body = ExtendBody,
-    responses((status = 200, body = Instance), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, body = Instance), (status = 400, body = ApiError, content_type = "application/problem+json"), (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
 async fn extend(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -437,14 +602,27 @@ async fn extend(
 ) -> ApiResult<Json<Instance>> {
     let caller = caller(&state, &headers)?;
     let id = parse_id(&id)?;
-    let ttl = humantime::parse_duration(&body.ttl)
-        .map_err(|e| Error::invalid("ttl", format!("{:?}: {e}", body.ttl)))?;
-    Ok(Json(state.provisioner.extend(&caller, &id, ttl).await?))
+    let p = &state.provisioner;
+    match (body.ttl, body.expires_at) {
+        (None, Some(at)) => Ok(Json(p.extend_to(&caller, &id, at).await?)),
+        (Some(raw), None) => {
+            let ttl = humantime::parse_duration(&raw)
+                .map_err(|e| Error::invalid("ttl", format!("{raw:?}: {e}")))?;
+            if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+                // the key is the caller's: another caller's key never matches
+                if !state.applied.first(format!("{caller:?}\n{id}\n{key}")) {
+                    return Ok(Json(p.get(&caller, &id).await?));
+                }
+            }
+            Ok(Json(p.extend(&caller, &id, ttl).await?))
+        }
+        _ => Err(Error::invalid("ttl", "give exactly one of ttl and expires_at").into()),
+    }
 }
 
 /// Mint another access link to a `link` instance (to share it).
 #[utoipa::path(post, path = "/api/v1/instances/{id}/links", params(("id" = String, Path, description = "instance id")), request_body = LinkBody,
-    responses((status = 201, body = AccessLink), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 201, body = AccessLink), (status = 400, body = ApiError, content_type = "application/problem+json"), (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
 async fn links(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -464,7 +642,7 @@ async fn links(
 
 /// Delete an instance.
 #[utoipa::path(delete, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
-    responses((status = 204, description = "deleted"), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 204, description = "deleted"), (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
 async fn delete(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -487,4 +665,78 @@ pub fn check_listen(listen: std::net::SocketAddr, tokens: bool) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, created: &str) -> Instance {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "workload": "w", "owner": "o",
+            "artifacts": {"url": "https://x.test/a.tgz", "sha256": "0".repeat(64)},
+            "created_at": created, "expires_at": "2030-01-01T00:00:00Z",
+            "url": format!("https://h/{id}/"), "phase": "Ready",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pages_walk_every_instance_once_in_order() {
+        let all: Vec<Instance> = (0..7)
+            .map(|i| {
+                instance(
+                    &format!("a{i:06}"),
+                    &format!("2026-12-0{}T00:00:00Z", 1 + i % 3),
+                )
+            })
+            .collect();
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let p = page(all.clone(), Some(3), after.as_deref()).unwrap();
+            assert!(p.items.len() <= 3);
+            seen.extend(p.items.iter().map(|i| (i.created_at, i.id.to_string())));
+            match p.next {
+                Some(t) => after = Some(t),
+                None => break,
+            }
+        }
+        let mut want: Vec<_> = all
+            .iter()
+            .map(|i| (i.created_at, i.id.to_string()))
+            .collect();
+        want.sort();
+        assert_eq!(seen, want);
+        // a limit that fits everything: one page, no token
+        let one = page(all.clone(), Some(7), None).unwrap();
+        assert!(one.items.len() == 7 && one.next.is_none());
+        assert!(page(all.clone(), None, None).unwrap().next.is_none());
+        // bad input is a 400, not a panic or an empty page
+        for (limit, token) in [
+            (Some(0), None),
+            (Some(1001), None),
+            (Some(3), Some("zz")),
+            (Some(3), Some("00")),
+        ] {
+            let e = page(all.clone(), limit, token).expect_err("refused");
+            assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn errors_are_problem_documents() {
+        let r = ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "quota", "too many").into_response();
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let e = ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "quota", "too many").1;
+        let v = serde_json::to_value(e).unwrap();
+        assert_eq!(v["type"], "urn:flowgate:error:quota");
+        assert_eq!(v["title"], "Too Many Requests");
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["detail"], "too many");
+        assert_eq!(v["error"], "quota");
+    }
 }
