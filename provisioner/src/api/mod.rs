@@ -144,6 +144,28 @@ impl IntoResponse for ApiFailure {
 
 type ApiResult<T> = std::result::Result<T, ApiFailure>;
 
+/// Query strings whose rejections are problem documents too.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for QueryParams<T>
+{
+    type Rejection = ApiFailure;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(rejection) => Err(ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
 /// JSON bodies whose rejections are JSON errors too.
 pub struct JsonBody<T>(pub T);
 
@@ -289,6 +311,7 @@ impl AppliedKeys {
 
 /// `GET /api/v1/instances` query.
 #[derive(Deserialize, Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this workload.
     pub workload: Option<String>,
@@ -296,8 +319,8 @@ pub struct ListQuery {
     pub owner: Option<String>,
     /// At most this many instances (1 to 1000); the answer's `continue`
     /// fetches the next page. Without it: every instance, one page.
-    #[param(minimum = 1, maximum = 1000)]
-    pub limit: Option<usize>,
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
     /// The `continue` of the previous page.
     #[serde(rename = "continue")]
     #[param(rename = "continue")]
@@ -513,7 +536,7 @@ async fn create(
 async fn list(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> ApiResult<Json<InstanceList>> {
     let caller = caller(&state, &headers)?;
     let filter = ListFilter {
@@ -521,12 +544,23 @@ async fn list(
         owner: q.owner,
     };
     let all = state.provisioner.list(&caller, filter).await?;
-    Ok(Json(page(all, q.limit, q.after.as_deref())?))
+    // parsed here, so that anything but 1..=1000 (`limit=`, `-1`) is a 400 problem
+    let limit = match q.limit.as_deref() {
+        None => None,
+        Some(raw) => Some(raw.parse::<usize>().map_err(|_| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "limit: between 1 and 1000",
+            )
+        })?),
+    };
+    Ok(Json(page(all, limit, q.after.as_deref())?))
 }
 
 /// One instance.
-#[utoipa::path(get, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id")),
-    params(("If-None-Match" = Option<String>, Header, description = "an ETag of an earlier answer: 304 when nothing changed")),
+#[utoipa::path(get, path = "/api/v1/instances/{id}", params(("id" = String, Path, description = "instance id"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag of an earlier answer: 304 when nothing changed")),
     responses((status = 200, body = Instance, headers(("ETag" = String, description = "changes when anything but access_url changes"))),
         (status = 304, description = "unchanged since the ETag given (no body: keep the earlier answer, whose access_url may have expired)"),
         (status = 401, body = ApiError, content_type = "application/problem+json"), (status = 403, body = ApiError, content_type = "application/problem+json"), (status = 404, body = ApiError, content_type = "application/problem+json")))]
