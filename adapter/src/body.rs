@@ -3,9 +3,10 @@
 //! stream pipeline: decode → rewrite → encode.
 
 use crate::coding::{ByteStream, Coding};
+use crate::encoders::Slot;
 use crate::rewrite::StreamRewriter;
 use bytes::Bytes;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
@@ -62,13 +63,14 @@ impl ProxyBody {
     }
 
     /// The upstream body decoded from `decode`, run through `rewriter`, and
-    /// encoded as `encode`, each step optional. `capped` counts the bodies
-    /// whose rewriter hit a buffer cap.
+    /// encoded as `encode` (holding its encoder slot until the body ends),
+    /// each step optional. `capped` counts the bodies whose rewriter hit a
+    /// buffer cap.
     pub fn transformed(
         inner: Incoming,
         decode: Option<Coding>,
         rewriter: Option<Box<dyn StreamRewriter>>,
-        encode: Option<Coding>,
+        encode: Option<(Coding, Slot)>,
         sent: Counter,
         capped: Counter,
     ) -> Self {
@@ -86,8 +88,12 @@ impl ProxyBody {
                 reported: false,
             });
         }
-        if let Some(coding) = encode {
-            stream = coding.encode(stream);
+        if let Some((coding, slot)) = encode {
+            let encoded = coding.encode(stream);
+            stream = Box::pin(encoded.map(move |chunk| {
+                let _held = &slot;
+                chunk
+            }));
         }
         ProxyBody::Transformed {
             inner: stream,

@@ -61,6 +61,12 @@ impl Coding {
             .or_else(|| token.eq_ignore_ascii_case("x-gzip").then_some(Coding::Gzip))
     }
 
+    /// Whether its encoder keeps a large window (MiBs: zstd, brotli) rather
+    /// than deflate's 32 KiB.
+    pub fn is_heavy(self) -> bool {
+        matches!(self, Coding::Zstd | Coding::Brotli)
+    }
+
     /// The header value naming this coding.
     pub fn header_value(self) -> HeaderValue {
         HeaderValue::from_static(self.token())
@@ -123,6 +129,15 @@ pub fn body_coding(header: Option<&HeaderValue>) -> BodyCoding {
 /// Picks the coding to send a client, from its `Accept-Encoding`: the highest
 /// weight wins, ties go by [`Coding::PREFERENCE`], `q=0` refuses.
 pub fn negotiate(accept_encoding: Option<&HeaderValue>) -> Option<Coding> {
+    negotiate_among(accept_encoding, &Coding::PREFERENCE)
+}
+
+/// As [`negotiate`], among `allowed` codings only (a lighter one when the
+/// preferred one cannot be had).
+pub fn negotiate_among(
+    accept_encoding: Option<&HeaderValue>,
+    allowed: &[Coding],
+) -> Option<Coding> {
     let value = accept_encoding?.to_str().ok()?;
     let mut weights = [None::<u16>; 4];
     let mut wildcard = None;
@@ -151,7 +166,7 @@ pub fn negotiate(accept_encoding: Option<&HeaderValue>) -> Option<Coding> {
         .iter()
         .zip(weights)
         .filter_map(|(c, w)| w.or(wildcard).map(|w| (*c, w)))
-        .filter(|(_, w)| *w > 0)
+        .filter(|(c, w)| *w > 0 && allowed.contains(c))
         .fold(None, |best: Option<(Coding, u16)>, (c, w)| match best {
             Some((_, bw)) if bw >= w => best,
             _ => Some((c, w)),

@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// A `link` instance: the installation's access keys (one per line, the first signs); only an access link or its cookie opens the instance [env: FLOWGATE_ACCESS_KEYS] [default: none, the URL alone opens it]
     #[arg(long)]
     pub access_keys: Option<std::path::PathBuf>,
+    /// Responses compressed at once, of which an eighth with zstd or brotli; past those, gzip, then none [env: FLOWGATE_MAX_ENCODERS] [default: 16]
+    #[arg(long)]
+    pub max_encoders: Option<usize>,
 }
 
 /// The same settings as read from `FLOWGATE_*` variables.
@@ -118,6 +121,7 @@ struct EnvArgs {
     idle_timeout: Option<String>,
     max_connections: Option<String>,
     access_keys: Option<std::path::PathBuf>,
+    max_encoders: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -193,6 +197,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// `link` access: who may open the instance; `None`: anyone with the URL.
     pub access: Option<Gate>,
+    /// Responses compressed at once (see [`crate::encoders`]).
+    pub max_encoders: usize,
 }
 
 impl ProxyConfig {
@@ -341,6 +347,9 @@ impl ProxyConfig {
             max_connections,
             max_header_bytes: 64 * 1024,
             access,
+            max_encoders: pick(args.max_encoders, env.max_encoders, "max-encoders")?
+                .unwrap_or(16)
+                .max(1),
         })
     }
 }

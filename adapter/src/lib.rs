@@ -11,6 +11,7 @@ pub mod access;
 pub mod body;
 pub mod coding;
 pub mod config;
+pub mod encoders;
 pub mod error;
 pub mod fetch;
 pub mod headers;

@@ -69,6 +69,7 @@ pub struct Metrics {
     response_bytes: Counter,
     rewrites: [Counter; 5],
     rewrite_capped: Counter,
+    compression_shed: [Counter; 2],
     upstream_errors: [Counter; 3],
     in_flight: Gauge,
     last_activity: Gauge,
@@ -150,6 +151,14 @@ impl Metrics {
         connections.register(&mut registry);
         let response_bytes = Counter::default();
         let rewrite_capped = Counter::default();
+        let shed_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let compression_shed =
+            ["light", "identity"].map(|k| shed_family.get_or_create(&[("to", k)]).clone());
+        registry.register(
+            "compression_shed",
+            "Responses compressed with a lighter coding (light: gzip for zstd/brotli) or not at all (identity) because --max-encoders were busy",
+            shed_family,
+        );
         let in_flight = Gauge::default();
         let last_activity = Gauge::default();
         registry.register(
@@ -195,6 +204,7 @@ impl Metrics {
             response_bytes,
             rewrites,
             rewrite_capped,
+            compression_shed,
             upstream_errors,
             in_flight,
             last_activity,
@@ -250,6 +260,14 @@ impl Metrics {
     /// The counter of body bytes sent, for response bodies to add to.
     pub fn response_bytes(&self) -> &Counter {
         &self.response_bytes
+    }
+
+    /// The counters of responses shed to a light coding, and to none.
+    pub fn compression_shed(&self) -> (Counter, Counter) {
+        (
+            self.compression_shed[0].clone(),
+            self.compression_shed[1].clone(),
+        )
     }
 
     /// The counter of responses whose rewriting hit a buffer cap.

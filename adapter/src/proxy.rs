@@ -7,6 +7,7 @@ use crate::access::{self, Decision, Denied, strip_cookie};
 use crate::body::ProxyBody;
 use crate::coding::{Coding, negotiate};
 use crate::config::ProxyConfig;
+use crate::encoders::Encoders;
 use crate::error::{ProxyError, Result};
 use crate::headers::{
     ForwardContext, forward_request_headers, is_upgrade_request, restore_response_headers,
@@ -53,6 +54,7 @@ pub struct Proxy {
     probe: Client<HttpConnector, Empty<Bytes>>,
     metrics: Metrics,
     hash_routes: Arc<LiteralSet>,
+    encoders: Encoders,
 }
 
 impl crate::server::Handler for Proxy {
@@ -157,12 +159,16 @@ impl Proxy {
             .pool_max_idle_per_host(1)
             .build(connector);
         let hash_routes = Arc::new(LiteralSet::mlflow_hash_routes(config.prefix.as_str()));
+        let metrics = Metrics::new();
+        let (to_light, to_identity) = metrics.compression_shed();
+        let encoders = Encoders::new(config.max_encoders, to_light, to_identity);
         Arc::new(Self {
             config,
             client,
             probe,
-            metrics: Metrics::new(),
+            metrics,
             hash_routes,
+            encoders,
         })
     }
 
@@ -351,7 +357,8 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
-        let accept = negotiate(parts.headers.get(header::ACCEPT_ENCODING));
+        let accept_header = parts.headers.get(header::ACCEPT_ENCODING).cloned();
+        let accept = negotiate(accept_header.as_ref());
         // Shared-bytes clones, not copies: the headers are rewritten below.
         let host_header = parts.headers.get(header::HOST).cloned();
         let authority = parts.uri.authority().cloned();
@@ -404,7 +411,7 @@ impl Proxy {
             one_date(&mut parts.headers);
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
-        Ok(self.shape_response(response, class, accept, is_head))
+        Ok(self.shape_response(response, class, accept, accept_header.as_ref(), is_head))
     }
 
     /// Puts the prefix back on headers, marks artefacts, and runs the body plan.
@@ -413,6 +420,7 @@ impl Proxy {
         response: Response<Incoming>,
         class: RouteClass,
         accept: Option<Coding>,
+        accept_header: Option<&HeaderValue>,
         is_head: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
@@ -472,6 +480,8 @@ impl Proxy {
             self.metrics.rewrite(kind, 1);
             rewriter
         });
+        // an encoder slot, or a lighter coding, or none (memory stays bounded)
+        let encode = encode.and_then(|c| self.encoders.pick(c, accept_header));
         if encode.is_some() {
             self.metrics.rewrite(RewriteKind::Compress, 1);
         }
@@ -479,8 +489,8 @@ impl Proxy {
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(header::ACCEPT_RANGES);
         headers.remove(CONTENT_MD5);
-        match encode {
-            Some(c) => {
+        match &encode {
+            Some((c, _)) => {
                 headers.insert(header::CONTENT_ENCODING, c.header_value());
             }
             None => {

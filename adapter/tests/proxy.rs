@@ -286,6 +286,79 @@ async fn large_html_streams_through_the_rewriter() {
     assert_eq!(text.matches("href=\"/run/x\"").count(), 0);
 }
 
+/// A burst of compressed responses: one zstd/brotli encoder per eighth of
+/// `--max-encoders`, gzip for the rest of the slots, then identity; every
+/// body still decodes to the same bytes, and the sheds are counted.
+#[tokio::test]
+async fn compression_degrades_under_a_burst_instead_of_growing() {
+    let upstream = start_upstream().await;
+    let a = adapter(upstream).max_encoders(8).start().await;
+    let c = client();
+    // responses whose bodies are not read yet keep their encoder busy
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let r = c
+            .get(a.url("/k3x9q2a/trickle.json"))
+            .header("accept-encoding", "zstd, gzip")
+            .send()
+            .await
+            .unwrap();
+        held.push(r);
+    }
+    let codings: Vec<String> = held
+        .iter()
+        .map(|r| {
+            r.headers()
+                .get("content-encoding")
+                .map_or("identity".into(), |v| v.to_str().unwrap().to_owned())
+        })
+        .collect();
+    let mut want = vec!["zstd".to_owned()];
+    want.extend(std::iter::repeat_n("gzip".to_owned(), 7));
+    want.extend(std::iter::repeat_n("identity".to_owned(), 2));
+    assert_eq!(codings, want);
+    let mut bodies = Vec::new();
+    for (r, coding) in held.into_iter().zip(&codings) {
+        let raw = r.bytes().await.unwrap();
+        bodies.push(if coding == "identity" {
+            raw.to_vec()
+        } else {
+            decode(coding, &raw).await
+        });
+    }
+    assert!(bodies.iter().all(|b| b == &bodies[0] && b.len() > 60_000));
+    let metrics = c
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "flowgate_adapter_compression_shed_total{to=\"light\"}"
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "flowgate_adapter_compression_shed_total{to=\"identity\"}"
+        ),
+        2.0
+    );
+    // once they are done, the slots are free again
+    let r = c
+        .get(a.url("/k3x9q2a/trickle.json"))
+        .header("accept-encoding", "zstd, gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "zstd");
+}
+
 #[tokio::test]
 async fn server_sent_events_arrive_as_produced() {
     let a = setup().await;

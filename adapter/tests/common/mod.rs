@@ -213,6 +213,21 @@ async fn upstream_route(req: Request<Incoming>) -> Response<UpBody> {
                 ))))
                 .unwrap()
         }
+        "/trickle.json" => {
+            // compressible JSON that takes 3 s to arrive: its encoder stays busy
+            let stream = futures_util::stream::unfold(0u32, |i| async move {
+                if i == 30 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let part = format!("{{\"step\": {i}, \"pad\": \"{}\"}}\n", "x".repeat(2000));
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(part))), i + 1))
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
         "/sse" => {
             let stream = futures_util::stream::unfold(0u32, |i| async move {
                 if i == 3 {
@@ -327,6 +342,11 @@ impl AdapterBuilder {
 
     pub fn upstream_timeout(mut self, d: Duration) -> Self {
         self.args.upstream_timeout = Some(d);
+        self
+    }
+
+    pub fn max_encoders(mut self, n: usize) -> Self {
+        self.args.max_encoders = Some(n);
         self
     }
 
