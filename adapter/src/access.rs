@@ -183,12 +183,13 @@ pub enum Denied {
 pub enum Decision {
     /// A valid session cookie: forward (with `Cookie` cleaned of ours).
     Allow,
-    /// A valid link: set this cookie and redirect to `location`.
+    /// A valid link: set this cookie and redirect to `location`; or a stale
+    /// link from a browser already signed in: only the redirect.
     Exchange {
         /// The same URL without the token.
         location: String,
-        /// The `Set-Cookie` value.
-        cookie: String,
+        /// The `Set-Cookie` value (none when the session stays as it is).
+        cookie: Option<String>,
     },
     /// Neither: 401.
     Deny(Option<Denied>),
@@ -221,17 +222,19 @@ impl Gate {
         secure: bool,
         now: SystemTime,
     ) -> Decision {
+        let signed_in =
+            || cookies(headers, COOKIE).any(|v| self.keys.session_valid(&self.id, v, now));
         if let Some(q) = query
             && let Some(token) = query_param(q, LINK_PARAM)
         {
+            let rest = without_param(q, LINK_PARAM);
+            let location = if rest.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{rest}")
+            };
             return match self.keys.open_link(&self.id, &token, now) {
                 Ok(session_until) => {
-                    let rest = without_param(q, LINK_PARAM);
-                    let location = if rest.is_empty() {
-                        path.to_owned()
-                    } else {
-                        format!("{path}?{rest}")
-                    };
                     let max_age = session_until.duration_since(now).map_or(0, |d| d.as_secs());
                     let cookie = format!(
                         "{COOKIE}={}; Path=/{}/; Max-Age={max_age}; HttpOnly; SameSite=Lax{}",
@@ -239,13 +242,21 @@ impl Gate {
                         self.id,
                         if secure { "; Secure" } else { "" }
                     );
-                    Decision::Exchange { location, cookie }
+                    Decision::Exchange {
+                        location,
+                        cookie: Some(cookie),
+                    }
                 }
+                // an old link (from the history, a bookmark) in a browser
+                // that is signed in: just drop the token from the address
+                Err(_) if signed_in() => Decision::Exchange {
+                    location,
+                    cookie: None,
+                },
                 Err(why) => Decision::Deny(Some(why)),
             };
         }
-        let valid = cookies(headers, COOKIE).any(|v| self.keys.session_valid(&self.id, v, now));
-        if valid {
+        if signed_in() {
             Decision::Allow
         } else {
             Decision::Deny(None)
@@ -436,8 +447,10 @@ mod tests {
         let gate = Gate::new(keys.clone(), "abcdefg");
         let token = keys.link_token("abcdefg", at(1600), at(4600));
         let q = format!("x=1&{LINK_PARAM}={token}&y=%2F");
-        let Decision::Exchange { location, cookie } =
-            gate.decide("/abcdefg/", Some(&q), &HeaderMap::new(), true, at(1000))
+        let Decision::Exchange {
+            location,
+            cookie: Some(cookie),
+        } = gate.decide("/abcdefg/", Some(&q), &HeaderMap::new(), true, at(1000))
         else {
             panic!("a valid link is refused");
         };
@@ -464,13 +477,17 @@ mod tests {
             Decision::Allow
         );
         // over http: no Secure; alone: the path without a '?'
-        let Decision::Exchange { location, cookie } = gate.decide(
+        let Decision::Exchange {
+            location,
+            cookie: Some(cookie),
+        } = gate.decide(
             "/abcdefg/",
             Some(&format!("{LINK_PARAM}={token}")),
             &HeaderMap::new(),
             false,
             at(1000),
-        ) else {
+        )
+        else {
             panic!()
         };
         assert_eq!(location, "/abcdefg/");
@@ -495,6 +512,20 @@ mod tests {
                 at(1000)
             ),
             Decision::Deny(Some(Denied::Invalid))
+        );
+        // an expired link in a browser still signed in: only the token goes
+        assert_eq!(
+            gate.decide(
+                "/abcdefg/x",
+                Some(&format!("{LINK_PARAM}={token}&y=1")),
+                &cookie_header(value),
+                true,
+                at(2000)
+            ),
+            Decision::Exchange {
+                location: "/abcdefg/x?y=1".into(),
+                cookie: None
+            }
         );
     }
 

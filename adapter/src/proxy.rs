@@ -253,7 +253,7 @@ impl Proxy {
                 // our cookie is taken out of what is forwarded (below)
                 Decision::Allow => cookie_for_app = strip_cookie(req.headers(), access::COOKIE),
                 Decision::Exchange { location, cookie } => {
-                    return enter_with_cookie(&location, &cookie);
+                    return enter_with_cookie(&location, cookie.as_deref());
                 }
                 Decision::Deny(why) => {
                     self.metrics.refused(Refusal::Access);
@@ -555,15 +555,15 @@ fn forwarded_https(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
-/// A valid access link: the session cookie, and the same URL without the token.
-fn enter_with_cookie(location: &str, cookie: &str) -> Response<ProxyBody> {
+/// A valid access link: the session cookie (none when the browser is signed
+/// in already), and the same URL without the token.
+fn enter_with_cookie(location: &str, cookie: Option<&str>) -> Response<ProxyBody> {
     let mut response = plain(StatusCode::SEE_OTHER, "signed in\n");
     let headers = response.headers_mut();
-    if let (Ok(l), Ok(c)) = (
-        HeaderValue::from_str(location),
-        HeaderValue::from_str(cookie),
-    ) {
+    if let Ok(l) = HeaderValue::from_str(location) {
         headers.insert(header::LOCATION, l);
+    }
+    if let Some(Ok(c)) = cookie.map(HeaderValue::from_str) {
         headers.insert(header::SET_COOKIE, c);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
