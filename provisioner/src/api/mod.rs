@@ -25,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -279,9 +280,10 @@ pub struct ExtendBody {
 }
 
 /// Idempotency keys of `extend` calls already applied (per API process), so
-/// a retried relative extension is not applied twice.
+/// a retried relative extension is not applied twice. Kept as digests: a
+/// caller's keys cost 32 bytes each however long they are.
 #[derive(Default)]
-pub struct AppliedKeys(std::sync::Mutex<HashMap<String, std::time::Instant>>);
+pub struct AppliedKeys(std::sync::Mutex<HashMap<[u8; 32], std::time::Instant>>);
 
 impl AppliedKeys {
     /// How long a key is remembered.
@@ -291,6 +293,7 @@ impl AppliedKeys {
 
     /// True the first time `key` is seen (within [`Self::KEEP`]).
     fn first(&self, key: String) -> bool {
+        let key: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let now = std::time::Instant::now();
         let mut keys = self.0.lock().expect("keys lock");
         if keys.len() >= Self::MAX {
@@ -597,7 +600,6 @@ async fn get_one(
 /// A weak validator over everything the instance says but its access link,
 /// which is minted anew on every read.
 fn etag(instance: &Instance) -> String {
-    use sha2::{Digest, Sha256};
     let mut stable = instance.clone();
     stable.access_url = None;
     let bytes = serde_json::to_vec(&stable).expect("instances serialise");
@@ -640,8 +642,7 @@ async fn extend(
     match (body.ttl, body.expires_at) {
         (None, Some(at)) => Ok(Json(p.extend_to(&caller, &id, at).await?)),
         (Some(raw), None) => {
-            let ttl = humantime::parse_duration(&raw)
-                .map_err(|e| Error::invalid("ttl", format!("{raw:?}: {e}")))?;
+            let ttl = parse_ttl(&raw)?;
             if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
                 // the key is the caller's: another caller's key never matches
                 if !state.applied.first(format!("{caller:?}\n{id}\n{key}")) {
@@ -652,6 +653,11 @@ async fn extend(
         }
         _ => Err(Error::invalid("ttl", "give exactly one of ttl and expires_at").into()),
     }
+}
+
+/// A `ttl` field (`90s`, `12h`), or why it is not one.
+fn parse_ttl(raw: &str) -> Result<Duration> {
+    humantime::parse_duration(raw).map_err(|e| Error::invalid("ttl", format!("{raw:?}: {e}")))
 }
 
 /// Mint another access link to a `link` instance (to share it).
@@ -667,8 +673,7 @@ async fn links(
     let id = parse_id(&id)?;
     let ttl = match body.ttl.as_deref() {
         None => crate::access::Links::DEFAULT_TTL,
-        Some(raw) => humantime::parse_duration(raw)
-            .map_err(|e| Error::invalid("ttl", format!("{raw:?}: {e}")))?,
+        Some(raw) => parse_ttl(raw)?,
     };
     let access_url = state.provisioner.link(&caller, &id, ttl).await?;
     Ok((StatusCode::CREATED, Json(AccessLink { access_url })))
@@ -756,6 +761,15 @@ mod tests {
             let e = page(all.clone(), limit, token).expect_err("refused");
             assert_eq!(e.0, StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn an_idempotency_key_is_applied_once_however_long() {
+        let keys = AppliedKeys::default();
+        let long = "k".repeat(60_000);
+        assert!(keys.first(long.clone()));
+        assert!(!keys.first(long));
+        assert!(keys.first("other".into()));
     }
 
     #[test]
