@@ -1,6 +1,6 @@
 //! `flowgate-adapter`: the proxy (default) or `fetch` (the init container).
 
-use adapter::fetch::{FetchOptions, Limits, Outcome, Timeouts};
+use adapter::fetch::{Credentials, FetchOptions, Limits, Outcome, Timeouts};
 use adapter::server::{ConnectionLimits, Drain, serve, shutdown_signal};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use anyhow::Context;
@@ -69,6 +69,64 @@ struct FetchArgs {
     /// Write the outcome, as anyone may read it, to this file (Kubernetes: /dev/termination-log)
     #[arg(long, env = "FLOWGATE_FETCH_TERMINATION_LOG")]
     termination_log: Option<PathBuf>,
+    #[command(flatten)]
+    credentials: CredentialArgs,
+}
+
+/// Credentials for a private archive; sent only to the URL's own origin.
+#[derive(clap::Args)]
+#[command(
+    next_help_heading = "Credentials (sent only to the archive URL's origin; files re-read at each retry)"
+)]
+struct CredentialArgs {
+    /// Send `Authorization: Bearer <the file's content>` (a WLCG or BigPanDA token)
+    #[arg(long, env = "FLOWGATE_FETCH_BEARER_TOKEN_FILE", value_name = "FILE")]
+    bearer_token_file: Option<PathBuf>,
+    /// Send these `Name: value` lines as headers
+    #[arg(long, env = "FLOWGATE_FETCH_HEADER_FILE", value_name = "FILE")]
+    header_file: Option<PathBuf>,
+    /// Present this PEM client certificate; with its key in it (a grid proxy) or in --client-key
+    #[arg(long, env = "FLOWGATE_FETCH_CLIENT_CERT", value_name = "FILE")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key
+    #[arg(
+        long,
+        env = "FLOWGATE_FETCH_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+    /// Also trust the PEM CA certificates in FILE, or in the files of DIR (/etc/grid-security/certificates)
+    #[arg(
+        long,
+        env = "FLOWGATE_FETCH_CA_FILE",
+        value_name = "FILE|DIR",
+        value_delimiter = ','
+    )]
+    ca_file: Vec<PathBuf>,
+    /// Trust only --ca-file, not the system's CAs
+    #[arg(long, env = "FLOWGATE_FETCH_NO_SYSTEM_CAS")]
+    no_system_cas: bool,
+    /// Take what is not given above from DIR's files: token, headers, tls.crt + tls.key or proxy.pem, ca.crt (a mounted Secret)
+    #[arg(long, env = "FLOWGATE_FETCH_CREDENTIALS_DIR", value_name = "DIR")]
+    credentials_dir: Option<PathBuf>,
+}
+
+impl CredentialArgs {
+    fn resolve(self) -> Credentials {
+        let explicit = Credentials {
+            bearer_token_file: self.bearer_token_file,
+            header_file: self.header_file,
+            client_cert: self.client_cert,
+            client_key: self.client_key,
+            ca: self.ca_file,
+            system_cas: !self.no_system_cas,
+        };
+        match &self.credentials_dir {
+            Some(dir) => explicit.with_dir(dir),
+            None => explicit,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,6 +204,7 @@ fn run_fetch(args: FetchArgs) -> anyhow::Result<()> {
             stall: args.stall_timeout,
             deadline: args.deadline,
         },
+        credentials: args.credentials.resolve(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -121,6 +121,7 @@ fn options(url: String, sha256: String, dest: &Path) -> FetchOptions {
         retries: 3,
         backoff: Duration::from_millis(20),
         timeouts: Default::default(),
+        credentials: Default::default(),
     }
 }
 

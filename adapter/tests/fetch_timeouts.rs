@@ -17,6 +17,7 @@ fn options(url: String, dest: &Path, timeouts: Timeouts) -> FetchOptions {
         retries: 3,
         backoff: Duration::from_millis(20),
         timeouts,
+        credentials: Default::default(),
     }
 }
 

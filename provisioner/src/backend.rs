@@ -26,6 +26,8 @@ pub struct NewInstance {
     pub writes: bool,
     /// Who may open it.
     pub access: Access,
+    /// The credentials set its fetch uses (granted by the service).
+    pub credentials: Option<String>,
 }
 
 /// Which instances to list.

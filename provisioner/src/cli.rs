@@ -152,6 +152,10 @@ pub enum Command {
         /// access_url) or public (the URL alone)
         #[arg(long, value_enum, default_value_t = Access::Link)]
         access: Access,
+        /// Fetch the archive with this credentials set (a Secret granted by
+        /// --allow-credentials) [default: --default-credentials]
+        #[arg(long, value_name = "NAME")]
+        credentials: Option<String>,
         /// Wait until the instance serves (or fails)
         #[arg(long)]
         wait: bool,
@@ -227,6 +231,7 @@ fn dry_run_create(cli: &Cli) -> Result<String> {
         owner,
         writes,
         access,
+        credentials,
         ..
     } = &cli.command
     else {
@@ -250,6 +255,10 @@ fn dry_run_create(cli: &Cli) -> Result<String> {
         expires_at: add(now, settings.ttl.resolve(ttl.as_deref())?),
         writes: *writes,
         access: *access,
+        credentials: cli
+            .kube
+            .credential_rules()
+            .resolve(owner, credentials.as_deref())?,
         controller: None,
     };
     let objects = preview(&spec, &settings, route_kind);
@@ -309,7 +318,8 @@ pub async fn run(cli: Cli) -> Result<String> {
             b
         }
     };
-    let mut service = Provisioner::new(backend, ledger, policy);
+    let mut service =
+        Provisioner::new(backend, ledger, policy).with_credentials(cli.kube.credential_rules());
     if let Some(path) = &cli.kube.access_keys {
         service = service.with_links(Links::load(path, Links::DEFAULT_TTL)?);
     }
@@ -325,6 +335,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             owner,
             writes,
             access,
+            credentials,
             wait,
             wait_timeout,
             dry_run: _,
@@ -336,6 +347,7 @@ pub async fn run(cli: Cli) -> Result<String> {
                 ttl: service.ttl_policy().resolve(ttl.as_deref())?,
                 writes,
                 access,
+                credentials,
             };
             let created = service.create(request).await?;
             if !created.created {
@@ -443,6 +455,7 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
         max_memory: opts.max_memory.clone(),
         max_store_size: opts.max_store_size.clone(),
         access: opts.allowed_access.clone(),
+        credentials: kube_args.credential_rules(),
     };
     for (flag, q) in [
         ("max-cpu", &opts.max_cpu),

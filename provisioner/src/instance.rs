@@ -308,6 +308,10 @@ pub struct Instance {
     /// user here, never to `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_url: Option<String>,
+    /// The credentials set its artefacts are fetched with (a name the
+    /// installation grants; the secret itself is never shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
 }
 
 impl Instance {
@@ -332,6 +336,8 @@ pub struct CreateRequest {
     pub writes: bool,
     /// Who may open it.
     pub access: Access,
+    /// The credentials set asked for by name (none: the installation's default).
+    pub credentials: Option<String>,
 }
 
 /// Bounds on time-to-live.

@@ -36,6 +36,8 @@ pub const ANN_WRITES: &str = "flowgate.io/writes";
 /// `link` (opens only through an access link; the adapter has the access
 /// keys) or `public`; absent on instances made before access modes: public.
 pub const ANN_ACCESS: &str = "flowgate.io/access";
+/// The credentials set (a Secret mounted into the fetch init container only).
+pub const ANN_CREDENTIALS: &str = "flowgate.io/credentials";
 /// `creating` until every object of the instance exists, then `complete`.
 pub const ANN_STATE: &str = "flowgate.io/state";
 

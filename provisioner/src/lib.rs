@@ -10,6 +10,7 @@ pub mod access;
 pub mod api;
 pub mod backend;
 pub mod cli;
+pub mod credentials;
 pub mod error;
 pub mod events;
 pub mod hosts;

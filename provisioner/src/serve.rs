@@ -72,6 +72,11 @@ pub struct ServeOpts {
     /// Local backend: where instances keep their data
     #[arg(long, env = "FLOWGATE_DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Local backend: the credentials sets, one directory per name (files
+    /// token, headers, tls.crt + tls.key or proxy.pem, ca.crt) [default:
+    /// DATA_DIR/credentials]
+    #[arg(long, env = "FLOWGATE_CREDENTIALS_ROOT")]
+    pub credentials_root: Option<std::path::PathBuf>,
     /// Local backend: the mlflow executable
     #[arg(long, env = "FLOWGATE_MLFLOW", default_value = "mlflow")]
     pub mlflow: std::path::PathBuf,
@@ -176,8 +181,9 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", opts.local_listen));
+            let data_dir = opts.data_dir.clone().unwrap_or_else(default_data_dir);
             let settings = LocalSettings {
-                data_dir: opts.data_dir.clone().unwrap_or_else(default_data_dir),
+                data_dir: data_dir.clone(),
                 mlflow: opts.mlflow.clone(),
                 public_url,
                 ttl,
@@ -191,6 +197,11 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                         deadline: opts.deadline,
                     },
                     store_bytes: parse_size(&kube.store_size)?,
+                    credentials_root: Some(
+                        opts.credentials_root
+                            .clone()
+                            .unwrap_or_else(|| data_dir.join("credentials")),
+                    ),
                 },
                 access_keys: kube.access_keys.clone(),
             };
@@ -239,7 +250,8 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         allow_file: tokens.is_none() && opts.listen.ip().is_loopback(),
         streams_per_caller: opts.streams_per_caller,
     };
-    let mut provisioner = Provisioner::new(backend, ledger, policy);
+    let mut provisioner =
+        Provisioner::new(backend, ledger, policy).with_credentials(kube.credential_rules());
     if let Some(watch) = watch {
         provisioner = provisioner.with_events(watch);
     }

@@ -11,13 +11,16 @@
 //! - **events**: the launch progress a caller can follow;
 //! - **access links**: a `link` instance is shown with a fresh, signed
 //!   `access_url` on every read ([`Links`]); creating one needs the
-//!   installation's access keys.
+//!   installation's access keys;
+//! - **credentials**: the credentials set an instance's fetch uses is one the
+//!   installation grants its owner ([`CredentialRules`]).
 //!
 //! Backends ([`Backend`]) only make, read and remove their objects or
 //! processes.
 
 use crate::access::Links;
 use crate::backend::{Backend, ListFilter, NewInstance, Removed};
+use crate::credentials::CredentialRules;
 use crate::events::{self, Event, EventSource};
 use crate::instance::{
     Access, Artifacts, CreateRequest, Instance, InstanceId, Phase, TtlPolicy, add,
@@ -137,6 +140,8 @@ pub struct Provisioner {
     streams: Arc<Mutex<HashMap<String, usize>>>,
     /// Mints access links; `None`: `link` instances cannot be made.
     links: Option<Links>,
+    /// Which credentials sets an owner's fetch may use.
+    credentials: CredentialRules,
 }
 
 /// Counts an open stream of a caller while it lives.
@@ -187,7 +192,14 @@ impl Provisioner {
             source: None,
             streams: Arc::default(),
             links: None,
+            credentials: CredentialRules::default(),
         }
+    }
+
+    /// Lets owners' fetches use the credentials sets `rules` grant them.
+    pub fn with_credentials(mut self, rules: CredentialRules) -> Self {
+        self.credentials = rules;
+        self
     }
 
     /// Mints access links to `link` instances with these keys.
@@ -236,6 +248,9 @@ impl Provisioner {
         request.artifacts = artifacts.clone();
         let ttl = self.policy.ttl.check(request.ttl)?;
         let owner = request.owner.clone();
+        let credentials = self
+            .credentials
+            .resolve(&owner, request.credentials.as_deref())?;
         if request.access == Access::Link && self.links.is_none() {
             return Err(Error::Invalid {
                 field: "access",
@@ -270,6 +285,7 @@ impl Provisioner {
                 expires_at: add(now, ttl),
                 writes: request.writes,
                 access: request.access,
+                credentials,
             })
             .await;
         // Made (or not): the objects now speak for themselves.

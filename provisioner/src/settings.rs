@@ -155,9 +155,36 @@ pub struct KubeArgs {
         global = true
     )]
     pub access_secret: String,
+    /// Credentials sets callers may name for their archives' fetch: NAME
+    /// (every owner) or NAME=OWNER+OWNER (those owners only); comma-separated.
+    /// A name is a Secret in the instances' namespace (local backend: a
+    /// directory under --credentials-root)
+    #[arg(
+        long,
+        env = "FLOWGATE_ALLOW_CREDENTIALS",
+        value_delimiter = ',',
+        value_name = "NAME[=OWNER+OWNER]",
+        global = true
+    )]
+    pub allow_credentials: Vec<crate::credentials::Grant>,
+    /// Credentials set used when a create names none
+    #[arg(long, env = "FLOWGATE_DEFAULT_CREDENTIALS", value_name = "NAME", value_parser = credentials_name, global = true)]
+    pub default_credentials: Option<String>,
+}
+
+fn credentials_name(raw: &str) -> std::result::Result<String, String> {
+    crate::credentials::validate_name(raw).map_err(|e| e.to_string())
 }
 
 impl KubeArgs {
+    /// The credentials sets callers may name, and the default.
+    pub fn credential_rules(&self) -> crate::credentials::CredentialRules {
+        crate::credentials::CredentialRules {
+            default: self.default_credentials.clone(),
+            grants: self.allow_credentials.clone(),
+        }
+    }
+
     /// A client for the cluster `--kubeconfig` and `--context` name, as
     /// kubectl picks it: without them $KUBECONFIG, ~/.kube/config, then the
     /// pod's ServiceAccount.

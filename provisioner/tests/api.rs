@@ -1479,3 +1479,134 @@ async fn guessing_ids_is_slowed_down() {
     let r = other.get(url("zzzzzz9")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Serves `path` over HTTP on loopback only to `Authorization: Bearer
+/// <token>` (401 otherwise); returns its URL and the Authorization headers seen.
+async fn serve_file_with_token(
+    path: &Path,
+    token: &'static str,
+) -> (String, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/private.tgz",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let bytes = bytes.clone();
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            log.lock().unwrap().push(auth.clone());
+            async move {
+                if auth.as_deref() == Some(&*format!("Bearer {token}")) {
+                    Ok(bytes)
+                } else {
+                    Err(axum::http::StatusCode::UNAUTHORIZED)
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/private.tgz"), seen)
+}
+
+/// A private archive behind a token loads on the local backend with a
+/// credentials set the server grants the owner; a set it does not grant is
+/// a 403, and a token the archive's server refuses fails the instance with
+/// that reason (and never the token).
+#[tokio::test]
+async fn private_archives_load_with_granted_credentials() {
+    let (archive, sha) = store_archive();
+    let (url, seen) = serve_file_with_token(archive, "panda-s3cret").await;
+    let data = tempfile::tempdir().unwrap();
+    let root = data.path().join("credentials");
+    for (set, token) in [("panda-token", "panda-s3cret\n"), ("stale", "old-s3cret")] {
+        std::fs::create_dir_all(root.join(set)).unwrap();
+        std::fs::write(root.join(set).join("token"), token).unwrap();
+    }
+    let (_serve, api, instances) = serve_binary(
+        data.path(),
+        &[
+            "--allow-credentials",
+            "panda-token=alice,stale",
+            "--guess-limit",
+            "1000",
+        ],
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{api}");
+    let c = http();
+    let create = |workload: &str, owner: &str, credentials: Option<&str>| {
+        let mut body = json!({"workload": workload, "owner": owner, "access": "public",
+            "artifacts": {"url": url, "sha256": sha}});
+        if let Some(name) = credentials {
+            body["credentials"] = json!(name);
+        }
+        c.post(format!("{base}/api/v1/instances"))
+            .json(&body)
+            .send()
+    };
+
+    // Not granted to bob, and a name granted to nobody: the same 403.
+    for (owner, name) in [("bob", "panda-token"), ("alice", "kube-system-token")] {
+        let r = create("job-p", owner, Some(name)).await.unwrap();
+        assert_eq!(r.status(), 403, "{owner} {name}");
+    }
+    // Without credentials the archive's server says no, and the instance says why.
+    let anonymous: Value = create("job-a", "alice", None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = anonymous["id"].as_str().unwrap();
+    let (last, ev) = events(&base, id, None).await.pop().unwrap();
+    assert_eq!(last, "failed");
+    assert!(
+        ev["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs credentials"),
+        "{ev}"
+    );
+
+    let r = create("job-p", "alice", Some("panda-token")).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["credentials"], "panda-token");
+    let id = created["id"].as_str().unwrap();
+    let (last, ev) = events(&base, id, None).await.pop().unwrap();
+    assert_eq!(last, "ready", "{ev}");
+    let page = c
+        .get(format!("http://127.0.0.1:{instances}/{id}/ajax-api/2.0/mlflow/experiments/search?max_results=10"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("flowgate-demo"));
+
+    let stale: Value = create("job-s", "carol", Some("stale"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = stale["id"].as_str().unwrap();
+    let (last, ev) = events(&base, id, None).await.pop().unwrap();
+    assert_eq!(last, "failed");
+    let message = ev["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused access with the credentials given"),
+        "{message}"
+    );
+    let got = get_json(&c, &format!("{base}/api/v1/instances/{id}")).await;
+    assert!(!got.to_string().contains("s3cret"), "{got}");
+
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.contains(&None));
+    assert!(seen.contains(&Some("Bearer panda-s3cret".into())));
+    assert!(seen.contains(&Some("Bearer old-s3cret".into())));
+}

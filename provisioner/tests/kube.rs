@@ -13,6 +13,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use provisioner::Error;
 use provisioner::backend::{Backend, ListFilter};
+use provisioner::credentials::CredentialRules;
 use provisioner::instance::{Access, Artifacts, CreateRequest, InstanceId, Phase, Workload};
 use provisioner::kube::KubeBackend;
 use provisioner::kube::objects::route_resource;
@@ -37,6 +38,7 @@ fn request(workload: &str, seed: &str) -> CreateRequest {
         writes: false,
         // these tests are about objects and lifecycles; link access has its own
         access: Access::Public,
+        credentials: None,
     }
 }
 
@@ -177,6 +179,73 @@ async fn instances_are_read_only_by_default_and_bounded_by_their_volume() {
         };
         let (down, unpacked) = (flag("--max-download-bytes"), flag("--max-unpacked-bytes"));
         assert!(down + unpacked < size, "{down} + {unpacked} >= {size}");
+    }
+}
+
+/// A credentials Secret is one the installation grants the owner, and the
+/// real apiserver stores it mounted into the fetch init container only.
+#[tokio::test]
+async fn credentials_are_granted_and_reach_the_fetch_container_only() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let (b, p) = both(&client, settings(&ns)).await;
+    let p = p.with_credentials(CredentialRules {
+        default: None,
+        grants: vec!["panda-token=alice".parse().unwrap()],
+    });
+    let mut asked = request("8080", "c");
+    asked.credentials = Some("other-team-proxy".into());
+    assert!(matches!(p.create(asked).await, Err(Error::Forbidden(_))));
+    let mut asked = request("8080", "c");
+    asked.owner = "bob".into();
+    asked.credentials = Some("panda-token".into());
+    assert!(matches!(p.create(asked).await, Err(Error::Forbidden(_))));
+    assert!(b.list(&ListFilter::default()).await.unwrap().is_empty());
+
+    let mut asked = request("8080", "c");
+    asked.credentials = Some("panda-token".into());
+    let i = p.create(asked).await.unwrap().instance;
+    assert_eq!(i.credentials.as_deref(), Some("panda-token"));
+    assert_eq!(
+        b.get(&i.id).await.unwrap().credentials.as_deref(),
+        Some("panda-token")
+    );
+
+    let d = Api::<Deployment>::namespaced(client, &ns)
+        .get(&i.id.object_name())
+        .await
+        .unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("panda-token"))
+        .expect("the Secret's volume");
+    let mounts = |c: &k8s_openapi::api::core::v1::Container| -> Vec<(String, bool)> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.name == volume.name)
+            .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+            .collect()
+    };
+    let fetch = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        mounts(fetch),
+        vec![("/etc/flowgate-fetch".to_owned(), true)]
+    );
+    assert!(
+        fetch
+            .args
+            .iter()
+            .flatten()
+            .any(|a| a == "--credentials-dir"),
+        "{:?}",
+        fetch.args
+    );
+    for c in &pod.containers {
+        assert!(mounts(c).is_empty(), "{} mounts the credentials", c.name);
     }
 }
 

@@ -123,6 +123,7 @@ fn spec(workload: &str) -> MlflowInstanceSpec {
         resources: None,
         writes: false,
         access: Access::Link,
+        credentials: None,
     }
 }
 
@@ -524,11 +525,16 @@ async fn a_resource_gets_only_the_images_resources_and_time_the_operator_allows(
     let op = operator(&client, &ns);
     let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
     type Edit = fn(&mut MlflowInstanceSpec);
-    let refused: [(&str, Edit, &str); 5] = [
+    let refused: [(&str, Edit, &str); 6] = [
         (
             "open-door",
             |s| s.access = Access::Public,
             "is not one the operator allows",
+        ),
+        (
+            "borrowed-secret",
+            |s| s.credentials = Some("flowgate-access-keys".into()),
+            "are not granted to alice",
         ),
         (
             "miner",
@@ -1345,6 +1351,7 @@ fn request(workload: &str) -> CreateRequest {
         writes: false,
         // the operator allows `link` only, by default
         access: Access::Link,
+        credentials: None,
     }
 }
 

@@ -7,7 +7,8 @@
 //! and the whole download with its retries (`--deadline`). Each failure names
 //! the bound that fired. A stall is not retried: it already cost its timeout.
 
-use super::{FetchError, FetchOptions};
+use super::{Credentials, FetchError, FetchOptions};
+use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{Mutex, Once};
@@ -110,11 +111,16 @@ async fn download_within(
             reason: "only http, https and file URLs".into(),
         });
     }
-    let client = http_client(&options.timeouts)?;
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
-        match try_http(&client, &url, options, dir, progress).await {
+        // Credential files are read again at each attempt: a rotated token
+        // or proxy is used by the next retry.
+        let outcome = match Clients::new(&options.timeouts, &options.credentials) {
+            Ok(clients) => try_http(&clients, &url, options, dir, progress).await,
+            Err(e) => Attempt::Fail(e),
+        };
+        match outcome {
             Attempt::Done(archive) => return Ok(archive),
             Attempt::Fail(e) => return Err(e),
             Attempt::Retry(e) if attempt >= options.retries => return Err(e),
@@ -131,55 +137,176 @@ async fn download_within(
     }
 }
 
-fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, FetchError> {
-    static PROVIDER: Once = Once::new();
-    PROVIDER.call_once(|| {
-        // Another part of the process may have installed one already; either is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    reqwest::Client::builder()
-        .connect_timeout(timeouts.connect)
-        .user_agent(concat!("flowgate-adapter/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| FetchError::Transfer {
-            url: String::new(),
-            reason: format!("HTTP client: {e}"),
+/// Redirects followed before giving up.
+const MAX_REDIRECTS: usize = 10;
+
+/// The HTTP clients of one attempt. Only requests to the archive URL's own
+/// origin (scheme, host and port) carry the credentials: `origin` presents
+/// the client certificate and gets the headers; `elsewhere`, used from the
+/// first redirect to another origin on, has neither. Both trust the same CAs
+/// (a storage door a redirect leads to is often under the same grid CA).
+struct Clients {
+    origin: reqwest::Client,
+    elsewhere: reqwest::Client,
+    headers: HeaderMap,
+    identifies: bool,
+}
+
+impl Clients {
+    fn new(timeouts: &Timeouts, credentials: &Credentials) -> Result<Self, FetchError> {
+        static PROVIDER: Once = Once::new();
+        PROVIDER.call_once(|| {
+            // Another part of the process may have installed one already; either is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        let loaded = credentials.load()?;
+        let builder = || {
+            let b = reqwest::Client::builder()
+                .connect_timeout(timeouts.connect)
+                .user_agent(concat!("flowgate-adapter/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none());
+            if loaded.system_cas {
+                b.tls_certs_merge(loaded.roots.clone())
+            } else {
+                b.tls_certs_only(loaded.roots.clone())
+            }
+        };
+        let built = |b: reqwest::ClientBuilder| {
+            b.build().map_err(|e| {
+                // Names what is wrong (a bad CA, a key the TLS stack refuses),
+                // never the bytes.
+                FetchError::Credentials(format!("HTTP client: {}", error_chain(&e)))
+            })
+        };
+        let origin = match loaded.identity.clone() {
+            Some(identity) => built(builder().identity(identity))?,
+            None => built(builder())?,
+        };
+        Ok(Self {
+            elsewhere: if loaded.identity.is_some() {
+                built(builder())?
+            } else {
+                origin.clone()
+            },
+            origin,
+            identifies: !loaded.headers.is_empty() || loaded.identity.is_some(),
+            headers: loaded.headers,
         })
+    }
+}
+
+/// The URL as logs and errors show it: without a password in it.
+fn shown(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        let _ = url.set_password(Some("redacted"));
+    }
+    url.to_string()
+}
+
+/// Sends the GET, following redirects by the rules of [`Clients`]: never
+/// from https to http, never to another scheme. Returns the final response
+/// and whether it answered a request that carried credentials.
+async fn send(
+    clients: &Clients,
+    url: &reqwest::Url,
+    options: &FetchOptions,
+) -> Result<(reqwest::Response, bool), Attempt> {
+    let transfer = |reason: String| FetchError::Transfer {
+        url: shown(url),
+        reason,
+    };
+    let refused = |reason: String| {
+        Attempt::Fail(FetchError::Redirect {
+            url: shown(url),
+            reason,
+        })
+    };
+    let stall = options.timeouts.stall;
+    let mut at = url.clone();
+    let mut own_origin = true;
+    for _ in 0..=MAX_REDIRECTS {
+        let request = if own_origin {
+            clients
+                .origin
+                .get(at.clone())
+                .headers(clients.headers.clone())
+        } else {
+            clients.elsewhere.get(at.clone())
+        };
+        let response = match tokio::time::timeout(stall, request.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.is_connect() && e.is_timeout() => {
+                return Err(Attempt::Retry(transfer(format!(
+                    "connect timeout: no connection within {} (--connect-timeout)",
+                    human(options.timeouts.connect)
+                ))));
+            }
+            Ok(Err(e)) => return Err(Attempt::Retry(transfer(error_chain(&e)))),
+            Err(_) => {
+                return Err(Attempt::Fail(transfer(format!(
+                    "stalled: no response within {} (--stall-timeout)",
+                    human(stall)
+                ))));
+            }
+        };
+        let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
+        let location = response.headers().get(http::header::LOCATION);
+        let Some(location) = location.filter(|_| redirect) else {
+            return Ok((response, own_origin && clients.identifies));
+        };
+        let next = location
+            .to_str()
+            .ok()
+            .and_then(|l| at.join(l).ok())
+            .ok_or_else(|| refused("a redirect to an unreadable Location".into()))?;
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(refused(format!(
+                "refused a redirect to a {} URL",
+                next.scheme()
+            )));
+        }
+        if at.scheme() == "https" && next.scheme() == "http" {
+            return Err(refused(format!(
+                "refused a redirect from https to http ({})",
+                next.origin().ascii_serialization()
+            )));
+        }
+        if own_origin && next.origin() != url.origin() {
+            own_origin = false;
+            if clients.identifies {
+                tracing::info!(
+                    to = %next.origin().ascii_serialization(),
+                    "redirected to another origin: no credentials are sent there"
+                );
+            }
+        }
+        at = next;
+    }
+    Err(refused(format!("more than {MAX_REDIRECTS} redirects")))
 }
 
 async fn try_http(
-    client: &reqwest::Client,
+    clients: &Clients,
     url: &reqwest::Url,
     options: &FetchOptions,
     dir: &Path,
     progress: Progress<'_>,
 ) -> Attempt {
     let transfer = |reason: String| FetchError::Transfer {
-        url: url.to_string(),
+        url: shown(url),
         reason,
     };
-    let stall = options.timeouts.stall;
-    let response = match tokio::time::timeout(stall, client.get(url.clone()).send()).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) if e.is_connect() && e.is_timeout() => {
-            return Attempt::Retry(transfer(format!(
-                "connect timeout: no connection within {} (--connect-timeout)",
-                human(options.timeouts.connect)
-            )));
-        }
-        Ok(Err(e)) => return Attempt::Retry(transfer(error_chain(&e))),
-        Err(_) => {
-            return Attempt::Fail(transfer(format!(
-                "stalled: no response within {} (--stall-timeout)",
-                human(stall)
-            )));
-        }
+    let (response, credentials) = match send(clients, url, options).await {
+        Ok(sent) => sent,
+        Err(attempt) => return attempt,
     };
     let status = response.status();
     if !status.is_success() {
         let error = FetchError::HttpStatus {
-            url: url.to_string(),
+            url: shown(url),
             status: status.as_u16(),
+            credentials,
         };
         let transient =
             status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
@@ -201,7 +328,7 @@ async fn try_http(
     let stream =
         futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
-    match copy_hashing(reader, options, dir, url.as_str(), response_len, progress).await {
+    match copy_hashing(reader, options, dir, &shown(url), response_len, progress).await {
         Ok(archive) => Attempt::Done(archive),
         Err(e @ FetchError::Transfer { .. }) if e.to_string().contains("(--stall-timeout)") => {
             Attempt::Fail(e)

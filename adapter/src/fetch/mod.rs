@@ -6,6 +6,7 @@
 //! nothing and a different one replaces the content. A failure of any kind
 //! leaves DEST as it was.
 
+mod credentials;
 mod download;
 pub mod report;
 mod unpack;
@@ -13,6 +14,7 @@ mod unpack;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use credentials::{Credentials, dir as credentials_dir};
 pub use download::Timeouts;
 pub use unpack::Limits;
 
@@ -36,6 +38,8 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// Connect, stall and overall time bounds of the download.
     pub timeouts: Timeouts,
+    /// Token, headers, client certificate and CAs for a private archive.
+    pub credentials: Credentials,
 }
 
 /// What a successful fetch did.
@@ -69,13 +73,26 @@ pub enum FetchError {
     #[error("invalid sha256 {0:?}: expected 64 hex digits")]
     InvalidChecksum(String),
     /// The server answered with an error status.
-    #[error("download of {url} failed: HTTP {status}")]
+    #[error("download of {url} failed: HTTP {status}{}", access_hint(*status, *credentials))]
     HttpStatus {
         /// The URL.
         url: String,
         /// The status.
         status: u16,
+        /// Whether credentials were sent with the request that got it.
+        credentials: bool,
     },
+    /// A redirect that is not followed.
+    #[error("download of {url} failed: {reason}")]
+    Redirect {
+        /// The URL.
+        url: String,
+        /// Which redirect, and why not.
+        reason: String,
+    },
+    /// A credential file is missing, unreadable or malformed (never quoted).
+    #[error("credentials: {0}")]
+    Credentials(String),
     /// The transfer failed (after retries, where retrying made sense).
     #[error("download of {url} failed: {reason}")]
     Transfer {
@@ -123,6 +140,17 @@ impl FetchError {
     }
 }
 
+/// What a 401 or 403 says about the credentials.
+fn access_hint(status: u16, credentials: bool) -> &'static str {
+    match (status, credentials) {
+        (401 | 403, false) => {
+            " (the server wants credentials and none were sent: --bearer-token-file, --client-cert, --credentials-dir)"
+        }
+        (401 | 403, true) => " (the server refused the credentials sent)",
+        _ => "",
+    }
+}
+
 impl FetchError {
     /// The reason as anyone may read it (the pod's termination message, the
     /// provisioner's API): the kind of failure, without the archive's actual
@@ -154,6 +182,21 @@ impl FetchError {
                 "checksum mismatch: the archive's sha256 is not the one given; nothing was unpacked"
                     .into()
             }
+            FetchError::HttpStatus {
+                status: 401 | 403,
+                credentials,
+                ..
+            } => format!(
+                "download failed: the archive's server refused access{}",
+                if *credentials {
+                    " with the credentials given"
+                } else {
+                    "; it needs credentials and none were configured"
+                }
+            ),
+            FetchError::Redirect { .. } => "download failed: a redirect was refused (from https to http, to another scheme, or too many)".into(),
+            // Names the file and what is wrong, never its content.
+            FetchError::Credentials(_) => self.to_string(),
             FetchError::InvalidUrl { .. }
             | FetchError::HttpStatus { .. }
             | FetchError::Transfer { .. } => {

@@ -119,6 +119,12 @@ FLOWGATE_QUOTA_TOTAL: {{ .Values.quotas.total | int | toString | quote }}
 {{- if ne .Values.accessKeys.secretName "flowgate-access-keys" }}
 FLOWGATE_ACCESS_SECRET: {{ .Values.accessKeys.secretName | quote }}
 {{- end }}
+{{- with .Values.fetchCredentials.allow }}
+FLOWGATE_ALLOW_CREDENTIALS: {{ join "," . | quote }}
+{{- end }}
+{{- with .Values.fetchCredentials.default }}
+FLOWGATE_DEFAULT_CREDENTIALS: {{ . | quote }}
+{{- end }}
 RUST_LOG: {{ .Values.logLevel | quote }}
 {{- range $k, $v := .Values.extraConfig }}
 {{ $k }}: {{ $v | toString | quote }}

@@ -242,6 +242,16 @@ pub struct CreateBody {
     /// API shows) or `public` (the URL alone).
     #[serde(default)]
     pub access: Access,
+    /// The credentials set the archive is fetched with (a private archive
+    /// behind a token or a client certificate): only a name the installation
+    /// grants this owner (403 otherwise); default: the installation's.
+    #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 253,
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    )]
+    pub credentials: Option<String>,
 }
 
 /// `POST /api/v1/instances/{id}/links`.
@@ -519,6 +529,7 @@ async fn create(
         ttl: p.ttl_policy().resolve(body.ttl.as_deref())?,
         writes: body.writes,
         access: body.access,
+        credentials: body.credentials,
     };
     let created = p.create(request).await?;
     let status = if created.created {

@@ -239,6 +239,7 @@ impl Backend for KubeBackend {
             expires_at: new.expires_at,
             writes: new.writes,
             access: new.access,
+            credentials: new.credentials,
             controller: None,
         };
         let name = spec.id.object_name();

@@ -45,6 +45,8 @@ pub struct InstanceSpec {
     pub writes: bool,
     /// Who may open it: `link` mounts the access keys' Secret into the adapter.
     pub access: Access,
+    /// The credentials Secret mounted into the fetch init container only.
+    pub credentials: Option<String>,
     /// The operator's `MlflowInstance` that owns every object, Deployment
     /// included (the objects are then labelled managed-by
     /// [`OPERATOR_MANAGER`]). None on the provisioner's path, where the
@@ -84,7 +86,7 @@ pub fn annotations(
     settings: &KubeSettings,
     state: &str,
 ) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (ANN_WORKLOAD.into(), spec.workload.clone()),
         (ANN_OWNER.into(), spec.owner.clone()),
         (ANN_ARTIFACTS_URL.into(), spec.artifacts.url.clone()),
@@ -95,7 +97,11 @@ pub fn annotations(
         (ANN_WRITES.into(), spec.writes.to_string()),
         (ANN_ACCESS.into(), spec.access.as_str().into()),
         (ANN_STATE.into(), state.into()),
-    ])
+    ]);
+    if let Some(name) = &spec.credentials {
+        annotations.insert(ANN_CREDENTIALS.into(), name.clone());
+    }
+    annotations
 }
 
 /// The fetch init container's arguments. The archive and the tree unpacked from
@@ -247,6 +253,9 @@ pub fn deployment(spec: &InstanceSpec, s: &KubeSettings, state: &str) -> Deploym
     if spec.access == Access::Link {
         mount_access_keys(&mut value["spec"]["template"]["spec"], &s.access_secret);
     }
+    if let Some(secret) = &spec.credentials {
+        mount_fetch_credentials(&mut value["spec"]["template"]["spec"], secret);
+    }
     serde_json::from_value(value).expect("the Deployment template is a valid Deployment")
 }
 
@@ -269,6 +278,33 @@ fn mount_access_keys(pod: &mut Value, secret: &str) {
         .push(json!({"name": "FLOWGATE_ACCESS_KEYS", "value": "/etc/flowgate-access/keys"}));
     adapter["volumeMounts"] =
         json!([{"name": "access-keys", "mountPath": "/etc/flowgate-access", "readOnly": true}]);
+}
+
+/// Where the fetch init container finds its credentials Secret's files.
+pub const CREDENTIALS_DIR: &str = "/etc/flowgate-fetch";
+
+/// An archive behind a token or a client certificate: the Secret `secret`
+/// (keys `token`, `headers`, `tls.crt` + `tls.key` or `proxy.pem`, `ca.crt`;
+/// see `flowgate-adapter fetch --credentials-dir`) is mounted read-only into
+/// the fetch init container alone: neither MLflow nor the adapter, which
+/// serve visitors, ever holds it. A Secret volume follows rotations in place,
+/// and fetch re-reads the files at each retry.
+fn mount_fetch_credentials(pod: &mut Value, secret: &str) {
+    pod["volumes"].as_array_mut().expect("volumes").push(
+        json!({"name": "fetch-credentials", "secret": {
+            "secretName": secret,
+            "defaultMode": 0o444,
+        }}),
+    );
+    let fetch = &mut pod["initContainers"][0];
+    fetch["args"]
+        .as_array_mut()
+        .expect("args")
+        .extend([json!("--credentials-dir"), json!(CREDENTIALS_DIR)]);
+    fetch["volumeMounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(json!({"name": "fetch-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true}));
 }
 
 /// Lets the fetch init container report progress in its Pod's status (see
@@ -482,6 +518,7 @@ pub fn instance_from(d: &Deployment, pods: &[Pod], now: Timestamp) -> Result<Ins
             _ => Access::Public,
         },
         access_url: None,
+        credentials: ann.get(ANN_CREDENTIALS).cloned(),
     })
 }
 
@@ -516,7 +553,55 @@ mod tests {
             expires_at: "2026-11-27T10:00:00Z".parse().unwrap(),
             writes: false,
             access: Access::Link,
+            credentials: None,
             controller: None,
+        }
+    }
+
+    #[test]
+    fn only_the_fetch_container_gets_the_credentials() {
+        let mut spec = spec();
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        let text = serde_json::to_string(&deployment(&spec, &settings(), "complete")).unwrap();
+        assert!(!text.contains("fetch-credentials") && !text.contains(CREDENTIALS_DIR));
+
+        spec.credentials = Some("panda-token".into());
+        let d = deployment(&spec, &settings(), "complete");
+        assert_eq!(
+            instance_from_deployment(&d, now)
+                .unwrap()
+                .credentials
+                .as_deref(),
+            Some("panda-token")
+        );
+        let v = serde_json::to_value(d).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "fetch-credentials")
+            .expect("the credentials volume");
+        assert_eq!(volume["secret"]["secretName"], "panda-token");
+        let fetch = &pod["initContainers"][0];
+        assert!(fetch["volumeMounts"].as_array().unwrap().iter().any(|m| {
+            m["name"] == "fetch-credentials"
+                && m["mountPath"] == CREDENTIALS_DIR
+                && m["readOnly"] == true
+        }));
+        let args: Vec<&str> = fetch["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--credentials-dir", CREDENTIALS_DIR]),
+            "{args:?}"
+        );
+        for other in pod["containers"].as_array().unwrap() {
+            assert!(!other.to_string().contains("fetch-credentials"), "{other}");
         }
     }
 

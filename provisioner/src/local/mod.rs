@@ -430,6 +430,7 @@ impl Backend for LocalBackend {
             writes: request.writes,
             access: request.access,
             access_url: None,
+            credentials: request.credentials,
         };
         let stored = Stored {
             instance: record.clone(),

@@ -23,13 +23,13 @@ use super::record::{self, ProcessRecord};
 use crate::events::Event;
 use crate::instance::{Access, InstanceId, Phase};
 use crate::{Error, Result};
-use adapter::fetch::{FetchOptions, Timeouts};
+use adapter::fetch::{Credentials, FetchOptions, Timeouts};
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use jiff::Timestamp;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::process::Child;
 use tokio::sync::oneshot;
@@ -60,6 +60,9 @@ pub struct Supervision {
     pub fetch: Timeouts,
     /// Size bound of each instance's folder (archive, unpacked store), in bytes.
     pub store_bytes: u64,
+    /// Where credentials sets live, one directory each (the files of
+    /// `flowgate-adapter fetch --credentials-dir`); none: no set can be used.
+    pub credentials_root: Option<PathBuf>,
 }
 
 impl Default for Supervision {
@@ -70,6 +73,7 @@ impl Default for Supervision {
             keep_failed: Duration::from_secs(3600),
             fetch: Timeouts::default(),
             store_bytes: 10 << 30,
+            credentials_root: None,
         }
     }
 }
@@ -337,6 +341,13 @@ impl LocalBackend {
                 &id,
                 Event::new("downloading", Phase::Pending, Some(artifacts.url.clone())),
             );
+            let credentials = match fetch_credentials(
+                settings.credentials_root.as_deref(),
+                stored.instance.credentials.as_deref(),
+            ) {
+                Ok(c) => c,
+                Err(reason) => return self.fail(&id, reason, &mut stop).await,
+            };
             let options = FetchOptions {
                 url: artifacts.url.clone(),
                 sha256: artifacts.sha256.clone(),
@@ -345,6 +356,7 @@ impl LocalBackend {
                 retries: 3,
                 backoff: Duration::from_secs(1),
                 timeouts: settings.fetch.clone(),
+                credentials,
             };
             let fetched = tokio::select! {
                 r = adapter::fetch::fetch(&options) => r,
@@ -605,6 +617,25 @@ impl LocalBackend {
             }
         }
     }
+}
+
+/// The credentials of set `name`: the directory of that name under `root`.
+/// The service granted the name; a set it names that is not there is a
+/// failure with a reason, not an anonymous fetch.
+fn fetch_credentials(root: Option<&Path>, name: Option<&str>) -> Result<Credentials, String> {
+    let Some(name) = name else {
+        return Ok(Credentials::none());
+    };
+    let dir = root
+        .map(|r| r.join(name))
+        .filter(|d| d.is_dir())
+        .ok_or_else(|| {
+            format!(
+                "artefacts: credentials {name:?} are not on this server (no directory {name} \
+                 under --credentials-root)"
+            )
+        })?;
+    Ok(Credentials::none().with_dir(&dir))
 }
 
 /// Fetch limits that keep an instance's folder within `bytes`: the archive

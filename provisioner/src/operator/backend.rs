@@ -80,6 +80,7 @@ pub fn instance_from_resource(
         writes: r.spec.writes,
         access: r.spec.access,
         access_url: None,
+        credentials: r.spec.credentials.clone(),
     })
 }
 
@@ -171,6 +172,7 @@ impl Backend for OperatorBackend {
                 resources: None,
                 writes: request.writes,
                 access: request.access,
+                credentials: request.credentials.clone(),
             },
             status: None,
         };

@@ -96,6 +96,16 @@ pub struct MlflowInstanceSpec {
     /// or `public` (the URL alone).
     #[serde(default)]
     pub access: Access,
+    /// The Secret (in this namespace) the fetch init container reads the
+    /// archive's credentials from: token, headers, tls.crt + tls.key or
+    /// proxy.pem, ca.crt. Only names the operator grants the owner
+    /// (`--allow-credentials`); none: the operator's `--default-credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub credentials: Option<String>,
 }
 
 /// Where the job's artefacts are, and their checksum.

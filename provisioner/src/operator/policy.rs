@@ -3,10 +3,12 @@
 //! configuration (its defaults, or one of its allowed lists); resources and
 //! the store size stay under the operator's ceilings; the expiry is capped by
 //! the operator's longest TTL; the access mode is one the operator allows
-//! (`link` only, by default). (The owner is checked against the requesting
+//! (`link` only, by default); a credentials Secret is one granted to the
+//! resource's owner (`crate::credentials`). (The owner is checked against the requesting
 //! user by the ValidatingAdmissionPolicy in `k8s/operator`.)
 
 use super::crd::MlflowInstanceSpec;
+use crate::credentials::CredentialRules;
 use crate::instance::Access;
 use crate::settings::KubeSettings;
 
@@ -26,6 +28,8 @@ pub struct CrdPolicy {
     /// The access modes a resource may ask for (`link` only, by default:
     /// a `public` instance opens for anyone with its URL).
     pub access: Vec<Access>,
+    /// The credentials Secrets a resource may name, and the default.
+    pub credentials: CredentialRules,
 }
 
 impl Default for CrdPolicy {
@@ -37,6 +41,7 @@ impl Default for CrdPolicy {
             max_memory: "4Gi".into(),
             max_store_size: "20Gi".into(),
             access: vec![Access::Link],
+            credentials: CredentialRules::default(),
         }
     }
 }

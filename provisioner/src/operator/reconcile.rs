@@ -119,6 +119,8 @@ struct Checked {
     owner: String,
     artifacts: Artifacts,
     expires_at: Timestamp,
+    /// The credentials Secret, granted by the operator's rules.
+    credentials: Option<String>,
 }
 
 /// The spec checked, with the expiry capped by `ttl`.
@@ -153,6 +155,7 @@ fn check(obj: &MlflowInstance, ttl: &TtlPolicy) -> std::result::Result<Checked, 
         owner,
         artifacts,
         expires_at,
+        credentials: None,
     })
 }
 
@@ -499,8 +502,13 @@ fn admit(
     obj: &MlflowInstance,
     ctx: &Context,
 ) -> std::result::Result<(Checked, KubeSettings), String> {
-    let checked = check(obj, &ctx.settings.ttl)?;
+    let mut checked = check(obj, &ctx.settings.ttl)?;
     let settings = ctx.policy.settings_for(&ctx.settings, &obj.spec)?;
+    checked.credentials = ctx
+        .policy
+        .credentials
+        .resolve(&checked.owner, obj.spec.credentials.as_deref())
+        .map_err(|e| e.to_string())?;
     Ok((checked, settings))
 }
 
@@ -561,6 +569,7 @@ async fn apply_objects(
         expires_at: checked.expires_at,
         writes: obj.spec.writes,
         access: obj.spec.access,
+        credentials: checked.credentials,
         controller: Some(owner.clone()),
     };
     let d = deployment(&spec, settings, "complete");

@@ -125,11 +125,14 @@ class Client:
         ttl: Optional[Ttl] = None,
         owner: Optional[str] = None,
         access: Optional[str] = None,
+        credentials: Optional[str] = None,
     ) -> Instance:
         """An instance for the job ``workload`` serving the archive at ``url``.
 
         ``access`` is ``link`` (the server's default: only the instance's
         :attr:`~Instance.access_url` opens it) or ``public`` (the URL alone).
+        ``credentials`` names the credentials set a private archive is fetched
+        with (one the server grants this owner; :class:`Forbidden` otherwise).
 
         When one is live for the same workload and checksum, that one is returned:
         ``Instance.created`` is ``True`` for a new instance (HTTP 201), ``False``
@@ -143,6 +146,8 @@ class Client:
             body["owner"] = owner
         if access is not None:
             body["access"] = access
+        if credentials is not None:
+            body["credentials"] = credentials
         status, doc, _ = self._call("POST", "instances", json_body=body)
         return Instance.from_json(doc, created=(status == 201))
 

@@ -105,6 +105,8 @@ class Instance:
     #: minutes: send the user here (it signs the browser in until the instance
     #: expires), never to :attr:`url`. ``None`` for ``public`` instances.
     access_url: Optional[str] = None
+    #: The credentials set its archive is fetched with (a name, never a secret).
+    credentials: Optional[str] = None
     #: ``True`` when :meth:`Client.create` made it; ``False`` when it returned the
     #: live instance for the same workload and artefacts (``None`` from other calls).
     created: Optional[bool] = None
@@ -125,6 +127,7 @@ class Instance:
             message=_str(doc, "message", optional=True),
             access=_str(doc, "access", optional=True) or "public",
             access_url=_str(doc, "access_url", optional=True),
+            credentials=_str(doc, "credentials", optional=True),
             created=created,
             raw=doc,
         )
