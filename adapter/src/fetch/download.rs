@@ -111,6 +111,9 @@ async fn download_within(
             reason: "only http, https and file URLs".into(),
         });
     }
+    if url.scheme() == "http" && options.credentials.identifies() {
+        tracing::warn!("credentials go to an http:// URL: anyone on the path can read them; use https");
+    }
     let mut wait = options.backoff;
     let mut attempt = 0;
     loop {
