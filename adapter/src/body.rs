@@ -4,6 +4,7 @@
 
 use crate::coding::{ByteStream, Coding};
 use crate::encoders::Slot;
+use crate::metrics::BodySent;
 use crate::rewrite::StreamRewriter;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -29,12 +30,12 @@ pin_project! {
         Passthrough {
             #[pin]
             inner: Incoming,
-            sent: Counter,
+            sent: BodySent,
         },
         /// A transformed body.
         Transformed {
             inner: ByteStream,
-            sent: Counter,
+            sent: BodySent,
         },
         /// A body the adapter wrote itself.
         Full {
@@ -58,7 +59,7 @@ impl ProxyBody {
     }
 
     /// The upstream body unchanged.
-    pub fn passthrough(inner: Incoming, sent: Counter) -> Self {
+    pub fn passthrough(inner: Incoming, sent: BodySent) -> Self {
         ProxyBody::Passthrough { inner, sent }
     }
 
@@ -71,7 +72,7 @@ impl ProxyBody {
         decode: Option<Coding>,
         rewriter: Option<Box<dyn StreamRewriter>>,
         encode: Option<(Coding, Slot)>,
-        sent: Counter,
+        sent: BodySent,
         capped: Counter,
     ) -> Self {
         let mut stream: ByteStream = Box::pin(BodyDataStream::new(inner).map_err(io::Error::other));
@@ -114,7 +115,7 @@ impl Body for ProxyBody {
             ProxyBodyProj::Passthrough { inner, sent } => {
                 let frame = ready!(inner.poll_frame(cx));
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-                    sent.inc_by(data.map_or(0, |d| d.len() as u64));
+                    sent.add(data.map_or(0, |d| d.len() as u64));
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
@@ -122,7 +123,7 @@ impl Body for ProxyBody {
                 match ready!(inner.as_mut().poll_next(cx)) {
                     Some(Ok(data)) if data.is_empty() => continue,
                     Some(Ok(data)) => {
-                        sent.inc_by(data.len() as u64);
+                        sent.add(data.len() as u64);
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),

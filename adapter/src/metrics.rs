@@ -61,6 +61,37 @@ impl ConnectionMetrics {
     }
 }
 
+fn touch(last_activity: &Gauge) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    last_activity.set(i64::try_from(now).unwrap_or(i64::MAX));
+}
+
+/// A proxied response body on its way (see [`Metrics::body_opened`]):
+/// counts the bytes that reach the client, and the body as open until it is
+/// dropped.
+#[derive(Debug)]
+pub struct BodySent {
+    bytes: Counter,
+    open: Gauge,
+    last_activity: Gauge,
+}
+
+impl BodySent {
+    /// Counts `n` more bytes sent.
+    pub fn add(&self, n: u64) {
+        self.bytes.inc_by(n);
+    }
+}
+
+impl Drop for BodySent {
+    fn drop(&mut self) {
+        self.open.dec();
+        touch(&self.last_activity);
+    }
+}
+
 /// The adapter's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -73,6 +104,7 @@ pub struct Metrics {
     upstream_errors: [Counter; 3],
     in_flight: Gauge,
     last_activity: Gauge,
+    open_bodies: Gauge,
     refused: [Counter; 4],
     abandoned: Counter,
     connections: ConnectionMetrics,
@@ -161,6 +193,7 @@ impl Metrics {
         );
         let in_flight = Gauge::default();
         let last_activity = Gauge::default();
+        let open_bodies = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route class and status class",
@@ -194,8 +227,13 @@ impl Metrics {
         );
         registry.register(
             "last_activity_timestamp_seconds",
-            "Unix time of the last proxied request (for idle culling)",
+            "Unix time of the last proxied request's start or end (for idle culling)",
             last_activity.clone(),
+        );
+        registry.register(
+            "open_response_bodies",
+            "Proxied response bodies still being sent (downloads, event streams)",
+            open_bodies.clone(),
         );
         Self {
             registry,
@@ -208,6 +246,7 @@ impl Metrics {
             upstream_errors,
             in_flight,
             last_activity,
+            open_bodies,
             refused,
             abandoned,
             connections,
@@ -238,11 +277,33 @@ impl Metrics {
 
     /// Marks proxied activity now (not for health checks or scrapes).
     pub fn touch(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.last_activity
-            .set(i64::try_from(now).unwrap_or(i64::MAX));
+        touch(&self.last_activity);
+    }
+
+    /// A proxied response body starts: counted open until the returned
+    /// guard is dropped (sent in full, or the client left), which marks
+    /// activity again: a long download or an event stream keeps the
+    /// instance awake while it lasts, and its end counts as a visit.
+    pub fn body_opened(&self) -> BodySent {
+        self.open_bodies.inc();
+        BodySent {
+            bytes: self.response_bytes.clone(),
+            open: self.open_bodies.clone(),
+            last_activity: self.last_activity.clone(),
+        }
+    }
+
+    /// How long nothing has been proxied: `None` while a request or a
+    /// response body is open, or before any activity was marked.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.get() > 0 || self.open_bodies.get() > 0 {
+            return None;
+        }
+        let last = u64::try_from(self.last_activity.get())
+            .ok()
+            .filter(|s| *s > 0)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+        Some(Duration::from_secs(now.saturating_sub(last)))
     }
 
     /// Counts a rewrite.

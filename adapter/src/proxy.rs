@@ -240,27 +240,11 @@ impl Proxy {
         // also the path forwarded.
         let class = RouteClass::of_upstream_path(rest);
         exchange.class = class;
-        let mut cookie_for_app = None;
-        if let Some(gate) = &self.config.access {
-            let secure = forwarded_https(req.headers());
-            match gate.decide(
-                req.uri().path(),
-                req.uri().query(),
-                req.headers(),
-                secure,
-                SystemTime::now(),
-            ) {
-                // our cookie is taken out of what is forwarded (below)
-                Decision::Allow => cookie_for_app = strip_cookie(req.headers(), access::COOKIE),
-                Decision::Exchange { location, cookie } => {
-                    return enter_with_cookie(&location, cookie.as_deref());
-                }
-                Decision::Deny(why) => {
-                    self.metrics.refused(Refusal::Access);
-                    return access_denied(req.headers(), why);
-                }
-            }
-        }
+        // our cookie is taken out of what is forwarded (below)
+        let cookie_for_app = match self.gate(&req) {
+            Ok(cookie) => cookie,
+            Err(answer) => return answer,
+        };
         if !self.config.writes && !read_only_allows(req.method(), rest) {
             self.metrics.refused(Refusal::ReadOnly);
             return read_only(req.method(), rest);
@@ -289,6 +273,43 @@ impl Proxy {
                 error_response(&e)
             }
         }
+    }
+
+    /// The access gate of a `link` instance: `Ok` with the Cookie header to
+    /// forward instead (ours taken out) when the request may pass, or the
+    /// gate's own answer (a sign-in redirect, a 401).
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
+    fn gate<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Option<Option<HeaderValue>>, Response<ProxyBody>> {
+        let Some(gate) = &self.config.access else {
+            return Ok(None);
+        };
+        let secure = forwarded_https(req.headers());
+        match gate.decide(
+            req.uri().path(),
+            req.uri().query(),
+            req.headers(),
+            secure,
+            SystemTime::now(),
+        ) {
+            Decision::Allow => Ok(strip_cookie(req.headers(), access::COOKIE)),
+            Decision::Exchange { location, cookie } => {
+                Err(enter_with_cookie(&location, cookie.as_deref()))
+            }
+            Decision::Deny(why) => {
+                self.metrics.refused(Refusal::Access);
+                Err(access_denied(req.headers(), why))
+            }
+        }
+    }
+
+    /// What the access gate answers a visitor itself (a sign-in redirect, a
+    /// 401), or `None` when it would let the request through: a sleeping
+    /// instance wakes only for visitors it would serve.
+    pub fn gate_answer<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
+        self.gate(req).err()
     }
 
     /// `/healthz`, `/readyz` and `/metrics`, outside every prefix, on any Host.
@@ -424,7 +445,7 @@ impl Proxy {
         is_head: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
-        let sent = self.metrics.response_bytes().clone();
+        let sent = self.metrics.body_opened();
         one_date(&mut parts.headers);
         if self.config.rewrite {
             let n = restore_response_headers(

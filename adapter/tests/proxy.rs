@@ -386,6 +386,45 @@ async fn server_sent_events_arrive_as_produced() {
     assert_eq!(rest, b"data: event 1\n\ndata: event 2\n\n");
 }
 
+/// An event stream (or a long download) counts as activity while it is open
+/// and when it ends, not only when it starts: idle culling must not put an
+/// instance to sleep under a reader.
+#[tokio::test]
+async fn an_open_event_stream_is_activity_until_it_ends() {
+    let a = setup().await;
+    let metric = |text: &str, name: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let scrape = || async {
+        client()
+            .get(a.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let mut r = client().get(a.url("/k3x9q2a/sse")).send().await.unwrap();
+    r.chunk().await.unwrap().unwrap();
+    let during = scrape().await;
+    assert_eq!(metric(&during, "flowgate_adapter_open_response_bodies"), 1);
+    assert_eq!(metric(&during, "flowgate_adapter_in_flight_requests"), 0);
+    let started = metric(&during, "flowgate_adapter_last_activity_timestamp_seconds");
+    while r.chunk().await.unwrap().is_some() {}
+    // the stream lasts 2 s; its end is the last activity
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = scrape().await;
+    assert_eq!(metric(&after, "flowgate_adapter_open_response_bodies"), 0);
+    let ended = metric(&after, "flowgate_adapter_last_activity_timestamp_seconds");
+    assert!(ended > started, "{started} -> {ended}");
+}
+
 #[tokio::test]
 async fn upgrades_are_tunnelled() {
     let a = setup().await;

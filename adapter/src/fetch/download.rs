@@ -112,7 +112,9 @@ async fn download_within(
         });
     }
     if url.scheme() == "http" && options.credentials.identifies() {
-        tracing::warn!("credentials go to an http:// URL: anyone on the path can read them; use https");
+        tracing::warn!(
+            "credentials go to an http:// URL: anyone on the path can read them; use https"
+        );
     }
     let mut wait = options.backoff;
     let mut attempt = 0;
