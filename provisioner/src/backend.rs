@@ -5,7 +5,7 @@
 
 use crate::Result;
 use crate::events::EventLog;
-use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, Workload};
+use crate::instance::{Access, Artifacts, Instance, InstanceId, Workload};
 use async_trait::async_trait;
 use jiff::Timestamp;
 
@@ -98,9 +98,6 @@ pub trait Backend: Send + Sync {
                 owner: owner.map(str::to_owned),
             })
             .await?;
-        Ok(all
-            .iter()
-            .filter(|i| matches!(i.phase, Phase::Pending | Phase::Ready))
-            .count())
+        Ok(all.iter().filter(|i| i.phase.is_live()).count())
     }
 }

@@ -53,7 +53,7 @@ impl Event {
     pub fn is_final(&self) -> bool {
         matches!(
             self.step.as_str(),
-            "ready" | "failed" | "expired" | "deleted" | "shutdown"
+            "ready" | "sleeping" | "failed" | "expired" | "deleted" | "shutdown"
         )
     }
 
@@ -71,6 +71,7 @@ impl Event {
         let step = match i.phase {
             Phase::Pending => "starting",
             Phase::Ready => "ready",
+            Phase::Sleeping => "sleeping",
             Phase::Failed => "failed",
             Phase::Expired => "expired",
         };

@@ -209,10 +209,20 @@ pub enum Phase {
     Pending,
     /// Serving.
     Ready,
+    /// Idle: its MLflow is stopped (the local process, or the pod scaled to
+    /// zero); the id, the URL and the store stay, and the next visit wakes it.
+    Sleeping,
     /// Cannot start (bad image, crash loop, artefacts refused).
     Failed,
     /// Past its expiry, waiting for gc.
     Expired,
+}
+
+impl Phase {
+    /// Still the owner's: counted in quotas and found by dedupe.
+    pub fn is_live(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Ready | Phase::Sleeping)
+    }
 }
 
 impl fmt::Display for Phase {

@@ -89,6 +89,10 @@ pub struct ServeOpts {
     /// On SIGTERM: the bound on draining requests and stopping MLflow; the process exits within it
     #[arg(long, env = "FLOWGATE_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Local backend: an instance nobody visited for this long sleeps (its
+    /// MLflow stops; the next visit wakes it, same id and URL); 0: never
+    #[arg(long, env = "FLOWGATE_IDLE_AFTER", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub idle_after: Duration,
     /// Local backend: how long a Failed instance is kept (for its reason) before removal
     #[arg(long, env = "FLOWGATE_KEEP_FAILED", default_value = "1h", value_parser = humantime::parse_duration)]
     pub keep_failed: Duration,
@@ -191,6 +195,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                     max_restarts: opts.max_restarts.max(1),
                     restart_window: opts.restart_window,
                     keep_failed: opts.keep_failed,
+                    idle_after: (!opts.idle_after.is_zero()).then_some(opts.idle_after),
                     fetch: adapter::fetch::Timeouts {
                         connect: opts.connect_timeout,
                         stall: opts.stall_timeout,

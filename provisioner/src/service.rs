@@ -179,7 +179,7 @@ fn claim_key(workload: &str, sha256: &str, writes: bool, access: Access) -> Stri
 }
 
 fn live(i: &Instance) -> bool {
-    matches!(i.phase, Phase::Pending | Phase::Ready)
+    i.phase.is_live()
 }
 
 impl Provisioner {
@@ -463,7 +463,7 @@ impl Provisioner {
     /// opens by link and is not over.
     fn present(&self, mut instance: Instance) -> Instance {
         instance.access_url = match (&self.links, instance.access, instance.phase) {
-            (Some(links), Access::Link, Phase::Pending | Phase::Ready) => {
+            (Some(links), Access::Link, Phase::Pending | Phase::Ready | Phase::Sleeping) => {
                 Some(links.url(&instance, links.ttl))
             }
             _ => None,
@@ -601,6 +601,8 @@ impl Provisioner {
                             .unwrap_or_else(|| instance.phase.to_string()),
                     });
                 }
+                // a sleeping instance wakes on its first visit
+                Phase::Sleeping => return Ok(self.present(instance)),
                 Phase::Pending => {}
             }
             if Instant::now() >= deadline {

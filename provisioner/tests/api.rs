@@ -187,6 +187,14 @@ struct Local {
 }
 
 async fn local_backend(data: &Path, ttl: TtlPolicy) -> Local {
+    local_backend_with(data, ttl, Default::default()).await
+}
+
+async fn local_backend_with(
+    data: &Path,
+    ttl: TtlPolicy,
+    supervision: provisioner::local::supervisor::Supervision,
+) -> Local {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let settings = LocalSettings {
@@ -194,7 +202,7 @@ async fn local_backend(data: &Path, ttl: TtlPolicy) -> Local {
         mlflow: mlflow(),
         public_url: format!("http://{addr}"),
         ttl,
-        supervision: Default::default(),
+        supervision,
         access_keys: None,
     };
     let backend = LocalBackend::open(settings).await.unwrap();
@@ -1609,4 +1617,194 @@ async fn private_archives_load_with_granted_credentials() {
     assert!(seen.contains(&None));
     assert!(seen.contains(&Some("Bearer panda-s3cret".into())));
     assert!(seen.contains(&Some("Bearer old-s3cret".into())));
+}
+
+/// Whether an MLflow server of instance `id` runs (found by its store's path).
+fn mlflow_runs(id: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", &format!("mlflow.* server .*instances/{id}/")])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Waits until instance `id` is in `phase`.
+async fn until_phase(c: &reqwest::Client, base: &str, id: &str, phase: &str) -> Value {
+    for _ in 0..240 {
+        let now = get_json(c, &format!("{base}/api/v1/instances/{id}")).await;
+        if now["phase"] == phase {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("{id} never {phase}");
+}
+
+/// The waking page's view of a wake: `(state, steps)`.
+async fn wake_status(c: &reqwest::Client, instances: &str, id: &str) -> (String, Vec<String>) {
+    let v = get_json(c, &format!("{instances}/{id}/.flowgate/wake")).await;
+    let steps = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    (v["state"].as_str().unwrap().to_owned(), steps)
+}
+
+/// Idle instances sleep (MLflow stopped, same id and URL); a page visit
+/// wakes them once however many visit at once; other requests get 503 and
+/// wake nothing; a `link` instance wakes only for a signed-in visitor; a
+/// store that changed while asleep fails the wake with its reason shown.
+#[tokio::test]
+async fn idle_instances_sleep_and_a_visit_wakes_them() {
+    let data = tempfile::tempdir().unwrap();
+    let supervision = provisioner::local::supervisor::Supervision {
+        idle_after: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let local = local_backend_with(data.path(), short_ttls(), supervision).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
+    let c = http();
+    let created = create_job(&c, &base, "sleepy", json!({"access": "public"})).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let url = created["url"].as_str().unwrap().to_owned();
+    assert_eq!(events(&base, &id, None).await.last().unwrap().0, "ready");
+    assert!(mlflow_runs(&id));
+
+    // Nobody visits: it sleeps, and its MLflow is gone.
+    let asleep = until_phase(&c, &base, &id, "Sleeping").await;
+    assert_eq!(asleep["url"], url.as_str());
+    assert!(!mlflow_runs(&id), "MLflow still runs while Sleeping");
+    let (last, _) = events(&base, &id, None).await.pop().unwrap();
+    assert_eq!(last, "sleeping");
+
+    // An API call or a script does not wake it.
+    let r = c
+        .get(format!(
+            "{url}ajax-api/2.0/mlflow/experiments/search?max_results=1"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get_json(&c, &format!("{base}/api/v1/instances/{id}")).await["phase"],
+        "Sleeping"
+    );
+
+    // Ten browsers at once: each gets the waking page, MLflow starts once.
+    let visits = (0..10).map(|_| {
+        c.get(format!("{url}#/experiments/1"))
+            .header("accept", "text/html,application/xhtml+xml")
+            .send()
+    });
+    for r in futures_util::future::join_all(visits).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.text().await.unwrap().contains("Waking up"));
+    }
+    let mut state = String::new();
+    let mut steps = Vec::new();
+    for _ in 0..240 {
+        (state, steps) = wake_status(&c, &local.instances, &id).await;
+        if state == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(state, "ready", "{steps:?}");
+    assert_eq!(
+        steps.iter().filter(|s| *s == "woken by a visit").count(),
+        1,
+        "{steps:?}"
+    );
+    let woke: Vec<String> = events(&base, &id, None)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(woke, ["waking", "starting", "ready"]);
+    assert!(mlflow_runs(&id));
+    let page = c
+        .get(&url)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("static-files/"));
+    let again = get_json(&c, &format!("{base}/api/v1/instances/{id}")).await;
+    assert_eq!(
+        (again["id"].as_str(), again["url"].as_str()),
+        (Some(id.as_str()), Some(url.as_str()))
+    );
+
+    // Asleep again; its store is gone meanwhile: the wake fails, and says why.
+    until_phase(&c, &base, &id, "Sleeping").await;
+    std::fs::remove_file(
+        local
+            .data
+            .join("instances")
+            .join(&id)
+            .join("store")
+            .join(adapter::fetch::MARKER),
+    )
+    .unwrap();
+    c.get(&url)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    let failed = until_phase(&c, &base, &id, "Failed").await;
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed or went missing"),
+        "{failed}"
+    );
+    let (state, steps) = wake_status(&c, &local.instances, &id).await;
+    assert_eq!(state, "failed");
+    assert!(
+        steps.iter().any(|s| s.contains("changed or went missing")),
+        "{steps:?}"
+    );
+    assert!(!mlflow_runs(&id));
+
+    // A `link` instance: a stranger's visit does not wake it.
+    let link = create_job(&c, &base, "sleepy-link", json!({})).await;
+    let link_id = link["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        events(&base, &link_id, None).await.last().unwrap().0,
+        "ready"
+    );
+    until_phase(&c, &base, &link_id, "Sleeping").await;
+    let stranger = c
+        .get(link["url"].as_str().unwrap())
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stranger.status(), 401);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        wake_status(&c, &local.instances, &link_id).await.0,
+        "sleeping"
+    );
+    // Its access link signs the browser in; the visit with the cookie wakes it.
+    let fresh = get_json(&c, &format!("{base}/api/v1/instances/{link_id}")).await;
+    let (cookie, location) = sign_in(fresh["access_url"].as_str().unwrap()).await;
+    let visit = c
+        .get(format!("{}{location}", local.instances))
+        .header("accept", "text/html")
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(visit.text().await.unwrap().contains("Waking up"));
+    until_phase(&c, &base, &link_id, "Ready").await;
+    local.backend.stop_all().await;
 }

@@ -175,7 +175,7 @@ pub fn next_events(
         return (vec![Event::gone()], next);
     };
     match instance.phase {
-        Phase::Expired | Phase::Failed => {
+        Phase::Expired | Phase::Failed | Phase::Sleeping => {
             out.push(Event::from_instance(instance));
             next.rank = 4;
         }

@@ -225,7 +225,21 @@ impl LocalBackend {
     }
 
     /// Publishes a step of an instance's launch (no state change).
+    /// What a visitor waiting for a wake reads of `event`: the step, in
+    /// words that hold no path or log line.
+    fn note_step(&self, id: &InstanceId, event: &Event) {
+        let step = match event.step.as_str() {
+            "starting" => "starting the MLflow server",
+            "restarting" => "MLflow stopped while starting; trying again",
+            "ready" => "ready",
+            "failed" => "it could not start again; the portal shows why",
+            _ => return,
+        };
+        self.inner.routes.note(id.as_str(), step);
+    }
+
     fn event(&self, id: &InstanceId, event: Event) {
+        self.note_step(id, &event);
         let entries = self.inner.entries.lock().expect("entries lock");
         if let Some(entry) = entries.get(id) {
             entry.events.send_modify(|log| log.push(event));
@@ -235,6 +249,7 @@ impl LocalBackend {
     /// Starts a new event log for a restart: subscribers from now on see the
     /// restart, not the earlier `ready`.
     fn restart_log(&self, id: &InstanceId, event: Event) {
+        self.note_step(id, &event);
         let mut entries = self.inner.entries.lock().expect("entries lock");
         if let Some(entry) = entries.get_mut(id) {
             entry.events = watch::channel(vec![event]).0;

@@ -1,7 +1,10 @@
 //! One listener for every local instance: `/<id>/...` goes to that instance's
 //! adapter [`Proxy`] (the sidecar's code, used as a library), so each MLflow sees
 //! what it would see in a pod. Clients guessing ids are slowed down
-//! ([`super::guesses`]).
+//! ([`super::guesses`]). A sleeping instance is the activator's: a visitor its
+//! access gate lets through gets a page that wakes it (once, however many
+//! visit), follows `/<id>/.flowgate/wake` and reloads the page when it is
+//! ready; other requests get 503 with `Retry-After`.
 
 use super::guesses::Guesses;
 use crate::hosts::PublicHosts;
@@ -14,12 +17,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The waking page follows the wake here (a path MLflow never serves).
+pub const WAKE_STATUS: &str = ".flowgate/wake";
+/// Steps kept per waking instance.
+const MAX_STEPS: usize = 16;
 
 /// Instance id → its proxy; instances not serving, and why.
 #[derive(Default)]
 pub struct RouteTable {
     routes: RwLock<HashMap<String, Arc<Proxy>>>,
     starting: RwLock<HashMap<String, Waiting>>,
+    /// What a wake has done so far, for the waking page.
+    steps: RwLock<HashMap<String, Vec<String>>>,
 }
 
 /// Why an instance is not served right now.
@@ -28,6 +39,28 @@ enum Waiting {
     Starting,
     Restarting,
     Failed,
+    /// Asleep: `gate` (the instance's adapter, its MLflow stopped) decides
+    /// who may wake it; `wake` tells the supervisor.
+    Sleeping {
+        gate: Arc<Proxy>,
+        wake: Arc<Notify>,
+    },
+    /// Woken, starting again; `gate` as above.
+    Waking {
+        gate: Arc<Proxy>,
+    },
+}
+
+impl Waiting {
+    fn state(&self) -> &'static str {
+        match self {
+            Waiting::Starting => "starting",
+            Waiting::Restarting => "restarting",
+            Waiting::Failed => "failed",
+            Waiting::Sleeping { .. } => "sleeping",
+            Waiting::Waking { .. } => "waking",
+        }
+    }
 }
 
 impl RouteTable {
@@ -55,6 +88,40 @@ impl RouteTable {
             .insert(id.to_owned(), why);
     }
 
+    /// Puts an instance to sleep: a visitor `gate` lets through wakes it by
+    /// notifying `wake` (once).
+    pub fn sleeping(&self, id: &str, gate: Arc<Proxy>, wake: Arc<Notify>) {
+        self.steps.write().expect("route lock").remove(id);
+        self.wait(id, Waiting::Sleeping { gate, wake });
+    }
+
+    /// Notes a step of a wake, shown on the waking page (a few words, no
+    /// paths or logs: visitors read them).
+    pub fn note(&self, id: &str, step: impl Into<String>) {
+        if !matches!(
+            self.starting.read().expect("route lock").get(id),
+            Some(Waiting::Waking { .. } | Waiting::Failed)
+        ) {
+            return;
+        }
+        let mut steps = self.steps.write().expect("route lock");
+        let list = steps.entry(id.to_owned()).or_default();
+        if list.len() < MAX_STEPS {
+            list.push(step.into());
+        }
+    }
+
+    /// The first visit to a sleeping instance: the wake to notify, for that
+    /// visit only (later ones find it waking).
+    fn begin_wake(&self, id: &str) -> Option<Arc<Notify>> {
+        let mut starting = self.starting.write().expect("route lock");
+        let Some(Waiting::Sleeping { gate, wake }) = starting.get(id).cloned() else {
+            return None;
+        };
+        starting.insert(id.to_owned(), Waiting::Waking { gate });
+        Some(wake)
+    }
+
     /// Routes `/<id>/` to `proxy`.
     pub fn insert(&self, id: &str, proxy: Arc<Proxy>) {
         self.routes
@@ -68,6 +135,24 @@ impl RouteTable {
     pub fn remove(&self, id: &str) {
         self.routes.write().expect("route lock").remove(id);
         self.starting.write().expect("route lock").remove(id);
+        self.steps.write().expect("route lock").remove(id);
+    }
+
+    /// The wake's state and steps, as the waking page reads them.
+    fn wake_status(&self, id: &str) -> Option<String> {
+        let state = match self.lookup(id) {
+            Lookup::Ready(_) => "ready",
+            Lookup::Waiting(w) => w.state(),
+            Lookup::Unknown => return None,
+        };
+        let steps = self
+            .steps
+            .read()
+            .expect("route lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
+        Some(serde_json::json!({"state": state, "steps": steps}).to_string())
     }
 
     fn lookup(&self, id: &str) -> Lookup {
@@ -157,6 +242,92 @@ fn page(status: StatusCode, title: &str, text: &str, refresh: bool) -> Response<
     r
 }
 
+/// A browser navigating to a page (not a script, an image or an API call):
+/// only that wakes a sleeping instance.
+fn navigates<B>(req: &Request<B>) -> bool {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    req.method() == http::Method::GET
+        && (header("sec-fetch-dest") == "document" || header("accept").contains("text/html"))
+}
+
+/// 503 to anything but a page: the instance sleeps until someone visits.
+fn asleep() -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(
+        "{\"error\":\"sleeping\",\"message\":\"this instance is asleep; opening it in a browser wakes it\"}\n",
+    ));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("10"));
+    r
+}
+
+/// The page a visitor of a sleeping (or waking) instance sees: the wake's
+/// steps as they happen, then the page they asked for (`location.reload()`
+/// keeps its path, query and fragment). Without script it refreshes.
+fn waking_page(id: &str) -> Response<ProxyBody> {
+    // `id` is [a-z][a-z0-9]{6} (the table's keys come from parsed ids).
+    let html = format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>Waking up</title>
+<noscript><meta http-equiv="refresh" content="5"></noscript></head>
+<body style="font-family:sans-serif;margin:3em"><h1>Waking up</h1>
+<p id="said">This MLflow instance was asleep after a while without visitors. It is starting again, with the same data; this page opens it when it is ready.</p>
+<ol id="steps"></ol>
+<script>
+(function () {{
+  var status = "/{id}/{WAKE_STATUS}";
+  function show(d) {{
+    var ol = document.getElementById("steps");
+    ol.textContent = "";
+    (d.steps || []).forEach(function (t) {{
+      var li = document.createElement("li");
+      li.textContent = t;
+      ol.appendChild(li);
+    }});
+  }}
+  function tick() {{
+    fetch(status, {{cache: "no-store", credentials: "same-origin"}})
+      .then(function (r) {{ return r.json(); }})
+      .then(function (d) {{
+        show(d);
+        if (d.state === "ready") {{ location.reload(); return; }}
+        if (d.state === "failed") {{
+          document.getElementById("said").textContent =
+            "It could not start again. " + ((d.steps || []).slice(-1)[0] || "The portal shows why.");
+          return;
+        }}
+        setTimeout(tick, 1000);
+      }})
+      .catch(function () {{ setTimeout(tick, 2000); }});
+  }}
+  tick();
+}})();
+</script></body></html>
+"#
+    );
+    let mut r = Response::new(ProxyBody::full(html));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
 impl Handler for LocalRouter {
     type Body = ProxyBody;
 
@@ -193,6 +364,23 @@ impl Handler for LocalRouter {
         {
             return too_many_guesses(wait);
         }
+        if path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(id.as_str()))
+            == Some(&format!("/{WAKE_STATUS}"))
+            && let Some(status) = self.table.wake_status(&id)
+        {
+            let mut r = Response::new(ProxyBody::full(status));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            return r;
+        }
         let lookup = self.table.lookup(&id);
         if matches!(lookup, Lookup::Unknown)
             && let Some(wait) = self.guesses.as_ref().and_then(|g| g.miss(peer.ip(), now))
@@ -220,6 +408,21 @@ impl Handler for LocalRouter {
                 "This MLflow instance failed and will not come back by itself. The portal shows why.",
                 false,
             ),
+            Lookup::Waiting(Waiting::Sleeping { gate, .. } | Waiting::Waking { gate }) => {
+                // Only a visitor the instance would serve may wake it (a
+                // `link` instance: signed in); the gate answers the others.
+                if let Some(answer) = gate.gate_answer(&req) {
+                    return answer;
+                }
+                if !navigates(&req) {
+                    return asleep();
+                }
+                if let Some(wake) = self.table.begin_wake(&id) {
+                    tracing::info!(%id, "waking on a visit");
+                    wake.notify_one();
+                }
+                waking_page(&id)
+            }
             Lookup::Unknown => page(
                 StatusCode::NOT_FOUND,
                 "No such instance",

@@ -30,9 +30,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// How long MLflow may take to answer after it is started.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -63,6 +64,9 @@ pub struct Supervision {
     /// Where credentials sets live, one directory each (the files of
     /// `flowgate-adapter fetch --credentials-dir`); none: no set can be used.
     pub credentials_root: Option<PathBuf>,
+    /// An instance nobody visited for this long sleeps: its MLflow stops
+    /// until the next visit. None: never.
+    pub idle_after: Option<Duration>,
 }
 
 impl Default for Supervision {
@@ -74,6 +78,7 @@ impl Default for Supervision {
             fetch: Timeouts::default(),
             store_bytes: 10 << 30,
             credentials_root: None,
+            idle_after: None,
         }
     }
 }
@@ -302,6 +307,21 @@ pub async fn adopt_or_stop(dir: &Path, adopt: bool, grace: Duration) -> Option<R
 
 // ---------------------------------------------------------------- the loop
 
+/// Resolves once `proxy` has been idle for `after` (never when `after` is
+/// None): no request or response body open, and none ended for that long.
+async fn idle(proxy: &Proxy, after: Option<Duration>) {
+    let Some(after) = after else {
+        return std::future::pending().await;
+    };
+    let tick = (after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(tick).await;
+        if proxy.metrics().idle_for().is_some_and(|idle| idle >= after) {
+            return;
+        }
+    }
+}
+
 enum Stopped {
     /// Asked to stop; the group has been stopped.
     Yes,
@@ -322,7 +342,19 @@ impl LocalBackend {
         let settings = self.inner.settings.supervision.clone();
         let mut running = adopted;
         let mut served = self.stored(&id).is_some_and(|s| s.served);
-        if running.is_none() {
+        let asleep = self
+            .stored(&id)
+            .is_some_and(|s| s.instance.phase == Phase::Sleeping);
+        if running.is_none() && asleep {
+            // Asleep when the server stopped: asleep again, no fetch, no MLflow.
+            let gate = match self.adapter_for(&id, 9) {
+                Ok(gate) => gate,
+                Err(e) => return self.fail(&id, e, &mut stop).await,
+            };
+            if let Stopped::Yes = self.sleep(&id, None, gate, &mut stop).await {
+                return;
+            }
+        } else if running.is_none() {
             let Some(stored) = self.stored(&id) else {
                 return;
             };
@@ -391,31 +423,17 @@ impl LocalBackend {
                     },
                 },
             };
-            let port = r.record().port;
-            let (writes, link) = self.stored(&id).map_or((false, true), |s| {
-                (s.instance.writes, s.instance.access == Access::Link)
-            });
-            let args = ServeArgs {
-                // A `link` instance opens only through its access link.
-                access_keys: link.then(|| self.access_keys().to_path_buf()),
-                prefix: Some(id.prefix()),
-                upstream: Some(format!("http://127.0.0.1:{port}")),
-                // Read-only unless the instance was made with writes on.
-                writes: Some(if writes {
-                    adapter::config::Switch::On
-                } else {
-                    adapter::config::Switch::Off
-                }),
-                ..Default::default()
-            };
-            match ProxyConfig::resolve(args, Vec::<(String, String)>::new()) {
-                Ok(config) => self.inner.routes.insert(id.as_str(), Proxy::new(config)),
+            let proxy = match self.adapter_for(&id, r.record().port) {
+                Ok(proxy) => proxy,
                 Err(e) => {
                     r.stop(super::STOP_GRACE).await;
                     record::clear_process(&dir);
-                    return self.fail(&id, format!("adapter: {e}"), &mut stop).await;
+                    return self.fail(&id, e, &mut stop).await;
                 }
-            }
+            };
+            // Idle time counts from when it serves.
+            proxy.metrics().touch();
+            self.inner.routes.insert(id.as_str(), Arc::clone(&proxy));
             let persisted = self
                 .persist(&id, &mut stop, |s| {
                     s.instance.phase = Phase::Ready;
@@ -445,6 +463,12 @@ impl LocalBackend {
                     record::clear_process(&dir);
                     return;
                 }
+                () = idle(&proxy, settings.idle_after) => {
+                    match self.sleep(&id, Some(r), proxy, &mut stop).await {
+                        Stopped::Yes => return,
+                        Stopped::No => continue,
+                    }
+                }
                 _ = futures_util::future::join(cap_log(&log), watch_group(&rec, &first_gone)) => {
                     unreachable!("the watchers never return")
                 }
@@ -462,6 +486,106 @@ impl LocalBackend {
                 Stopped::No => {}
             }
         }
+    }
+
+    /// The instance's adapter in front of MLflow on `port`: its prefix, its
+    /// access gate (`link`), read-only unless made with writes.
+    fn adapter_for(&self, id: &InstanceId, port: u16) -> std::result::Result<Arc<Proxy>, String> {
+        let (writes, link) = self.stored(id).map_or((false, true), |s| {
+            (s.instance.writes, s.instance.access == Access::Link)
+        });
+        let args = ServeArgs {
+            // A `link` instance opens only through its access link.
+            access_keys: link.then(|| self.access_keys().to_path_buf()),
+            prefix: Some(id.prefix()),
+            upstream: Some(format!("http://127.0.0.1:{port}")),
+            writes: Some(if writes {
+                adapter::config::Switch::On
+            } else {
+                adapter::config::Switch::Off
+            }),
+            ..Default::default()
+        };
+        ProxyConfig::resolve(args, Vec::<(String, String)>::new())
+            .map(Proxy::new)
+            .map_err(|e| format!("adapter: {e}"))
+    }
+
+    /// Idle: stops MLflow (if running), hands the route to the activator,
+    /// whose `gate` decides who may wake it, and waits for a visit. The store
+    /// stays on disk; after the visit the loop starts MLflow on it again,
+    /// once its checksum marker still matches.
+    async fn sleep(
+        &self,
+        id: &InstanceId,
+        running: Option<Running>,
+        gate: Arc<Proxy>,
+        stop: &mut oneshot::Receiver<Duration>,
+    ) -> Stopped {
+        let dir = self.dir(id);
+        let idle = gate.metrics().idle_for().unwrap_or_default();
+        let wake = Arc::new(Notify::new());
+        self.inner
+            .routes
+            .sleeping(id.as_str(), gate, Arc::clone(&wake));
+        if let Some(mut r) = running {
+            tracing::info!(%id, idle = %humantime::format_duration(idle), "idle: MLflow goes to sleep");
+            r.stop(super::STOP_GRACE).await;
+            record::clear_process(&dir);
+        }
+        if !self
+            .persist(id, stop, |s| {
+                s.instance.phase = Phase::Sleeping;
+                s.instance.message = None;
+            })
+            .await
+        {
+            return Stopped::Yes;
+        }
+        // A new episode: a stream opened from now on ends at `sleeping`.
+        self.restart_log(
+            id,
+            Event::new(
+                "sleeping",
+                Phase::Sleeping,
+                Some("nobody visited for a while: MLflow stopped; the next visit wakes it".into()),
+            ),
+        );
+        tokio::select! {
+            () = wake.notified() => {}
+            _ = &mut *stop => {
+                self.inner.routes.remove(id.as_str());
+                return Stopped::Yes;
+            }
+        }
+        if !self
+            .persist(id, stop, |s| {
+                s.instance.phase = Phase::Pending;
+                s.instance.message = None;
+            })
+            .await
+        {
+            return Stopped::Yes;
+        }
+        self.restart_log(
+            id,
+            Event::new("waking", Phase::Pending, Some("woken by a visit".into())),
+        );
+        self.inner.routes.note(id.as_str(), "woken by a visit");
+        // The store is used as it was verified: a changed or missing one is
+        // not served (the archive would have to be fetched again).
+        let sha = self.stored(id).map(|s| s.instance.artifacts.sha256);
+        let marker = std::fs::read_to_string(dir.join("store").join(adapter::fetch::MARKER));
+        if sha.is_none() || marker.map(|m| m.trim().to_owned()).ok() != sha {
+            let reason = "its store changed or went missing while it slept; ask the portal for a new instance";
+            self.inner.routes.note(id.as_str(), reason);
+            self.fail(id, format!("waking: {reason}"), stop).await;
+            return Stopped::Yes;
+        }
+        self.inner
+            .routes
+            .note(id.as_str(), "store verified (sha256)");
+        Stopped::No
     }
 
     /// Starts MLflow, records its group and waits until it answers. `Ok(None)`: stopped.

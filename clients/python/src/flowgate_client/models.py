@@ -22,6 +22,8 @@ class Phase(str, Enum):
 
     PENDING = "Pending"
     READY = "Ready"
+    #: Idle, MLflow stopped; the next visit to its URL wakes it (same id and URL).
+    SLEEPING = "Sleeping"
     FAILED = "Failed"
     EXPIRED = "Expired"
     UNKNOWN = "Unknown"
