@@ -38,6 +38,8 @@ test('./quickstart serves the example job in a browser', { timeout: 600_000 }, a
       FLOWGATE_BIN: process.env.FLOWGATE_BIN || path.join(ROOT, 'target', 'debug', 'flowgate'),
       FLOWGATE_QUICKSTART_LISTEN: listen,
       FLOWGATE_QUICKSTART_API: api,
+      // long enough for the walk, short enough to see it sleep and wake
+      FLOWGATE_IDLE_AFTER: '15s',
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -81,4 +83,24 @@ test('./quickstart serves the example job in a browser', { timeout: 600_000 }, a
   const failed = requests.filter((r) => r.failure || (r.status >= 400 && !/users\/current$/.test(r.url)
     && !(r.status === 401 && r.url === plain)));
   assert.deepEqual(failed, [], 'no request failed');
+
+  // Nobody visits for a while: the instance sleeps (MLflow stopped). The
+  // next visit, from the signed-in browser, shows the waking page, then the
+  // page it asked for, fragment included.
+  await page.close();
+  const id = prefix.split('/')[1];
+  const phase = async () => (await (await fetch(`http://${api}/api/v1/instances/${id}`)).json()).phase;
+  for (let i = 0; i < 240 && (await phase()) !== 'Sleeping'; i++) await new Promise((r) => setTimeout(r, 250));
+  assert.equal(await phase(), 'Sleeping');
+  const again = await context.newPage();
+  const woken = Date.now();
+  const wanted = `${plain}#/experiments`;
+  await again.goto(wanted);
+  await again.getByRole('link', { name: 'flowgate-demo', exact: true }).first().waitFor({ timeout: 120_000 });
+  const wakeMs = Date.now() - woken;
+  log(`wake: visit to the MLflow page loaded in ${wakeMs} ms`);
+  fs.writeFileSync(path.join(SHOTS, 'wake-ms.txt'), `${wakeMs}\n`);
+  assert.equal(again.url(), wanted, 'the woken page is the one asked for, fragment included');
+  assert.equal(await phase(), 'Ready');
+  await again.screenshot({ path: path.join(SHOTS, 'quickstart-woken.png') });
 });
