@@ -1808,3 +1808,50 @@ async fn idle_instances_sleep_and_a_visit_wakes_them() {
     until_phase(&c, &base, &link_id, "Ready").await;
     local.backend.stop_all().await;
 }
+
+/// A server stopped while an instance sleeps finds it asleep at its next
+/// start (no MLflow started for it), and a visit still wakes it.
+#[tokio::test]
+async fn a_sleeping_instance_stays_asleep_across_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let supervision = || provisioner::local::supervisor::Supervision {
+        idle_after: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let local = local_backend_with(data.path(), short_ttls(), supervision()).await;
+    let base = spawn_api(&local, None, Quotas::default()).await;
+    let c = http();
+    let created = create_job(&c, &base, "nap", json!({"access": "public"})).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    until_phase(&c, &base, &id, "Sleeping").await;
+    local.backend.stop_all().await;
+    // MLflow writes its log as it starts: the log stays as it was.
+    let log = data.path().join("instances").join(&id).join("mlflow.log");
+    let before = std::fs::read(&log).unwrap();
+
+    let again = local_backend_with(data.path(), short_ttls(), supervision()).await;
+    let base = spawn_api(&again, None, Quotas::default()).await;
+    let asleep = until_phase(&c, &base, &id, "Sleeping").await;
+    assert_eq!(
+        asleep["url"].as_str().unwrap(),
+        format!("{}/{id}/", again.instances)
+    );
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !mlflow_runs(&id),
+            "MLflow was started for a sleeping instance"
+        );
+    }
+    assert_eq!(std::fs::read(&log).unwrap(), before, "MLflow ran again");
+    let visit = c
+        .get(format!("{}/{id}/", again.instances))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert!(visit.text().await.unwrap().contains("Waking up"));
+    until_phase(&c, &base, &id, "Ready").await;
+    assert!(mlflow_runs(&id));
+    again.backend.stop_all().await;
+}
