@@ -28,6 +28,8 @@ pub struct NewInstance {
     pub access: Access,
     /// The credentials set its fetch uses (granted by the service).
     pub credentials: Option<String>,
+    /// Its own idle time before sleeping (zero: never); none: the backend's.
+    pub idle_after: Option<std::time::Duration>,
 }
 
 /// Which instances to list.
@@ -72,6 +74,10 @@ pub struct Removed {
 pub trait Backend: Send + Sync {
     /// URL schemes this backend can fetch artefacts from.
     fn schemes(&self) -> &'static [&'static str];
+    /// Whether it puts idle instances to sleep (and so honours `idle_after`).
+    fn sleeps(&self) -> bool {
+        false
+    }
     /// The live event log of an instance's launch, where the backend keeps one.
     fn event_log(&self, _id: &InstanceId) -> Option<EventLog> {
         None

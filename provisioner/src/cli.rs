@@ -156,6 +156,10 @@ pub enum Command {
         /// --allow-credentials) [default: --default-credentials]
         #[arg(long, value_name = "NAME")]
         credentials: Option<String>,
+        /// Sleep after this long without a visit (`0`: never) [default: the
+        /// server's --idle-after; backends that sleep only]
+        #[arg(long, value_name = "DURATION")]
+        idle_after: Option<String>,
         /// Wait until the instance serves (or fails)
         #[arg(long)]
         wait: bool,
@@ -336,6 +340,7 @@ pub async fn run(cli: Cli) -> Result<String> {
             writes,
             access,
             credentials,
+            idle_after,
             wait,
             wait_timeout,
             dry_run: _,
@@ -348,6 +353,10 @@ pub async fn run(cli: Cli) -> Result<String> {
                 writes,
                 access,
                 credentials,
+                idle_after: idle_after
+                    .as_deref()
+                    .map(crate::instance::parse_idle_after)
+                    .transpose()?,
             };
             let created = service.create(request).await?;
             if !created.created {

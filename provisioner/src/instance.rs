@@ -322,6 +322,10 @@ pub struct Instance {
     /// installation grants; the secret itself is never shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
+    /// How long it may go unvisited before it sleeps, when asked for at
+    /// create (`0`: never); absent: the server's `--idle-after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_after: Option<String>,
 }
 
 impl Instance {
@@ -348,6 +352,45 @@ pub struct CreateRequest {
     pub access: Access,
     /// The credentials set asked for by name (none: the installation's default).
     pub credentials: Option<String>,
+    /// Sleep after this long without a visit (zero: never); none: the server's.
+    pub idle_after: Option<Duration>,
+}
+
+/// The shortest `idle_after` a caller may ask for: an instance that sleeps
+/// sooner would spend its life starting.
+pub const MIN_IDLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Parses a caller's `idle_after`: `0` (never), or a duration such as `30m`
+/// or `2h`, at least [`MIN_IDLE_AFTER`].
+pub fn parse_idle_after(raw: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(raw.trim())
+        .or_else(|e| {
+            if raw.trim() == "0" {
+                Ok(Duration::ZERO)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| Error::invalid("idle_after", format!("{raw:?}: {e}")))?;
+    if !d.is_zero() && d < MIN_IDLE_AFTER {
+        return Err(Error::invalid(
+            "idle_after",
+            format!(
+                "{raw:?}: 0 (never) or at least {}",
+                humantime::format_duration(MIN_IDLE_AFTER)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// An `idle_after` as recorded and shown: `0` for never.
+pub fn show_idle_after(d: Duration) -> String {
+    if d.is_zero() {
+        "0".into()
+    } else {
+        humantime::format_duration(d).to_string()
+    }
 }
 
 /// Bounds on time-to-live.
@@ -437,6 +480,17 @@ pub fn validate_owner(raw: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_after_is_zero_or_at_least_a_minute() {
+        assert_eq!(parse_idle_after("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_idle_after("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(show_idle_after(parse_idle_after("90m").unwrap()), "1h 30m");
+        assert_eq!(show_idle_after(Duration::ZERO), "0");
+        for bad in ["1s", "59s", "", "soon", "-1m"] {
+            assert!(parse_idle_after(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn random_ids_are_valid_and_differ() {

@@ -251,6 +251,14 @@ impl Provisioner {
         let credentials = self
             .credentials
             .resolve(&owner, request.credentials.as_deref())?;
+        if request.idle_after.is_some() && !self.backend.sleeps() {
+            return Err(Error::Invalid {
+                field: "idle_after",
+                message:
+                    "this backend does not put instances to sleep yet (the local backend does)"
+                        .into(),
+            });
+        }
         if request.access == Access::Link && self.links.is_none() {
             return Err(Error::Invalid {
                 field: "access",
@@ -286,6 +294,7 @@ impl Provisioner {
                 writes: request.writes,
                 access: request.access,
                 credentials,
+                idle_after: request.idle_after,
             })
             .await;
         // Made (or not): the objects now speak for themselves.

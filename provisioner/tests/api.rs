@@ -1669,13 +1669,40 @@ async fn idle_instances_sleep_and_a_visit_wakes_them() {
     let created = create_job(&c, &base, "sleepy", json!({"access": "public"})).await;
     let id = created["id"].as_str().unwrap().to_owned();
     let url = created["url"].as_str().unwrap().to_owned();
+    // One that never sleeps (its own idle_after), and one too eager.
+    let awake = create_job(
+        &c,
+        &base,
+        "awake",
+        json!({"access": "public", "idle_after": "0"}),
+    )
+    .await;
+    assert_eq!(awake["idle_after"], "0");
+    let awake_id = awake["id"].as_str().unwrap().to_owned();
+    let eager = c
+        .post(format!("{base}/api/v1/instances"))
+        .json(&json!({"workload": "eager", "idle_after": "1s",
+            "artifacts": {"url": "file:///nonexistent.tgz", "sha256": "0".repeat(64)}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(eager.status(), 400);
     assert_eq!(events(&base, &id, None).await.last().unwrap().0, "ready");
+    assert_eq!(
+        events(&base, &awake_id, None).await.last().unwrap().0,
+        "ready"
+    );
     assert!(mlflow_runs(&id));
 
     // Nobody visits: it sleeps, and its MLflow is gone.
     let asleep = until_phase(&c, &base, &id, "Sleeping").await;
     assert_eq!(asleep["url"], url.as_str());
     assert!(!mlflow_runs(&id), "MLflow still runs while Sleeping");
+    assert_eq!(
+        get_json(&c, &format!("{base}/api/v1/instances/{awake_id}")).await["phase"],
+        "Ready"
+    );
+    assert!(mlflow_runs(&awake_id));
     let (last, _) = events(&base, &id, None).await.pop().unwrap();
     assert_eq!(last, "sleeping");
 

@@ -39,6 +39,7 @@ fn request(workload: &str, seed: &str) -> CreateRequest {
         // these tests are about objects and lifecycles; link access has its own
         access: Access::Public,
         credentials: None,
+        idle_after: None,
     }
 }
 
@@ -193,6 +194,16 @@ async fn credentials_are_granted_and_reach_the_fetch_container_only() {
         default: None,
         grants: vec!["panda-token=alice".parse().unwrap()],
     });
+    // (sleep is the local backend's so far: an idle_after is refused here)
+    let mut asked = request("8080", "c");
+    asked.idle_after = Some(Duration::from_secs(3600));
+    assert!(matches!(
+        p.create(asked).await,
+        Err(Error::Invalid {
+            field: "idle_after",
+            ..
+        })
+    ));
     let mut asked = request("8080", "c");
     asked.credentials = Some("other-team-proxy".into());
     assert!(matches!(p.create(asked).await, Err(Error::Forbidden(_))));

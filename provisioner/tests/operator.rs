@@ -1352,6 +1352,7 @@ fn request(workload: &str) -> CreateRequest {
         // the operator allows `link` only, by default
         access: Access::Link,
         credentials: None,
+        idle_after: None,
     }
 }
 

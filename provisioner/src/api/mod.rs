@@ -252,6 +252,12 @@ pub struct CreateBody {
         pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
     )]
     pub credentials: Option<String>,
+    /// Sleep after this long without a visit, e.g. `2h`; `0`: never (default:
+    /// the server's `--idle-after`). A sleeping instance keeps its id and URL
+    /// and wakes on the next visit. At least 1m; backends without sleep: 400.
+    #[serde(default)]
+    #[schema(pattern = r"^(0|[0-9]+(s|m|h|d))$", example = "2h")]
+    pub idle_after: Option<String>,
 }
 
 /// `POST /api/v1/instances/{id}/links`.
@@ -530,6 +536,11 @@ async fn create(
         writes: body.writes,
         access: body.access,
         credentials: body.credentials,
+        idle_after: body
+            .idle_after
+            .as_deref()
+            .map(crate::instance::parse_idle_after)
+            .transpose()?,
     };
     let created = p.create(request).await?;
     let status = if created.created {

@@ -519,6 +519,7 @@ pub fn instance_from(d: &Deployment, pods: &[Pod], now: Timestamp) -> Result<Ins
         },
         access_url: None,
         credentials: ann.get(ANN_CREDENTIALS).cloned(),
+        idle_after: None,
     })
 }
 

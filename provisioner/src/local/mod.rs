@@ -409,6 +409,10 @@ impl Backend for LocalBackend {
         &["https", "http", "file"]
     }
 
+    fn sleeps(&self) -> bool {
+        true
+    }
+
     fn event_log(&self, id: &InstanceId) -> Option<EventLog> {
         self.inner
             .entries
@@ -446,6 +450,7 @@ impl Backend for LocalBackend {
             access: request.access,
             access_url: None,
             credentials: request.credentials,
+            idle_after: request.idle_after.map(crate::instance::show_idle_after),
         };
         let stored = Stored {
             instance: record.clone(),

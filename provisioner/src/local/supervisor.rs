@@ -463,7 +463,7 @@ impl LocalBackend {
                     record::clear_process(&dir);
                     return;
                 }
-                () = idle(&proxy, settings.idle_after) => {
+                () = idle(&proxy, self.idle_after_of(&id, settings.idle_after)) => {
                     match self.sleep(&id, Some(r), proxy, &mut stop).await {
                         Stopped::Yes => return,
                         Stopped::No => continue,
@@ -509,6 +509,16 @@ impl LocalBackend {
         ProxyConfig::resolve(args, Vec::<(String, String)>::new())
             .map(Proxy::new)
             .map_err(|e| format!("adapter: {e}"))
+    }
+
+    /// The instance's own idle time (zero: never) or the server's.
+    fn idle_after_of(&self, id: &InstanceId, server: Option<Duration>) -> Option<Duration> {
+        match self.stored(id).and_then(|s| s.instance.idle_after) {
+            Some(own) => crate::instance::parse_idle_after(&own)
+                .ok()
+                .filter(|d| !d.is_zero()),
+            None => server,
+        }
     }
 
     /// Idle: stops MLflow (if running), hands the route to the activator,

@@ -81,6 +81,7 @@ pub fn instance_from_resource(
         access: r.spec.access,
         access_url: None,
         credentials: r.spec.credentials.clone(),
+        idle_after: None,
     })
 }
 

@@ -126,6 +126,7 @@ class Client:
         owner: Optional[str] = None,
         access: Optional[str] = None,
         credentials: Optional[str] = None,
+        idle_after: Optional[Ttl] = None,
     ) -> Instance:
         """An instance for the job ``workload`` serving the archive at ``url``.
 
@@ -133,6 +134,8 @@ class Client:
         :attr:`~Instance.access_url` opens it) or ``public`` (the URL alone).
         ``credentials`` names the credentials set a private archive is fetched
         with (one the server grants this owner; :class:`Forbidden` otherwise).
+        ``idle_after`` (e.g. ``"2h"``, ``0`` never) is how long it may go
+        unvisited before it sleeps (backends that sleep only).
 
         When one is live for the same workload and checksum, that one is returned:
         ``Instance.created`` is ``True`` for a new instance (HTTP 201), ``False``
@@ -148,6 +151,8 @@ class Client:
             body["access"] = access
         if credentials is not None:
             body["credentials"] = credentials
+        if idle_after is not None:
+            body["idle_after"] = "0" if idle_after in (0, "0") else _ttl(idle_after)
         status, doc, _ = self._call("POST", "instances", json_body=body)
         return Instance.from_json(doc, created=(status == 201))
 

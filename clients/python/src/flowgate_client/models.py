@@ -109,6 +109,8 @@ class Instance:
     access_url: Optional[str] = None
     #: The credentials set its archive is fetched with (a name, never a secret).
     credentials: Optional[str] = None
+    #: Its own idle time before sleeping (``"0"``: never); ``None``: the server's.
+    idle_after: Optional[str] = None
     #: ``True`` when :meth:`Client.create` made it; ``False`` when it returned the
     #: live instance for the same workload and artefacts (``None`` from other calls).
     created: Optional[bool] = None
@@ -130,6 +132,7 @@ class Instance:
             access=_str(doc, "access", optional=True) or "public",
             access_url=_str(doc, "access_url", optional=True),
             credentials=_str(doc, "credentials", optional=True),
+            idle_after=_str(doc, "idle_after", optional=True),
             created=created,
             raw=doc,
         )
