@@ -74,7 +74,12 @@ async fn create_makes_hardened_owned_objects_that_become_ready() {
     let i = created.instance;
     let name = i.id.object_name();
     assert_eq!(i.url, format!("https://ml.example.test/{}/", i.id));
-    assert_eq!(i.phase, Phase::Pending);
+    // kwok may mark the pod Ready before the create returns on a busy machine
+    assert!(
+        matches!(i.phase, Phase::Pending | Phase::Ready),
+        "{:?}",
+        i.phase
+    );
     assert_eq!(
         i.expires_at.duration_since(i.created_at).as_secs(),
         24 * 3600
