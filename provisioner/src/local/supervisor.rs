@@ -588,13 +588,14 @@ impl LocalBackend {
         let marker = std::fs::read_to_string(dir.join("store").join(adapter::fetch::MARKER));
         if sha.is_none() || marker.map(|m| m.trim().to_owned()).ok() != sha {
             let reason = "its store changed or went missing while it slept; ask the portal for a new instance";
-            self.inner.routes.note(id.as_str(), reason);
             self.fail(id, format!("waking: {reason}"), stop).await;
+            // last, so that the waking page leads with it
+            self.inner.routes.note(id.as_str(), reason);
             return Stopped::Yes;
         }
         self.inner
             .routes
-            .note(id.as_str(), "store verified (sha256)");
+            .note(id.as_str(), "store found as it was fetched (sha256 marker)");
         Stopped::No
     }
 
