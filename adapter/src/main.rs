@@ -107,9 +107,24 @@ struct CredentialArgs {
     /// Trust only --ca-file, not the system's CAs
     #[arg(long, env = "FLOWGATE_FETCH_NO_SYSTEM_CAS")]
     no_system_cas: bool,
-    /// Take what is not given above from DIR's files: token, headers, tls.crt + tls.key or proxy.pem, ca.crt (a mounted Secret)
+    /// Send the token, headers and client certificate only to these origins
+    /// (`https://host[:port]`; default: the --url's); an archive elsewhere is
+    /// fetched without them
+    #[arg(long, env = "FLOWGATE_FETCH_CREDENTIALS_ORIGIN", value_name = "ORIGIN", value_delimiter = ',', value_parser = origin)]
+    credentials_origin: Vec<String>,
+    /// Take what is not given above from DIR's files: token, headers, tls.crt + tls.key or proxy.pem, ca.crt, and origins (required: where they may be sent) (a mounted Secret)
     #[arg(long, env = "FLOWGATE_FETCH_CREDENTIALS_DIR", value_name = "DIR")]
     credentials_dir: Option<PathBuf>,
+}
+
+fn origin(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{raw:?}: an http(s) origin such as https://bigpanda.cern.ch"
+        ));
+    }
+    Ok(url.origin().ascii_serialization())
 }
 
 impl CredentialArgs {
@@ -121,6 +136,7 @@ impl CredentialArgs {
             client_key: self.client_key,
             ca: self.ca_file,
             system_cas: !self.no_system_cas,
+            origins: (!self.credentials_origin.is_empty()).then_some(self.credentials_origin),
         };
         match &self.credentials_dir {
             Some(dir) => explicit.with_dir(dir),

@@ -293,10 +293,15 @@ impl Metrics {
         }
     }
 
+    /// Whether a request or a response body is open now.
+    pub fn busy(&self) -> bool {
+        self.in_flight.get() > 0 || self.open_bodies.get() > 0
+    }
+
     /// How long nothing has been proxied: `None` while a request or a
     /// response body is open, or before any activity was marked.
     pub fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.get() > 0 || self.open_bodies.get() > 0 {
+        if self.busy() {
             return None;
         }
         let last = u64::try_from(self.last_activity.get())

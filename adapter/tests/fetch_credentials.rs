@@ -271,10 +271,11 @@ async fn a_bearer_token_opens_the_archive_and_a_rotated_one_is_read_at_the_retry
         "{err}"
     );
     assert!(err.to_string().contains("none were sent"), "{err}");
-    assert!(
-        err.public_reason().contains("needs credentials"),
-        "{}",
-        err.public_reason()
+    // what anyone may read does not tell a server that wants credentials
+    // from one that is not there (fetching must not probe)
+    assert_eq!(
+        err.public_reason(),
+        "download failed: the archive could not be downloaded from its URL"
     );
     assert_eq!(seen.lock().unwrap().len(), 1);
 
@@ -288,6 +289,31 @@ async fn a_bearer_token_opens_the_archive_and_a_rotated_one_is_read_at_the_retry
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+
+    // A token for another origin stays home (the caller named this URL).
+    let mut elsewhere = with(Some(token.clone()));
+    elsewhere.origins = Some(vec!["https://bigpanda.cern.ch".into()]);
+    let before = seen.lock().unwrap().len();
+    let err = fetch(&options(
+        url.clone(),
+        &data,
+        &tmp.path().join("a"),
+        elsewhere,
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::HttpStatus {
+                status: 401,
+                credentials: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(seen.lock().unwrap()[before].authorization, None);
 
     installed(
         fetch(&options(
@@ -376,12 +402,51 @@ async fn a_client_certificate_opens_the_archive_as_two_files_or_one_proxy_pem() 
         &format!("{}{}{}", pki.client_pem, pki.client_key_pem, pki.ca_pem),
     );
     write(&secret, "ca.crt", &pki.ca_pem);
-    let from_dir = Credentials {
-        system_cas: false,
-        ..Credentials::none()
-    }
-    .with_dir(&secret);
-    installed(fetch(&options(url, &data, &tmp.path().join("c"), from_dir)).await);
+    let from_dir = || {
+        Credentials {
+            system_cas: false,
+            ..Credentials::none()
+        }
+        .with_dir(&secret)
+    };
+    // Without `origins` a directory's credentials go nowhere: the handshake
+    // is refused for want of a client certificate.
+    assert!(
+        fetch(&options(
+            url.clone(),
+            &data,
+            &tmp.path().join("c"),
+            from_dir()
+        ))
+        .await
+        .is_err()
+    );
+    assert!(seen.lock().unwrap().iter().all(|s| s.client_cert));
+    // Listed for another origin: still nowhere.
+    write(
+        &secret,
+        "origins",
+        "# where these may go\nhttps://bigpanda.cern.ch\n",
+    );
+    assert!(
+        fetch(&options(
+            url.clone(),
+            &data,
+            &tmp.path().join("c"),
+            from_dir()
+        ))
+        .await
+        .is_err()
+    );
+    write(
+        &secret,
+        "origins",
+        &format!(
+            "https://bigpanda.cern.ch\nhttps://localhost:{}/\n",
+            addr.port()
+        ),
+    );
+    installed(fetch(&options(url, &data, &tmp.path().join("c"), from_dir())).await);
     assert!(seen.lock().unwrap().iter().all(|s| s.client_cert));
 }
 
@@ -431,6 +496,7 @@ async fn credentials_stay_with_the_archive_s_origin() {
         client_key: Some(write(tmp.path(), "tls.key", &pki.client_key_pem)),
         ca: vec![write(tmp.path(), "ca.pem", &pki.ca_pem)],
         system_cas: false,
+        origins: None,
     };
     let at = |path: &str| format!("https://127.0.0.1:{}{path}", origin.port());
     let dest = |n: &str| tmp.path().join(n);
@@ -537,6 +603,11 @@ async fn the_binary_never_prints_a_credential() {
     write(tmp.path(), "ca.crt", &pki.ca_pem);
     let termination = tmp.path().join("termination-log");
     let url = format!("https://127.0.0.1:{}/job.tgz", addr.port());
+    write(
+        tmp.path(),
+        "origins",
+        &format!("https://127.0.0.1:{}\n", addr.port()),
+    );
     let bin = env!("CARGO_BIN_EXE_flowgate-adapter");
     let out = tokio::process::Command::new(bin)
         .args([

@@ -27,6 +27,9 @@ pub mod dir {
     pub const PROXY: &str = "proxy.pem";
     /// CA certificates trusted in addition to the system's.
     pub const CA: &str = "ca.crt";
+    /// The origins (`https://host[:port]`, one per line) the other files may
+    /// be sent to. Required: without it a directory's credentials go nowhere.
+    pub const ORIGINS: &str = "origins";
 }
 
 /// Largest token or header file read.
@@ -53,6 +56,12 @@ pub struct Credentials {
     pub ca: Vec<PathBuf>,
     /// Trust the system's CAs as well (false: only `ca`).
     pub system_cas: bool,
+    /// The origins (scheme, host, port) the token, headers and client
+    /// certificate may be sent to; None: the archive URL's, whatever it is
+    /// (explicit flags: whoever runs fetch chose both). An archive URL
+    /// elsewhere is fetched without them: whoever names the URL (an API
+    /// caller) cannot send an installation's token to a host of theirs.
+    pub origins: Option<Vec<String>>,
 }
 
 impl Default for Credentials {
@@ -64,6 +73,7 @@ impl Default for Credentials {
             client_key: None,
             ca: Vec::new(),
             system_cas: true,
+            origins: None,
         }
     }
 }
@@ -112,7 +122,42 @@ impl Credentials {
         if let Some(ca) = present(dir::CA) {
             self.ca.push(ca);
         }
+        if self.origins.is_none() && self.identifies() {
+            // Required: a directory without it sends its credentials nowhere.
+            self.origins = Some(
+                match read_bounded(&root.join(dir::ORIGINS), MAX_SMALL_FILE) {
+                    Ok(text) => String::from_utf8_lossy(&text)
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .filter_map(|l| url::Url::parse(l).ok())
+                        .map(|u| u.origin().ascii_serialization())
+                        .collect(),
+                    Err(_) => Vec::new(),
+                },
+            );
+        }
         self
+    }
+
+    /// Whether the token, headers and client certificate may go to `url`'s origin.
+    pub fn sent_to(&self, url: &url::Url) -> bool {
+        match &self.origins {
+            None => true,
+            Some(list) => {
+                let origin = url.origin().ascii_serialization();
+                list.contains(&origin)
+            }
+        }
+    }
+
+    /// The same trust (CAs), without anything that identifies the caller.
+    pub fn anonymous(&self) -> Self {
+        Self {
+            ca: self.ca.clone(),
+            system_cas: self.system_cas,
+            ..Self::none()
+        }
     }
 
     /// Reads every file named, for one attempt.
@@ -284,6 +329,7 @@ fn cas(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
             p.extension()
                 .is_some_and(|x| x == "pem" || x == "crt" || x == "0")
         })
+        .take(MAX_CA_FILES + 1)
         .collect();
     if names.len() > MAX_CA_FILES {
         return Err(invalid(path, &format!("more than {MAX_CA_FILES} CA files")));

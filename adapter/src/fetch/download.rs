@@ -111,7 +111,18 @@ async fn download_within(
             reason: "only http, https and file URLs".into(),
         });
     }
-    if url.scheme() == "http" && options.credentials.identifies() {
+    let credentials = if options.credentials.sent_to(&url) {
+        options.credentials.clone()
+    } else {
+        if options.credentials.identifies() {
+            tracing::warn!(
+                origin = %url.origin().ascii_serialization(),
+                "the archive is not at an origin its credentials are for (their `origins`): fetching without them"
+            );
+        }
+        options.credentials.anonymous()
+    };
+    if url.scheme() == "http" && credentials.identifies() {
         tracing::warn!(
             "credentials go to an http:// URL: anyone on the path can read them; use https"
         );
@@ -121,7 +132,7 @@ async fn download_within(
     loop {
         // Credential files are read again at each attempt: a rotated token
         // or proxy is used by the next retry.
-        let outcome = match Clients::new(&options.timeouts, &options.credentials) {
+        let outcome = match Clients::new(&options.timeouts, &credentials) {
             Ok(clients) => try_http(&clients, &url, options, dir, progress).await,
             Err(e) => Attempt::Fail(e),
         };
@@ -200,11 +211,15 @@ impl Clients {
     }
 }
 
-/// The URL as logs and errors show it: without a password in it.
+/// The URL as logs and errors show it: without a password or a query (a
+/// pre-signed URL's signature, a macaroon).
 fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     if url.password().is_some() {
         let _ = url.set_password(Some("redacted"));
+    }
+    if url.query().is_some() {
+        url.set_query(Some("…"));
     }
     url.to_string()
 }
@@ -247,7 +262,8 @@ async fn send(
                     human(options.timeouts.connect)
                 ))));
             }
-            Ok(Err(e)) => return Err(Attempt::Retry(transfer(error_chain(&e)))),
+            // without the URL: a redirect target may carry a signature
+            Ok(Err(e)) => return Err(Attempt::Retry(transfer(error_chain(&e.without_url())))),
             Err(_) => {
                 return Err(Attempt::Fail(transfer(format!(
                     "stalled: no response within {} (--stall-timeout)",

@@ -182,21 +182,20 @@ impl FetchError {
                 "checksum mismatch: the archive's sha256 is not the one given; nothing was unpacked"
                     .into()
             }
+            // Only where credentials were sent (an origin they are for): any
+            // other 401 reads like any failure, so that fetching cannot tell
+            // which servers want credentials.
             FetchError::HttpStatus {
                 status: 401 | 403,
-                credentials,
+                credentials: true,
                 ..
-            } => format!(
-                "download failed: the archive's server refused access{}",
-                if *credentials {
-                    " with the credentials given"
-                } else {
-                    "; it needs credentials and none were configured"
-                }
-            ),
-            FetchError::Redirect { .. } => "download failed: a redirect was refused (from https to http, to another scheme, or too many)".into(),
-            // Names the file and what is wrong, never its content.
-            FetchError::Credentials(_) => self.to_string(),
+            } => "download failed: the archive's server refused access with the credentials given".into(),
+            FetchError::Credentials(_) => {
+                "download failed: the credentials for this archive are unreadable or malformed (the fetch log says which file)".into()
+            }
+            FetchError::Redirect { .. } => {
+                "download failed: the archive could not be downloaded from its URL".into()
+            }
             FetchError::InvalidUrl { .. }
             | FetchError::HttpStatus { .. }
             | FetchError::Transfer { .. } => {

@@ -138,6 +138,17 @@ impl RouteTable {
         self.steps.write().expect("route lock").remove(id);
     }
 
+    /// The access gate of an instance, serving or asleep.
+    fn gate(&self, id: &str) -> Option<Arc<Proxy>> {
+        match self.lookup(id) {
+            Lookup::Ready(p) => Some(p),
+            Lookup::Waiting(Waiting::Sleeping { gate, .. } | Waiting::Waking { gate }) => {
+                Some(gate)
+            }
+            _ => None,
+        }
+    }
+
     /// The wake's state and steps, as the waking page reads them.
     fn wake_status(&self, id: &str) -> Option<String> {
         let state = match self.lookup(id) {
@@ -370,6 +381,11 @@ impl Handler for LocalRouter {
             == Some(&format!("/{WAKE_STATUS}"))
             && let Some(status) = self.table.wake_status(&id)
         {
+            // as much as the instance itself: a `link` instance tells only
+            // signed-in visitors
+            if let Some(answer) = self.table.gate(&id).and_then(|g| g.gate_answer(&req)) {
+                return answer;
+            }
             let mut r = Response::new(ProxyBody::full(status));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -456,13 +456,15 @@ impl LocalBackend {
             let rec = r.record();
             let first_gone = std::sync::Mutex::new(None::<String>);
             let reason = tokio::select! {
-                why = r.exited() => why,
+                // a stop (delete, expiry) wins over an idle timer due at once
+                biased;
                 grace = &mut stop => {
                     self.inner.routes.remove(id.as_str());
                     r.stop(grace.unwrap_or(super::STOP_GRACE)).await;
                     record::clear_process(&dir);
                     return;
                 }
+                why = r.exited() => why,
                 () = idle(&proxy, self.idle_after_of(&id, settings.idle_after)) => {
                     match self.sleep(&id, Some(r), proxy, &mut stop).await {
                         Stopped::Yes => return,
@@ -537,7 +539,12 @@ impl LocalBackend {
         let wake = Arc::new(Notify::new());
         self.inner
             .routes
-            .sleeping(id.as_str(), gate, Arc::clone(&wake));
+            .sleeping(id.as_str(), Arc::clone(&gate), Arc::clone(&wake));
+        // Requests that found it serving just before finish first (bounded).
+        let until = Instant::now() + Duration::from_secs(10);
+        while gate.metrics().busy() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if let Some(mut r) = running {
             tracing::info!(%id, idle = %humantime::format_duration(idle), "idle: MLflow goes to sleep");
             r.stop(super::STOP_GRACE).await;
@@ -550,6 +557,7 @@ impl LocalBackend {
             })
             .await
         {
+            self.inner.routes.remove(id.as_str());
             return Stopped::Yes;
         }
         // A new episode: a stream opened from now on ends at `sleeping`.
@@ -575,6 +583,7 @@ impl LocalBackend {
             })
             .await
         {
+            self.inner.routes.remove(id.as_str());
             return Stopped::Yes;
         }
         self.restart_log(
