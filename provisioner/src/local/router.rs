@@ -378,7 +378,8 @@ impl Handler for LocalRouter {
         if path
             .strip_prefix('/')
             .and_then(|p| p.strip_prefix(id.as_str()))
-            == Some(&format!("/{WAKE_STATUS}"))
+            .and_then(|p| p.strip_prefix('/'))
+            == Some(WAKE_STATUS)
             && let Some(status) = self.table.wake_status(&id)
         {
             // as much as the instance itself: a `link` instance tells only

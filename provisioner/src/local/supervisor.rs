@@ -359,12 +359,7 @@ impl LocalBackend {
                 return;
             };
             if stored.instance.phase != Phase::Pending
-                && !self
-                    .persist(&id, &mut stop, |s| {
-                        s.instance.phase = Phase::Pending;
-                        s.instance.message = None;
-                    })
-                    .await
+                && !self.enter(&id, Phase::Pending, &mut stop).await
             {
                 return;
             }
@@ -550,13 +545,7 @@ impl LocalBackend {
             r.stop(super::STOP_GRACE).await;
             record::clear_process(&dir);
         }
-        if !self
-            .persist(id, stop, |s| {
-                s.instance.phase = Phase::Sleeping;
-                s.instance.message = None;
-            })
-            .await
-        {
+        if !self.enter(id, Phase::Sleeping, stop).await {
             self.inner.routes.remove(id.as_str());
             return Stopped::Yes;
         }
@@ -576,13 +565,7 @@ impl LocalBackend {
                 return Stopped::Yes;
             }
         }
-        if !self
-            .persist(id, stop, |s| {
-                s.instance.phase = Phase::Pending;
-                s.instance.message = None;
-            })
-            .await
-        {
+        if !self.enter(id, Phase::Pending, stop).await {
             self.inner.routes.remove(id.as_str());
             return Stopped::Yes;
         }
@@ -737,6 +720,20 @@ impl LocalBackend {
         {
             self.event(id, Event::new("failed", Phase::Failed, Some(reason)));
         }
+    }
+
+    /// Moves to `phase` with no message (see [`Self::persist`]).
+    async fn enter(
+        &self,
+        id: &InstanceId,
+        phase: Phase,
+        stop: &mut oneshot::Receiver<Duration>,
+    ) -> bool {
+        self.persist(id, stop, |s| {
+            s.instance.phase = phase;
+            s.instance.message = None;
+        })
+        .await
     }
 
     /// Applies a state change: written and fsynced first, then in memory. While
