@@ -19,8 +19,8 @@ use crate::output::{self, Format};
 use crate::serve::ServeOpts;
 use crate::service::{Caller, Policy, Provisioner, Quotas};
 pub use crate::settings::BackendKind;
-use crate::settings::RouteKind;
 use crate::settings::{KubeArgs, KubeSettings};
+use crate::settings::{RouteApis, RouteKind};
 use crate::{Error, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use jiff::Timestamp;
@@ -225,7 +225,8 @@ pub enum Command {
 }
 
 /// `flowgate create --dry-run`: the objects of a new instance, from the
-/// flags alone (no cluster: `--route-kind auto` is taken as `ingress`).
+/// flags alone (no cluster: `--route-kind auto` shows an HTTPRoute when a
+/// Gateway is configured, else an Ingress; see [`RouteApis::assumed`]).
 fn dry_run_create(cli: &Cli) -> Result<String> {
     let Command::Create {
         workload,
@@ -242,13 +243,17 @@ fn dry_run_create(cli: &Cli) -> Result<String> {
         unreachable!("called for create only")
     };
     let settings = KubeSettings::from_args(&cli.kube, "default")?;
-    let route_kind = match settings.route_kind {
-        RouteKind::Auto => {
-            eprintln!("--route-kind auto asks the cluster; without one this shows an Ingress");
-            RouteKind::Ingress
-        }
-        kind => kind,
-    };
+    let route_kind = settings.route_kind_for(RouteApis::assumed(settings.route_kind))?;
+    if settings.route_kind == RouteKind::Auto {
+        eprintln!(
+            "--route-kind auto asks the cluster (an OpenShift Route where it serves them); \
+             without one this shows {}",
+            match route_kind {
+                RouteKind::Gateway => "an HTTPRoute (a Gateway is configured)",
+                _ => "an Ingress",
+            }
+        );
+    }
     let now = Timestamp::now();
     let spec = InstanceSpec {
         id: InstanceId::random(),
@@ -265,7 +270,7 @@ fn dry_run_create(cli: &Cli) -> Result<String> {
             .resolve(owner, credentials.as_deref())?,
         controller: None,
     };
-    let objects = preview(&spec, &settings, route_kind);
+    let objects = preview(&spec, &settings, route_kind)?;
     Ok(match cli.output {
         Format::Json => {
             output::json(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}))

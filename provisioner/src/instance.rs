@@ -303,7 +303,8 @@ pub struct Instance {
     pub url: String,
     /// Where it is in its life.
     pub phase: Phase,
-    /// Why it failed, when it did.
+    /// Why it failed, when it did, or why visitors cannot reach it yet
+    /// (a Gateway that refuses its HTTPRoute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Whether visitors may write (create experiments, delete runs, ...): off,

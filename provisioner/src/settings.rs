@@ -17,15 +17,88 @@ pub enum BackendKind {
     Operator,
 }
 
-/// How instances are exposed.
+/// How instances are exposed. [`KubeSettings::route_kind_for`] is the one
+/// rule that picks and checks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RouteKind {
-    /// An OpenShift Route if the API serves route.openshift.io, else an Ingress.
+    /// An OpenShift Route if the API serves route.openshift.io; else an
+    /// HTTPRoute if it serves gateway.networking.k8s.io/v1 HTTPRoutes and
+    /// --gateway names a Gateway; else an Ingress.
     Auto,
     /// networking.k8s.io/v1 Ingress.
     Ingress,
     /// route.openshift.io/v1 Route.
     Route,
+    /// gateway.networking.k8s.io/v1 HTTPRoute attached to --gateway (whose
+    /// listener terminates TLS).
+    Gateway,
+}
+
+/// The Gateway the instances' HTTPRoutes attach to, `NAMESPACE/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRef {
+    /// The Gateway's namespace.
+    pub namespace: String,
+    /// The Gateway's name.
+    pub name: String,
+}
+
+impl std::str::FromStr for GatewayRef {
+    type Err = String;
+
+    fn from_str(raw: &str) -> std::result::Result<Self, String> {
+        let (namespace, name) = raw
+            .split_once('/')
+            .ok_or_else(|| format!("{raw:?}: expected NAMESPACE/NAME"))?;
+        // A namespace is a DNS label, a Gateway's name a DNS subdomain.
+        let dns = |s: &str, dots: bool, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+                })
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        if !dns(namespace, false, 63) {
+            return Err(format!("{raw:?}: {namespace:?} is not a namespace name"));
+        }
+        if !dns(name, true, 253) {
+            return Err(format!("{raw:?}: {name:?} is not a Gateway name"));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for GatewayRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The route APIs a cluster serves (from discovery), which
+/// [`KubeSettings::route_kind_for`] chooses among.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteApis {
+    /// route.openshift.io (OpenShift Routes).
+    pub openshift_routes: bool,
+    /// gateway.networking.k8s.io/v1 HTTPRoute.
+    pub http_routes: bool,
+}
+
+impl RouteApis {
+    /// Without a cluster to ask (`create --dry-run`): the kind asked for is
+    /// taken as served, and `auto` is taken to find no OpenShift (so it shows
+    /// an HTTPRoute when a Gateway is configured, else an Ingress).
+    pub fn assumed(requested: RouteKind) -> Self {
+        Self {
+            openshift_routes: requested == RouteKind::Route,
+            http_routes: true,
+        }
+    }
 }
 
 /// Flags of the Kubernetes backend.
@@ -56,7 +129,8 @@ pub struct KubeArgs {
         global = true
     )]
     pub url_scheme: String,
-    /// Ingress or Route
+    /// What exposes each instance at /<id>: an Ingress, an OpenShift Route or
+    /// a Gateway API HTTPRoute
     #[arg(
         long,
         env = "FLOWGATE_ROUTE_KIND",
@@ -65,10 +139,22 @@ pub struct KubeArgs {
         global = true
     )]
     pub route_kind: RouteKind,
+    /// The Gateway the instances' HTTPRoutes attach to (needed by
+    /// --route-kind gateway; lets auto pick HTTPRoutes). Its listener for
+    /// --host terminates TLS and must allow routes from the instances'
+    /// namespace (allowedRoutes)
+    #[arg(
+        long,
+        env = "FLOWGATE_GATEWAY",
+        value_name = "NAMESPACE/NAME",
+        global = true
+    )]
+    pub gateway: Option<GatewayRef>,
     /// IngressClass of the Ingresses
     #[arg(long, env = "FLOWGATE_INGRESS_CLASS", global = true)]
     pub ingress_class: Option<String>,
-    /// TLS secret for the Ingress host (none: the ingress's default)
+    /// TLS secret for the Ingresses' host (none: the ingress's default). Not
+    /// for HTTPRoutes: their Gateway's listener holds the certificate
     #[arg(long, env = "FLOWGATE_TLS_SECRET", global = true)]
     pub tls_secret: Option<String>,
     /// MLflow image
@@ -222,8 +308,10 @@ pub struct KubeSettings {
     pub host: String,
     /// URL scheme.
     pub url_scheme: String,
-    /// Requested route kind (auto resolved by the backend).
+    /// Requested route kind (auto resolved by [`Self::route_kind_for`]).
     pub route_kind: RouteKind,
+    /// The Gateway of the instances' HTTPRoutes.
+    pub gateway: Option<GatewayRef>,
     /// Ingress class.
     pub ingress_class: Option<String>,
     /// TLS secret.
@@ -274,6 +362,7 @@ impl KubeSettings {
             host: args.host.clone(),
             url_scheme: args.url_scheme.clone(),
             route_kind: args.route_kind,
+            gateway: args.gateway.clone(),
             ingress_class: args.ingress_class.clone(),
             tls_secret: args.tls_secret.clone(),
             mlflow_image: args.mlflow_image.clone(),
@@ -296,6 +385,56 @@ impl KubeSettings {
             fetch_service_account: args.fetch_service_account.clone(),
             access_secret: args.access_secret.clone(),
         })
+    }
+
+    /// The route kind instances get on a cluster serving `apis`: the one
+    /// rule for the backend, the operator and `create --dry-run`. `auto`
+    /// picks, in order, an OpenShift Route (route.openshift.io served), an
+    /// HTTPRoute (HTTPRoutes served and a Gateway configured), an Ingress.
+    /// A kind asked for that the cluster does not serve, `gateway` without
+    /// a Gateway, and an HTTPRoute with `--tls-secret` (its Gateway's
+    /// listener terminates TLS, so the Secret would silently not apply) are
+    /// refused.
+    pub fn route_kind_for(&self, apis: RouteApis) -> crate::Result<RouteKind> {
+        let kind = match self.route_kind {
+            RouteKind::Auto if apis.openshift_routes => RouteKind::Route,
+            RouteKind::Auto if apis.http_routes && self.gateway.is_some() => RouteKind::Gateway,
+            RouteKind::Auto => RouteKind::Ingress,
+            RouteKind::Route if !apis.openshift_routes => {
+                return Err(crate::Error::invalid(
+                    "route-kind",
+                    "route was asked for, but the cluster does not serve route.openshift.io",
+                ));
+            }
+            RouteKind::Gateway if self.gateway.is_none() => {
+                return Err(crate::Error::invalid(
+                    "gateway",
+                    "--route-kind gateway needs --gateway NAMESPACE/NAME (FLOWGATE_GATEWAY): \
+                     the Gateway the instances' HTTPRoutes attach to",
+                ));
+            }
+            RouteKind::Gateway if !apis.http_routes => {
+                return Err(crate::Error::invalid(
+                    "route-kind",
+                    "gateway was asked for, but the cluster does not serve \
+                     gateway.networking.k8s.io/v1 HTTPRoute (install the Gateway API CRDs)",
+                ));
+            }
+            other => other,
+        };
+        if let (RouteKind::Gateway, Some(secret), Some(gateway)) =
+            (kind, &self.tls_secret, &self.gateway)
+        {
+            return Err(crate::Error::invalid(
+                "tls-secret",
+                format!(
+                    "{secret:?} is for Ingresses; instances get HTTPRoutes here, whose TLS is \
+                     terminated by the listener of Gateway {gateway} (its certificateRefs): \
+                     unset --tls-secret (FLOWGATE_TLS_SECRET) or use --route-kind ingress"
+                ),
+            ));
+        }
+        Ok(kind)
     }
 
     /// The URL users open for an instance.
@@ -347,7 +486,156 @@ pub fn quantity_bytes(raw: &str) -> std::result::Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::quantity_bytes;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        kube: KubeArgs,
+    }
+
+    /// Settings with these route flags, whatever FLOWGATE_* the process has.
+    fn settings(kind: RouteKind, gateway: Option<&str>, tls_secret: Option<&str>) -> KubeSettings {
+        let args = Wrap::try_parse_from(["x"]).unwrap().kube;
+        let mut s = KubeSettings::from_args(&args, "flowgate").unwrap();
+        s.route_kind = kind;
+        s.gateway = gateway.map(|g| g.parse().unwrap());
+        s.tls_secret = tls_secret.map(str::to_owned);
+        s
+    }
+
+    const NONE: RouteApis = RouteApis {
+        openshift_routes: false,
+        http_routes: false,
+    };
+    const OPENSHIFT: RouteApis = RouteApis {
+        openshift_routes: true,
+        http_routes: false,
+    };
+    const GATEWAY_API: RouteApis = RouteApis {
+        openshift_routes: false,
+        http_routes: true,
+    };
+    const BOTH: RouteApis = RouteApis {
+        openshift_routes: true,
+        http_routes: true,
+    };
+
+    #[test]
+    fn auto_prefers_routes_then_http_routes_with_a_gateway_then_ingresses() {
+        let plain = settings(RouteKind::Auto, None, None);
+        let with_gateway = settings(RouteKind::Auto, Some("infra/shared"), None);
+        let pick = |s: &KubeSettings, apis| s.route_kind_for(apis).unwrap();
+        assert_eq!(pick(&with_gateway, BOTH), RouteKind::Route);
+        assert_eq!(pick(&with_gateway, GATEWAY_API), RouteKind::Gateway);
+        assert_eq!(pick(&with_gateway, NONE), RouteKind::Ingress);
+        assert_eq!(pick(&plain, GATEWAY_API), RouteKind::Ingress);
+        assert_eq!(pick(&plain, OPENSHIFT), RouteKind::Route);
+        assert_eq!(pick(&plain, NONE), RouteKind::Ingress);
+        // a --tls-secret makes auto's HTTPRoute an error, not a silent Ingress
+        let tls = settings(RouteKind::Auto, Some("infra/shared"), Some("cert"));
+        assert!(matches!(
+            tls.route_kind_for(GATEWAY_API),
+            Err(crate::Error::Invalid {
+                field: "tls-secret",
+                ..
+            })
+        ));
+        assert_eq!(pick(&tls, NONE), RouteKind::Ingress);
+    }
+
+    #[test]
+    fn gateway_needs_a_gateway_the_gateway_api_and_no_tls_secret() {
+        let asked = settings(RouteKind::Gateway, Some("infra/shared"), None);
+        assert_eq!(asked.route_kind_for(BOTH).unwrap(), RouteKind::Gateway);
+        assert_eq!(
+            asked.route_kind_for(GATEWAY_API).unwrap(),
+            RouteKind::Gateway
+        );
+        let e = asked.route_kind_for(OPENSHIFT).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("gateway.networking.k8s.io/v1 HTTPRoute"),
+            "{e}"
+        );
+        let e = settings(RouteKind::Gateway, None, None)
+            .route_kind_for(GATEWAY_API)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                crate::Error::Invalid {
+                    field: "gateway",
+                    ..
+                }
+            ) && e.to_string().contains("--gateway NAMESPACE/NAME"),
+            "{e}"
+        );
+        let e = settings(RouteKind::Gateway, Some("infra/shared"), Some("c"))
+            .route_kind_for(GATEWAY_API)
+            .unwrap_err();
+        assert!(e.to_string().contains("infra/shared"), "{e}");
+        // Ingresses keep their Secret; a configured Gateway does not matter to them
+        let ingress = settings(RouteKind::Ingress, Some("infra/shared"), Some("c"));
+        assert_eq!(ingress.route_kind_for(BOTH).unwrap(), RouteKind::Ingress);
+        assert!(
+            settings(RouteKind::Route, None, None)
+                .route_kind_for(GATEWAY_API)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn gateways_are_namespace_slash_name() {
+        let g: GatewayRef = "gateway-system/shared.gw-1".parse().unwrap();
+        assert_eq!(
+            (g.namespace.as_str(), g.name.as_str()),
+            ("gateway-system", "shared.gw-1")
+        );
+        assert_eq!(g.to_string(), "gateway-system/shared.gw-1");
+        for bad in [
+            "shared",
+            "/shared",
+            "ns/",
+            "ns/a/b",
+            "Ns/shared",
+            "ns/-x",
+            "a.b/shared",
+            "ns/x y",
+        ] {
+            assert!(bad.parse::<GatewayRef>().is_err(), "{bad:?}");
+        }
+        assert!(Wrap::try_parse_from(["x", "--gateway", "shared"]).is_err());
+        let args = Wrap::try_parse_from(["x", "--route-kind", "gateway", "--gateway", "infra/gw"])
+            .unwrap()
+            .kube;
+        let s = KubeSettings::from_args(&args, "flowgate").unwrap();
+        assert_eq!(s.route_kind, RouteKind::Gateway);
+        assert_eq!(s.gateway, Some("infra/gw".parse().unwrap()));
+    }
+
+    #[test]
+    fn without_a_cluster_what_was_asked_for_is_taken_as_served() {
+        let s = settings(RouteKind::Auto, Some("infra/shared"), None);
+        assert_eq!(
+            s.route_kind_for(RouteApis::assumed(RouteKind::Auto))
+                .unwrap(),
+            RouteKind::Gateway
+        );
+        let s = settings(RouteKind::Route, None, None);
+        assert_eq!(
+            s.route_kind_for(RouteApis::assumed(RouteKind::Route))
+                .unwrap(),
+            RouteKind::Route
+        );
+        assert_eq!(
+            settings(RouteKind::Auto, None, None)
+                .route_kind_for(RouteApis::assumed(RouteKind::Auto))
+                .unwrap(),
+            RouteKind::Ingress
+        );
+    }
 
     #[test]
     fn quantities() {

@@ -10,6 +10,10 @@ fn flowgate(args: &[&str]) -> (bool, String, String) {
         // no cluster anywhere: dry-run must not look for one
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .env_remove("FLOWGATE_ACCESS_KEYS")
+        // the route flags are the test's (testenv's node env sets these)
+        .env_remove("FLOWGATE_ROUTE_KIND")
+        .env_remove("FLOWGATE_GATEWAY")
+        .env_remove("FLOWGATE_TLS_SECRET")
         .output()
         .unwrap();
     (
@@ -134,4 +138,73 @@ fn create_dry_run_prints_the_objects_without_a_cluster() {
         "--dry-run",
     ]);
     assert!(!ok && err.contains("ftp"), "{err}");
+}
+
+/// `--route-kind gateway` previews an HTTPRoute attached to `--gateway`; the
+/// settings it needs are checked before anything is made.
+#[test]
+fn create_dry_run_shows_an_http_route_for_a_gateway() {
+    let base = [
+        "--host",
+        "ml.example.test",
+        "create",
+        "--workload",
+        "w1",
+        "--artifacts",
+        "https://store.example.test/job.tgz",
+        "--sha256",
+        SHA,
+        "--dry-run",
+        "-o",
+        "json",
+    ];
+    let with = |extra: &[&'static str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        flowgate(&args)
+    };
+    let (ok, json, err) = with(&["--route-kind", "gateway", "--gateway", "infra/shared"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let items = list["items"].as_array().unwrap();
+    let kinds: Vec<_> = items.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Deployment", "Service", "HTTPRoute"]);
+    let id = items[0]["metadata"]["labels"]["flowgate.io/instance"]
+        .as_str()
+        .unwrap();
+    let route = &items[2];
+    assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(route["spec"]["parentRefs"][0]["namespace"], "infra");
+    assert_eq!(route["spec"]["parentRefs"][0]["name"], "shared");
+    assert_eq!(route["spec"]["hostnames"][0], "ml.example.test");
+    assert_eq!(
+        route["spec"]["rules"][0]["matches"][0]["path"]["value"],
+        format!("/{id}")
+    );
+    assert_eq!(
+        route["spec"]["rules"][0]["backendRefs"][0]["name"],
+        items[1]["metadata"]["name"]
+    );
+
+    // auto with a Gateway configured shows what a cluster without OpenShift picks
+    let (ok, json, err) = with(&["--gateway", "infra/shared"]);
+    assert!(ok && json.contains("\"HTTPRoute\""), "{err}");
+    assert!(err.contains("HTTPRoute"), "{err}");
+
+    let (ok, _, err) = with(&["--route-kind", "gateway"]);
+    assert!(!ok && err.contains("--gateway NAMESPACE/NAME"), "{err}");
+    let (ok, _, err) = with(&["--route-kind", "gateway", "--gateway", "shared"]);
+    assert!(!ok && err.contains("NAMESPACE/NAME"), "{err}");
+    let (ok, _, err) = with(&[
+        "--route-kind",
+        "gateway",
+        "--gateway",
+        "infra/shared",
+        "--tls-secret",
+        "cert",
+    ]);
+    assert!(
+        !ok && err.contains("tls-secret") && err.contains("infra/shared"),
+        "{err}"
+    );
 }

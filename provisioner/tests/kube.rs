@@ -9,6 +9,7 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use provisioner::Error;
@@ -16,9 +17,10 @@ use provisioner::backend::{Backend, ListFilter};
 use provisioner::credentials::CredentialRules;
 use provisioner::instance::{Access, Artifacts, CreateRequest, InstanceId, Phase, Workload};
 use provisioner::kube::KubeBackend;
-use provisioner::kube::objects::route_resource;
+use provisioner::kube::objects::{http_route_resource, route_resource};
+use provisioner::kube::served_route_apis;
 use provisioner::service::Provisioner;
-use provisioner::settings::RouteKind;
+use provisioner::settings::{RouteApis, RouteKind};
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
@@ -509,6 +511,290 @@ async fn openshift_routes_are_used_when_asked_or_found() {
     );
 }
 
+/// A Gateway in a namespace of its own, taking routes from every namespace
+/// (no controller runs here: the tests write its status as one would).
+async fn gateway(client: &kube::Client) -> String {
+    let ns = namespace(client).await;
+    let gateways: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+            "gateways",
+        ),
+    );
+    let gw: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "shared"},
+        "spec": {"gatewayClassName": "flowgate-test", "listeners": [{
+            "name": "web", "port": 80, "protocol": "HTTP", "hostname": "ml.example.test",
+            "allowedRoutes": {"namespaces": {"from": "All"}},
+        }]},
+    }))
+    .unwrap();
+    gateways.create(&PostParams::default(), &gw).await.unwrap();
+    format!("{ns}/shared")
+}
+
+/// What a Gateway controller writes when its listeners do not take a route.
+fn refused_by(gateway: &str) -> serde_json::Value {
+    let (namespace, name) = gateway.split_once('/').unwrap();
+    serde_json::json!({"status": {"parents": [{
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": namespace, "name": name},
+        "controllerName": "flowgate.test/gateway-controller",
+        "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowedByListeners",
+            "message": "no listener allows routes from this namespace",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+    }]}})
+}
+
+#[tokio::test]
+async fn http_routes_attach_instances_to_the_configured_gateway() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let gw = gateway(&client).await;
+    let (b, p) = both(
+        &client,
+        settings(&ns).route_kind(RouteKind::Gateway).gateway(&gw),
+    )
+    .await;
+    assert_eq!(b.route_kind(), RouteKind::Gateway);
+    let i = p.create(request("gw1", "o")).await.unwrap().instance;
+    let name = i.id.object_name();
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .unwrap();
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &http_route_resource());
+    let r = routes.get(&name).await.unwrap();
+    let (gw_ns, gw_name) = gw.split_once('/').unwrap();
+    let parent = &r.data["spec"]["parentRefs"][0];
+    assert_eq!(
+        (&parent["kind"], &parent["namespace"], &parent["name"]),
+        (&"Gateway".into(), &gw_ns.into(), &gw_name.into()),
+        "{parent}"
+    );
+    assert_eq!(
+        r.data["spec"]["hostnames"],
+        serde_json::json!(["ml.example.test"])
+    );
+    let rules = r.data["spec"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0]["matches"],
+        serde_json::json!([{"path": {"type": "PathPrefix", "value": i.id.prefix()}}])
+    );
+    let backend = &rules[0]["backendRefs"][0];
+    assert_eq!(backend["name"], name);
+    assert_eq!(
+        backend["port"],
+        svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port
+    );
+    let owners = r.metadata.owner_references.as_ref().unwrap();
+    assert_eq!(
+        (owners[0].kind.as_str(), owners[0].uid.as_str()),
+        ("Deployment", d.metadata.uid.as_deref().unwrap())
+    );
+    assert_eq!(r.labels()["flowgate.io/instance"], i.id.as_str());
+    assert_eq!(r.labels()["app.kubernetes.io/managed-by"], "flowgate");
+    assert!(
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .unwrap()
+            .is_none(),
+        "an Ingress too"
+    );
+    assert_eq!(b.get(&i.id).await.unwrap().message, None);
+
+    // The Gateway refuses the route: the instance says so.
+    routes
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(refused_by(&gw)),
+        )
+        .await
+        .unwrap();
+    let message = b.get(&i.id).await.unwrap().message.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "Gateway {gw} refused the route: NotAllowedByListeners"
+        )),
+        "{message}"
+    );
+    let listed = b.list(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed[0].message.as_deref(), Some(message.as_str()));
+
+    b.delete(&i.id).await.unwrap();
+    assert!(gone(&routes, &name).await, "HTTPRoute left behind");
+}
+
+#[tokio::test]
+async fn gc_removes_http_routes_of_expired_instances_and_orphans() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let gw = gateway(&client).await;
+    let (b, p) = both(
+        &client,
+        settings(&ns).route_kind(RouteKind::Gateway).gateway(&gw),
+    )
+    .await;
+    let old = p.create(request("gw-old", "p")).await.unwrap().instance;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
+    deployments
+        .patch(
+            &old.id.object_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&past),
+        )
+        .await
+        .unwrap();
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &http_route_resource());
+    let route = |name: &str, labels: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"rules": [{"backendRefs": [{"name": name, "port": 80}]}]},
+        }))
+        .unwrap()
+    };
+    // Ours, without a Deployment; and someone else's.
+    routes
+        .create(
+            &PostParams::default(),
+            &route(
+                "mlflow-orphan3",
+                serde_json::json!({"app.kubernetes.io/managed-by": "flowgate", "flowgate.io/instance": "orphan3"}),
+            ),
+        )
+        .await
+        .unwrap();
+    routes
+        .create(
+            &PostParams::default(),
+            &route("someone-else", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+
+    // An Ingress-making backend still cleans up HTTPRoutes where they are served.
+    let ingress_gc = backend(client.clone(), settings(&ns)).await;
+    let mut names: Vec<_> = ingress_gc
+        .gc(true)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r.kind, r.name))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("Deployment {}", old.id.object_name()),
+            "HTTPRoute mlflow-orphan3".to_string()
+        ]
+    );
+    assert_eq!(b.gc(false).await.unwrap().len(), 2);
+    assert!(gone(&routes, &old.id.object_name()).await);
+    assert!(gone(&routes, "mlflow-orphan3").await);
+    assert!(routes.get_opt("someone-else").await.unwrap().is_some());
+}
+
+/// The route kind is chosen and checked against what the API server serves:
+/// both route APIs here, so `auto` takes OpenShift's first; `gateway` needs a
+/// Gateway, and an HTTPRoute never gets `--tls-secret` silently.
+#[tokio::test]
+async fn route_kinds_follow_the_served_apis_and_the_gateway_setting() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    assert_eq!(
+        served_route_apis(&client).await.unwrap(),
+        RouteApis {
+            openshift_routes: true,
+            http_routes: true
+        }
+    );
+    let auto = backend(
+        client.clone(),
+        settings(&ns)
+            .route_kind(RouteKind::Auto)
+            .gateway("infra/shared"),
+    )
+    .await;
+    assert_eq!(auto.route_kind(), RouteKind::Route);
+
+    let err = KubeBackend::new(client.clone(), settings(&ns).route_kind(RouteKind::Gateway))
+        .await
+        .err()
+        .expect("gateway without --gateway");
+    assert!(
+        matches!(
+            &err,
+            Error::Invalid {
+                field: "gateway",
+                ..
+            }
+        ) && err.to_string().contains("--gateway NAMESPACE/NAME"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 2);
+    let mut with_tls = settings(&ns)
+        .route_kind(RouteKind::Gateway)
+        .gateway("infra/shared");
+    with_tls.tls_secret = Some("cert".into());
+    let err = KubeBackend::new(client.clone(), with_tls)
+        .await
+        .err()
+        .expect("a TLS Secret for HTTPRoutes");
+    assert!(
+        matches!(
+            &err,
+            Error::Invalid {
+                field: "tls-secret",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A half-made create is rolled back when the HTTPRoute is refused (here by
+/// the Gateway API's own schema: a host name it does not allow).
+#[tokio::test]
+async fn a_refused_http_route_rolls_the_create_back() {
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let mut s = settings(&ns)
+        .route_kind(RouteKind::Gateway)
+        .gateway("infra/shared");
+    s.host = "Not_A_Host".into();
+    let (b, p) = both(&client, s).await;
+    let err = p.create(request("gw-bad", "q")).await.unwrap_err();
+    assert!(err.to_string().contains("hostnames"), "{err}");
+    assert!(b.list(&ListFilter::default()).await.unwrap().is_empty());
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(deployments.items.is_empty(), "the Deployment stayed");
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    for s in services.list(&ListParams::default()).await.unwrap().items {
+        assert!(
+            gone(&services, &s.metadata.name.unwrap()).await,
+            "a Service stayed"
+        );
+    }
+}
+
 /// A token for a ServiceAccount bound to the Role in k8s/base.
 async fn least_privilege_token(client: &kube::Client, ns: &str) -> String {
     let role_yaml = std::fs::read_to_string(concat!(
@@ -562,8 +848,12 @@ async fn the_least_privilege_role_is_enough() {
         "{err}"
     );
 
-    for kind in [RouteKind::Ingress, RouteKind::Route] {
-        let (b, p) = both(&limited, settings(&ns).route_kind(kind)).await;
+    for kind in [RouteKind::Ingress, RouteKind::Route, RouteKind::Gateway] {
+        let (b, p) = both(
+            &limited,
+            settings(&ns).route_kind(kind).gateway("infra/shared"),
+        )
+        .await;
         let i = p
             .create(request(&format!("rbac-{kind:?}"), "k"))
             .await

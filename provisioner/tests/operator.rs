@@ -22,7 +22,7 @@ use kube::{Client, ResourceExt};
 use provisioner::Error;
 use provisioner::backend::{Backend, ListFilter};
 use provisioner::instance::{Access, Artifacts, CreateRequest, Phase, Workload};
-use provisioner::kube::objects::route_resource;
+use provisioner::kube::objects::{http_route_resource, route_resource};
 use provisioner::operator::backend::OperatorBackend;
 use provisioner::operator::crd::{
     ArtifactsSource, ContainerResources, ImageOverrides, RequestLimit, ResourceOverrides, crd_yaml,
@@ -920,6 +920,115 @@ async fn routes_are_made_where_the_cluster_serves_them() {
 }
 
 #[tokio::test]
+async fn http_routes_are_made_when_a_gateway_is_configured() {
+    let (client, ns) = setup().await;
+    let op = spawn_operator(
+        client.clone(),
+        config(
+            settings(&ns)
+                .route_kind(RouteKind::Gateway)
+                .gateway("gateway-system/shared"),
+            "http-routes",
+            None,
+        ),
+    );
+    let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
+    let r = create(&api, "via-gateway", spec("via-gateway")).await;
+    let id = instance_id(&r.uid().unwrap());
+    let name = id.object_name();
+    phase(&api, "via-gateway", Phase::Ready, Duration::from_secs(90)).await;
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &http_route_resource());
+    let route = routes.get(&name).await.unwrap();
+    let spec_ = &route.data["spec"];
+    assert_eq!(spec_["parentRefs"][0]["namespace"], "gateway-system");
+    assert_eq!(spec_["parentRefs"][0]["name"], "shared");
+    assert_eq!(spec_["hostnames"], json!(["ml.example.test"]));
+    assert_eq!(
+        spec_["rules"][0]["matches"][0]["path"],
+        json!({"type": "PathPrefix", "value": id.prefix()})
+    );
+    assert_eq!(spec_["rules"][0]["backendRefs"][0]["name"], name);
+    assert_eq!(spec_["rules"][0]["backendRefs"][0]["port"], 80);
+    assert_eq!(
+        route.metadata.owner_references.as_ref().unwrap()[0].uid,
+        r.uid().unwrap()
+    );
+    assert_eq!(
+        route.labels()["app.kubernetes.io/managed-by"],
+        "flowgate-operator"
+    );
+    assert!(
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    eventually(
+        "an Event naming the HTTPRoute",
+        Duration::from_secs(30),
+        || async {
+            let events = events_for(&client, &ns, "via-gateway").await;
+            events
+                .iter()
+                .any(|(reason, note)| reason == "Created" && note.contains("HTTPRoute"))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The Gateway refuses it (as its controller would write): the status says so.
+    routes
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"parents": [{
+                "parentRef": {"namespace": "gateway-system", "name": "shared"},
+                "controllerName": "flowgate.test/gateway-controller",
+                "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowedByListeners",
+                    "message": "routes from this namespace are not allowed",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+            }]}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the refusal in the status",
+        Duration::from_secs(30),
+        || async {
+            let message = api.get("via-gateway").await.ok()?.status?.message?;
+            message
+                .contains("Gateway gateway-system/shared refused the route: NotAllowedByListeners")
+                .then_some(())
+        },
+    )
+    .await;
+    // Drift on an HTTPRoute is watched too.
+    routes
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the HTTPRoute to come back",
+        Duration::from_secs(30),
+        || async {
+            routes
+                .get_opt(&name)
+                .await
+                .ok()?
+                .filter(|r| r.uid() != route.uid())
+        },
+    )
+    .await;
+    api.delete("via-gateway", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(&routes, &name).await, "HTTPRoute left behind");
+    op.stop().await;
+}
+
+#[tokio::test]
 async fn reconcile_errors_go_to_the_status_and_are_retried_with_backoff() {
     let (client, ns) = setup().await;
     let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
@@ -1617,7 +1726,7 @@ async fn the_least_privilege_roles_are_enough() {
     op.stop().await;
 
     let op = spawn_operator(
-        limited_operator,
+        limited_operator.clone(),
         config(
             settings(&ns).route_kind(RouteKind::Route),
             "limited-routes",
@@ -1630,6 +1739,32 @@ async fn the_least_privilege_roles_are_enough() {
         .unwrap();
     let routes: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ns, &route_resource());
     assert!(routes.get_opt(&i.id.object_name()).await.unwrap().is_some());
+    assert_eq!(op.metrics.failures(), 0, "a reconcile was refused");
+    op.stop().await;
+
+    let op = spawn_operator(
+        limited_operator,
+        config(
+            settings(&ns)
+                .route_kind(RouteKind::Gateway)
+                .gateway("infra/shared"),
+            "limited-http-routes",
+            Some(fast_lease()),
+        ),
+    );
+    let i = p.create(request("rbac-http-route")).await.unwrap().instance;
+    p.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
+        .await
+        .unwrap();
+    let http_routes: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), &ns, &http_route_resource());
+    assert!(
+        http_routes
+            .get_opt(&i.id.object_name())
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(op.metrics.failures(), 0, "a reconcile was refused");
     op.stop().await;
 }

@@ -1,6 +1,6 @@
-//! The Kubernetes backend: instances are Deployments (+ Service + Ingress or
-//! Route) created by server-side apply; their labels and annotations are the
-//! only store.
+//! The Kubernetes backend: instances are Deployments (+ Service + Ingress,
+//! Route or HTTPRoute) created by server-side apply; their labels and
+//! annotations are the only store.
 
 pub mod ledger;
 pub mod objects;
@@ -12,7 +12,7 @@ pub use phase::{PodFailure, pod_failure};
 use crate::backend::{Backend, ListFilter, NewInstance, Removed};
 use crate::instance::{Instance, InstanceId, Phase, add, label_safe};
 use crate::labels::*;
-use crate::settings::{KubeSettings, RouteKind};
+use crate::settings::{KubeSettings, RouteApis, RouteKind};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -22,45 +22,57 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use objects::{
-    InstanceSpec, deployment, ingress, instance_from, instance_from_deployment, owner_reference,
-    route, route_resource, service,
+    InstanceSpec, deployment, http_route, http_route_resource, ingress, instance_from,
+    instance_from_deployment, owner_reference, route, route_refusal, route_resource, service,
 };
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// Resolves `--route-kind auto` (a Route when the API serves
-/// route.openshift.io, else an Ingress); refuses `route` where Routes are not
-/// served. Also returns whether Routes are served.
+/// The route APIs the cluster serves: route.openshift.io, and
+/// gateway.networking.k8s.io/v1 with its `httproutes` resource.
+pub async fn served_route_apis(client: &Client) -> Result<RouteApis> {
+    const GATEWAY_API: &str = "gateway.networking.k8s.io";
+    let groups = client.list_api_groups().await?;
+    let openshift_routes = groups.groups.iter().any(|g| g.name == "route.openshift.io");
+    let gateway_v1 = groups
+        .groups
+        .iter()
+        .any(|g| g.name == GATEWAY_API && g.versions.iter().any(|v| v.version == "v1"));
+    let http_routes = gateway_v1
+        && client
+            .list_api_group_resources(&format!("{GATEWAY_API}/v1"))
+            .await?
+            .resources
+            .iter()
+            .any(|r| r.name == "httproutes");
+    Ok(RouteApis {
+        openshift_routes,
+        http_routes,
+    })
+}
+
+/// The route kind of `settings` on this cluster (see
+/// [`KubeSettings::route_kind_for`]: `auto` resolved, a kind the cluster does
+/// not serve refused), and what the cluster serves.
 pub async fn resolve_route_kind(
     client: &Client,
-    requested: RouteKind,
-) -> Result<(RouteKind, bool)> {
-    let groups = client.list_api_groups().await?;
-    let routes_served = groups.groups.iter().any(|g| g.name == "route.openshift.io");
-    let kind = match requested {
-        RouteKind::Auto if routes_served => RouteKind::Route,
-        RouteKind::Auto => RouteKind::Ingress,
-        RouteKind::Route if !routes_served => {
-            return Err(Error::invalid(
-                "route-kind",
-                "route was asked for, but the cluster does not serve route.openshift.io",
-            ));
-        }
-        other => other,
-    };
-    Ok((kind, routes_served))
+    settings: &KubeSettings,
+) -> Result<(RouteKind, RouteApis)> {
+    let apis = served_route_apis(client).await?;
+    Ok((settings.route_kind_for(apis)?, apis))
 }
 
 /// Instances on a Kubernetes or OpenShift cluster.
 pub struct KubeBackend {
     settings: KubeSettings,
     route_kind: RouteKind,
-    routes_served: bool,
+    served: RouteApis,
     deployments: Api<Deployment>,
     services: Api<Service>,
     ingresses: Api<Ingress>,
     routes: Api<DynamicObject>,
+    http_routes: Api<DynamicObject>,
     pods: Api<Pod>,
 }
 
@@ -81,15 +93,16 @@ impl KubeBackend {
     /// Connects the backend; resolves `--route-kind auto` by asking the API
     /// whether route.openshift.io is served.
     pub async fn new(client: Client, settings: KubeSettings) -> Result<Self> {
-        let (route_kind, routes_served) = resolve_route_kind(&client, settings.route_kind).await?;
+        let (route_kind, served) = resolve_route_kind(&client, &settings).await?;
         let ns = settings.namespace.clone();
         Ok(Self {
             route_kind,
-            routes_served,
+            served,
             deployments: Api::namespaced(client.clone(), &ns),
             services: Api::namespaced(client.clone(), &ns),
             ingresses: Api::namespaced(client.clone(), &ns),
             routes: Api::namespaced_with(client.clone(), &ns, &route_resource()),
+            http_routes: Api::namespaced_with(client.clone(), &ns, &http_route_resource()),
             pods: Api::namespaced(client, &ns),
             settings,
         })
@@ -123,6 +136,23 @@ impl KubeBackend {
             }
         }
         Err(Error::Internal("could not find a free instance id".into()))
+    }
+
+    /// Why Gateways refuse the HTTPRoutes `selector` selects, by instance id
+    /// (none unless instances get HTTPRoutes): one list, not one read each.
+    async fn route_refusals(&self, selector: &str) -> Result<HashMap<String, String>> {
+        if self.route_kind != RouteKind::Gateway {
+            return Ok(HashMap::new());
+        }
+        let routes = self
+            .http_routes
+            .list(&ListParams::default().labels(selector))
+            .await?;
+        Ok(routes
+            .items
+            .iter()
+            .filter_map(|r| Some((r.labels().get(INSTANCE)?.clone(), route_refusal(r)?)))
+            .collect())
     }
 
     /// The instance's pods.
@@ -270,7 +300,16 @@ impl Backend for KubeBackend {
                         )
                         .await?;
                 }
-                _ => {
+                RouteKind::Gateway => {
+                    self.http_routes
+                        .patch(
+                            &name,
+                            &params,
+                            &Patch::Apply(http_route(&spec, &self.settings, &owner)?),
+                        )
+                        .await?;
+                }
+                RouteKind::Ingress | RouteKind::Auto => {
                     self.ingresses
                         .patch(
                             &name,
@@ -308,11 +347,15 @@ impl Backend for KubeBackend {
     async fn get(&self, id: &InstanceId) -> Result<Instance> {
         let d = self.managed_deployment(id).await?;
         let now = Timestamp::now();
-        let instance = instance_from_deployment(&d, now)?;
-        if instance.phase != Phase::Pending {
-            return Ok(instance);
+        let mut instance = instance_from_deployment(&d, now)?;
+        if instance.phase == Phase::Pending {
+            instance = instance_from(&d, &self.pods_of(id).await?, now)?;
         }
-        instance_from(&d, &self.pods_of(id).await?, now)
+        if self.route_kind == RouteKind::Gateway && instance.message.is_none() {
+            let route = self.http_routes.get_opt(&id.object_name()).await?;
+            instance.message = route.as_ref().and_then(route_refusal);
+        }
+        Ok(instance)
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Instance>> {
@@ -328,8 +371,14 @@ impl Backend for KubeBackend {
             .deployments
             .list(&ListParams::default().labels(&selector))
             .await?;
+        let refusals = self.route_refusals(&selector).await?;
         let instances = list.items.iter().filter_map(|d| match instance_from_deployment(d, now) {
-            Ok(i) => Some(i),
+            Ok(mut i) => {
+                if i.message.is_none() {
+                    i.message = refusals.get(i.id.as_str()).cloned();
+                }
+                Some(i)
+            }
             Err(e) => {
                 tracing::warn!(name = ?d.metadata.name, error = %e, "skipping a malformed instance");
                 None
@@ -466,16 +515,21 @@ impl Backend for KubeBackend {
                 });
             }
         }
-        if self.routes_served {
-            for r in self.routes.list(&lp).await?.items {
+        for (served, kind, api) in [
+            (self.served.openshift_routes, "Route", &self.routes),
+            (self.served.http_routes, "HTTPRoute", &self.http_routes),
+        ] {
+            if !served {
+                continue;
+            }
+            for r in api.list(&lp).await?.items {
                 if orphan(r.labels()) {
                     if !dry_run {
-                        self.routes
-                            .delete(&r.name_any(), &DeleteParams::background())
+                        api.delete(&r.name_any(), &DeleteParams::background())
                             .await?;
                     }
                     removed.push(Removed {
-                        kind: "Route".into(),
+                        kind: kind.into(),
                         name: r.name_any(),
                         reason: "no Deployment".into(),
                     });

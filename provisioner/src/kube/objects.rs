@@ -1,6 +1,6 @@
 //! The Kubernetes objects of one instance, built without a server: the
 //! Deployment (init container `fetch`, containers `mlflow` and `adapter`), the
-//! Service, and the Ingress or OpenShift Route. The CLI, the REST API and the
+//! Service, and the Ingress, OpenShift Route or Gateway API HTTPRoute. The CLI, the REST API and the
 //! operator all build through these functions: the provisioner's objects are
 //! owned by their Deployment, the operator's all by their `MlflowInstance`
 //! ([`InstanceSpec::controller`]).
@@ -8,7 +8,7 @@
 use super::phase::observe;
 use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, label_safe};
 use crate::labels::*;
-use crate::settings::{KubeSettings, RouteKind};
+use crate::settings::{GatewayRef, KubeSettings, RouteKind};
 use crate::{Error, Result};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -25,6 +25,9 @@ pub const STORE_DIR: &str = "/data/store";
 pub const MLFLOW_PORT: u16 = 5000;
 /// The adapter's port, the only one the Service reaches.
 pub const ADAPTER_PORT: u16 = 8080;
+/// The Service's port (to the adapter's), where Ingresses, Routes and
+/// HTTPRoutes send visitors.
+pub const SERVICE_PORT: u16 = 80;
 
 /// Everything that defines one instance's objects.
 #[derive(Clone, Debug)]
@@ -363,7 +366,7 @@ pub fn service(spec: &InstanceSpec, owner: &OwnerReference) -> Service {
         "spec": {
             "type": "ClusterIP",
             "selector": {INSTANCE: spec.id.to_string()},
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }))
     .expect("the Service template is a valid Service")
@@ -420,13 +423,92 @@ pub fn route(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> D
     route
 }
 
+/// gateway.networking.k8s.io/v1 HTTPRoute.
+pub fn http_route_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        "httproutes",
+    )
+}
+
+/// The HTTPRoute: attached to the configured Gateway, path prefix `/<id>` on
+/// the shared host, to the instance's Service (the one an Ingress would
+/// point at). TLS is the Gateway listener's; whether the Gateway accepts the
+/// route shows in its `status.parents` (see [`route_refusal`]). Refused
+/// without a Gateway, as [`KubeSettings::route_kind_for`] refuses it.
+pub fn http_route(
+    spec: &InstanceSpec,
+    s: &KubeSettings,
+    owner: &OwnerReference,
+) -> Result<DynamicObject> {
+    let GatewayRef { namespace, name } = s.gateway.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "gateway",
+            "an HTTPRoute needs --gateway NAMESPACE/NAME (FLOWGATE_GATEWAY)",
+        )
+    })?;
+    let mut route =
+        DynamicObject::new(&spec.id.object_name(), &http_route_resource()).data(json!({
+            "spec": {
+                "parentRefs": [{
+                    "group": "gateway.networking.k8s.io",
+                    "kind": "Gateway",
+                    "namespace": namespace,
+                    "name": name,
+                }],
+                "hostnames": [s.host],
+                "rules": [{
+                    "matches": [{"path": {"type": "PathPrefix", "value": spec.id.prefix()}}],
+                    "backendRefs": [{
+                        "group": "",
+                        "kind": "Service",
+                        "name": spec.id.object_name(),
+                        "port": SERVICE_PORT,
+                    }],
+                }],
+            },
+        }));
+    route.metadata.labels = Some(labels(spec));
+    route.metadata.owner_references = Some(vec![owner.clone()]);
+    Ok(route)
+}
+
+/// Why a Gateway does not take an HTTPRoute: the first parent in its
+/// `status.parents` whose `Accepted` condition is False, as
+/// "Gateway NS/NAME refused the route: REASON: MESSAGE". None while it is
+/// accepted or not looked at yet.
+pub fn route_refusal(route: &DynamicObject) -> Option<String> {
+    let parents = route.data["status"]["parents"].as_array()?;
+    parents.iter().find_map(|parent| {
+        let accepted = parent["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Accepted")?;
+        if accepted["status"] != "False" {
+            return None;
+        }
+        let r = &parent["parentRef"];
+        let namespace = r["namespace"]
+            .as_str()
+            .or(route.metadata.namespace.as_deref())
+            .unwrap_or_default();
+        Some(format!(
+            "Gateway {namespace}/{} refused the route: {}: {}",
+            r["name"].as_str().unwrap_or_default(),
+            accepted["reason"].as_str().unwrap_or("NotAccepted"),
+            accepted["message"].as_str().unwrap_or_default(),
+        ))
+    })
+}
+
 /// The objects `create` would apply for `spec`, for `create --dry-run`:
-/// the Deployment, the Service and the Ingress or Route (`route_kind`, already
-/// resolved), each as JSON with its apiVersion and kind, in the instance's
-/// namespace. Without a cluster there is no Deployment uid, so the ownership
-/// that makes deleting the Deployment remove the rest is left out: applying
-/// this by hand makes objects that gc does not tie together.
-pub fn preview(spec: &InstanceSpec, s: &KubeSettings, route_kind: RouteKind) -> Vec<Value> {
+/// the Deployment, the Service and the Ingress, Route or HTTPRoute
+/// (`route_kind`, already resolved), each as JSON with its apiVersion and
+/// kind, in the instance's namespace. Without a cluster there is no
+/// Deployment uid, so the ownership that makes deleting the Deployment
+/// remove the rest is left out: applying this by hand makes objects that gc
+/// does not tie together.
+pub fn preview(spec: &InstanceSpec, s: &KubeSettings, route_kind: RouteKind) -> Result<Vec<Value>> {
     let placeholder = OwnerReference {
         api_version: "apps/v1".into(),
         kind: "Deployment".into(),
@@ -441,7 +523,10 @@ pub fn preview(spec: &InstanceSpec, s: &KubeSettings, route_kind: RouteKind) -> 
             RouteKind::Route => {
                 serde_json::to_value(route(spec, s, &placeholder)).expect("a Route")
             }
-            _ => to_value(
+            RouteKind::Gateway => {
+                serde_json::to_value(http_route(spec, s, &placeholder)?).expect("an HTTPRoute")
+            }
+            RouteKind::Ingress | RouteKind::Auto => to_value(
                 ingress(spec, s, &placeholder),
                 "networking.k8s.io/v1",
                 "Ingress",
@@ -453,7 +538,7 @@ pub fn preview(spec: &InstanceSpec, s: &KubeSettings, route_kind: RouteKind) -> 
         meta.remove("ownerReferences");
         meta.insert("namespace".into(), json!(s.namespace));
     }
-    out
+    Ok(out)
 }
 
 fn to_value<T: serde::Serialize>(object: T, api_version: &str, kind: &str) -> Value {
@@ -790,6 +875,124 @@ mod tests {
         let s = serde_json::to_value(service(&spec(), &owner)).unwrap();
         assert_eq!(s["spec"]["ports"][0]["port"], 80);
         assert_eq!(s["spec"]["ports"][0]["targetPort"], "http");
+    }
+
+    #[test]
+    fn an_http_route_attaches_to_the_gateway_and_points_at_the_service() {
+        let owner = OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "mlflow-k3x9q2a".into(),
+            uid: "u1".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let mut s = settings();
+        s.gateway = None;
+        assert!(matches!(
+            http_route(&spec(), &s, &owner),
+            Err(Error::Invalid {
+                field: "gateway",
+                ..
+            })
+        ));
+        s.gateway = Some("gateway-system/shared".parse().unwrap());
+        let r = serde_json::to_value(http_route(&spec(), &s, &owner).unwrap()).unwrap();
+        assert_eq!(r["apiVersion"], "gateway.networking.k8s.io/v1");
+        assert_eq!(r["kind"], "HTTPRoute");
+        assert_eq!(r["metadata"]["name"], "mlflow-k3x9q2a");
+        assert_eq!(
+            r["metadata"]["labels"],
+            serde_json::to_value(labels(&spec())).unwrap()
+        );
+        assert_eq!(r["metadata"]["ownerReferences"][0]["uid"], "u1");
+        let spec_ = &r["spec"];
+        assert_eq!(
+            spec_["parentRefs"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                    "namespace": "gateway-system", "name": "shared"}])
+        );
+        assert_eq!(spec_["hostnames"], json!(["ml.example.org"]));
+        assert_eq!(spec_["rules"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            spec_["rules"][0]["matches"],
+            json!([{"path": {"type": "PathPrefix", "value": "/k3x9q2a"}}])
+        );
+        // the Service and port the Ingress reaches
+        let svc = serde_json::to_value(service(&spec(), &owner)).unwrap();
+        assert_eq!(
+            spec_["rules"][0]["backendRefs"],
+            json!([{"group": "", "kind": "Service", "name": svc["metadata"]["name"],
+                    "port": svc["spec"]["ports"][0]["port"]}])
+        );
+        assert!(spec_.get("tls").is_none() && !r.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn a_refused_http_route_says_which_gateway_and_why() {
+        let mut s = settings();
+        s.gateway = Some("gateway-system/shared".parse().unwrap());
+        let owner = OwnerReference::default();
+        let mut r = http_route(&spec(), &s, &owner).unwrap();
+        r.metadata.namespace = Some("flowgate".into());
+        assert_eq!(route_refusal(&r), None);
+        let parent = |status: &str, reason: &str| {
+            json!({"parentRef": {"name": "shared", "namespace": "gateway-system"},
+                   "controllerName": "example.net/gateway",
+                   "conditions": [
+                       {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs"},
+                       {"type": "Accepted", "status": status, "reason": reason,
+                        "message": "namespace flowgate is not allowed"}]})
+        };
+        r.data["status"] = json!({"parents": [parent("True", "Accepted")]});
+        assert_eq!(route_refusal(&r), None);
+        r.data["status"] = json!({"parents": [parent("True", "Accepted"), parent("False", "NotAllowedByListeners")]});
+        assert_eq!(
+            route_refusal(&r).as_deref(),
+            Some(
+                "Gateway gateway-system/shared refused the route: NotAllowedByListeners: \
+                 namespace flowgate is not allowed"
+            )
+        );
+        // a parentRef without a namespace is in the route's
+        r.data["status"]["parents"][1]["parentRef"] = json!({"name": "local"});
+        assert!(
+            route_refusal(&r)
+                .unwrap()
+                .starts_with("Gateway flowgate/local refused")
+        );
+    }
+
+    #[test]
+    fn the_preview_shows_the_resolved_route_kind() {
+        let mut s = settings();
+        s.gateway = Some("gateway-system/shared".parse().unwrap());
+        let kinds = |kind| -> Vec<String> {
+            preview(&spec(), &s, kind)
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} {}",
+                        o["apiVersion"].as_str().unwrap(),
+                        o["kind"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            kinds(RouteKind::Gateway),
+            [
+                "apps/v1 Deployment",
+                "v1 Service",
+                "gateway.networking.k8s.io/v1 HTTPRoute"
+            ]
+        );
+        assert_eq!(kinds(RouteKind::Ingress)[2], "networking.k8s.io/v1 Ingress");
+        assert_eq!(kinds(RouteKind::Route)[2], "route.openshift.io/v1 Route");
+        let objects = preview(&spec(), &s, RouteKind::Gateway).unwrap();
+        assert_eq!(objects[2]["metadata"]["namespace"], "flowgate");
+        assert!(objects[2]["metadata"].get("ownerReferences").is_none());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub const KIND: &str = "MlflowInstance";
     namespaced,
     status = "MlflowInstanceStatus",
     derive = "PartialEq",
-    doc = "An MLflow instance serving one job's artefacts under https://<host>/<id>/ until it expires. Reconciled by `flowgate operator` into a Deployment, a Service and an Ingress (or OpenShift Route), all owned by this resource.",
+    doc = "An MLflow instance serving one job's artefacts under https://<host>/<id>/ until it expires. Reconciled by `flowgate operator` into a Deployment, a Service and an Ingress (or an OpenShift Route, or a Gateway API HTTPRoute), all owned by this resource.",
     printcolumn(
         name = "ID",
         type_ = "string",

@@ -1,6 +1,8 @@
 //! `flowgate operator`: a controller for the `MlflowInstance` custom resource
 //! ([`crd`]). Each resource is reconciled ([`reconcile`]) into the same
-//! Deployment, Service and Ingress/Route the provisioner makes, built by the
+//! Deployment, Service and Ingress/Route/HTTPRoute the provisioner makes
+//! (the route kind chosen by the same rule, [`KubeSettings::route_kind_for`]),
+//! built by the
 //! same functions ([`crate::kube::objects`]), all owned by the resource (so
 //! deleting it cascades through the garbage collector) and server-side
 //! applied with field manager `flowgate-operator`. Owned objects are watched,
@@ -30,7 +32,7 @@ pub mod reconcile;
 pub use crd::{MlflowInstance, MlflowInstanceSpec, MlflowInstanceStatus};
 
 use crate::instance::InstanceId;
-use crate::kube::objects::route_resource;
+use crate::kube::objects::{http_route_resource, route_resource};
 use crate::kube::resolve_route_kind;
 use crate::labels::{MANAGED_BY, OPERATOR_MANAGER};
 use crate::settings::{KubeSettings, RouteKind};
@@ -130,7 +132,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (route_kind, _) = resolve_route_kind(&client, config.settings.route_kind).await?;
+    let (route_kind, _) = resolve_route_kind(&client, &config.settings).await?;
     let ns = config.settings.namespace.clone();
     let reporter = Reporter {
         controller: OPERATOR_MANAGER.into(),
@@ -142,6 +144,7 @@ pub async fn run(
         services: Api::namespaced(client.clone(), &ns),
         ingresses: Api::namespaced(client.clone(), &ns),
         routes: Api::namespaced_with(client.clone(), &ns, &route_resource()),
+        http_routes: Api::namespaced_with(client.clone(), &ns, &http_route_resource()),
         pods: Api::namespaced(client.clone(), &ns),
         settings: config.settings.clone(),
         route_kind,
@@ -198,7 +201,8 @@ pub async fn run(
 }
 
 /// The kube-runtime Controller: the resources and their Deployments, Services
-/// and Ingresses or Routes. (A reconcile writes the status or labels only
+/// and Ingresses, Routes or HTTPRoutes (an HTTPRoute's status, where its
+/// Gateway accepts or refuses it, shows in the resource's). (A reconcile writes the status or labels only
 /// when they change, so the watch events of its own writes end after one
 /// more reconcile.)
 async fn run_controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationToken) {
@@ -213,7 +217,10 @@ async fn run_controller(ctx: Arc<Context>, concurrency: u16, stop: CancellationT
         .owns(ctx.services.clone(), ours.clone());
     controller = match ctx.route_kind {
         RouteKind::Route => controller.owns_with(ctx.routes.clone(), route_resource(), ours),
-        _ => controller.owns(ctx.ingresses.clone(), ours),
+        RouteKind::Gateway => {
+            controller.owns_with(ctx.http_routes.clone(), http_route_resource(), ours)
+        }
+        RouteKind::Ingress | RouteKind::Auto => controller.owns(ctx.ingresses.clone(), ours),
     };
     controller
         .graceful_shutdown_on(async move { stop.cancelled().await })

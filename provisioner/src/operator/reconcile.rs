@@ -1,7 +1,7 @@
 //! One reconcile of an `MlflowInstance`: validate the spec, delete it when
-//! expired, else server-side apply its Deployment, Service and Ingress/Route
-//! (built by [`crate::kube::objects`], owned by the resource) and write the
-//! status, with Events on transitions. Errors go to the status and are
+//! expired, else server-side apply its Deployment, Service and
+//! Ingress/Route/HTTPRoute (built by [`crate::kube::objects`], owned by the
+//! resource) and write the status, with Events on transitions. Errors go to the status and are
 //! retried with exponential backoff.
 
 use super::crd::{MlflowInstance, MlflowInstanceStatus};
@@ -11,7 +11,9 @@ use super::policy::CrdPolicy;
 use crate::instance::{
     Artifacts, InstanceId, Phase, TtlPolicy, Workload, label_safe, validate_owner,
 };
-use crate::kube::objects::{InstanceSpec, deployment, ingress, route, service};
+use crate::kube::objects::{
+    InstanceSpec, deployment, http_route, ingress, route, route_refusal, service,
+};
 use crate::kube::phase::{Fetch, Observed, observe, progress_message};
 use crate::labels::{
     ARTIFACTS_DIGEST, INSTANCE, OPERATOR_FIELD_MANAGER, OWNER, WORKLOAD, digest_label,
@@ -54,6 +56,7 @@ pub(crate) struct Context {
     pub(crate) services: Api<Service>,
     pub(crate) ingresses: Api<Ingress>,
     pub(crate) routes: Api<DynamicObject>,
+    pub(crate) http_routes: Api<DynamicObject>,
     pub(crate) pods: Api<Pod>,
     pub(crate) settings: KubeSettings,
     pub(crate) route_kind: RouteKind,
@@ -458,8 +461,8 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
         refuse(obj, ctx, &id, "NameConflict", message).await?;
         return Ok(Action::requeue(RESYNC));
     }
-    let (d, exposed_by) = apply_objects(obj, ctx, &uid, &id, checked.clone(), &settings).await?;
-    let observed = if d
+    let (d, exposed) = apply_objects(obj, ctx, &uid, &id, checked.clone(), &settings).await?;
+    let mut observed = if d
         .status
         .as_ref()
         .and_then(|s| s.available_replicas)
@@ -474,6 +477,9 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
             .await?;
         observe(&d, &pods.items)
     };
+    if observed.message.is_none() {
+        observed.message = exposed.refusal;
+    }
     let old = obj.status_or_default();
     let status = status_of(
         obj,
@@ -484,7 +490,7 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
         &observed,
     );
     write_status(ctx, obj, &status).await?;
-    publish_transitions(obj, ctx, &old, &status, &observed, exposed_by).await;
+    publish_transitions(obj, ctx, &old, &status, &observed, exposed.by).await;
     let until_expiry = checked
         .expires_at
         .duration_since(Timestamp::now())
@@ -542,8 +548,16 @@ async fn refuse(
     Ok(())
 }
 
-/// Server-side applies the Deployment, the Service and the Ingress or Route,
-/// all owned by the resource; returns the Deployment and what exposes it.
+/// What exposes an instance: the kind applied, and why its Gateway refuses
+/// it (an HTTPRoute's `Accepted=False`), if it does.
+struct Exposed {
+    by: &'static str,
+    refusal: Option<String>,
+}
+
+/// Server-side applies the Deployment, the Service and the Ingress, Route or
+/// HTTPRoute, all owned by the resource; returns the Deployment and what
+/// exposes it.
 async fn apply_objects(
     obj: &MlflowInstance,
     ctx: &Context,
@@ -551,7 +565,7 @@ async fn apply_objects(
     id: &InstanceId,
     checked: Checked,
     settings: &KubeSettings,
-) -> Result<(Deployment, &'static str)> {
+) -> Result<(Deployment, Exposed)> {
     let mut owner = obj
         .controller_owner_ref(&())
         .ok_or_else(|| Error::Internal("MlflowInstance without a name or uid".into()))?;
@@ -576,19 +590,24 @@ async fn apply_objects(
     let d = apply(ctx, obj, uid, "Deployment", &ctx.deployments, &d).await?;
     let svc = service(&spec, &owner);
     apply(ctx, obj, uid, "Service", &ctx.services, &svc).await?;
-    let exposed_by = match ctx.route_kind {
+    let (by, refusal) = match ctx.route_kind {
         RouteKind::Route => {
             let r = route(&spec, settings, &owner);
             apply(ctx, obj, uid, "Route", &ctx.routes, &r).await?;
-            "Route"
+            ("Route", None)
         }
-        _ => {
+        RouteKind::Gateway => {
+            let r = http_route(&spec, settings, &owner)?;
+            let applied = apply(ctx, obj, uid, "HTTPRoute", &ctx.http_routes, &r).await?;
+            ("HTTPRoute", route_refusal(&applied))
+        }
+        RouteKind::Ingress | RouteKind::Auto => {
             let i = ingress(&spec, settings, &owner);
             apply(ctx, obj, uid, "Ingress", &ctx.ingresses, &i).await?;
-            "Ingress"
+            ("Ingress", None)
         }
     };
-    Ok((d, exposed_by))
+    Ok((d, Exposed { by, refusal }))
 }
 
 /// The status for what [`observe`] saw.

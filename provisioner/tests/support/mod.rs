@@ -116,7 +116,8 @@ pub async fn namespace(client: &Client) -> String {
     panic!("namespace {name} never got its default ServiceAccount");
 }
 
-/// Settings as the CLI would resolve them, for a namespace.
+/// Settings as the CLI would resolve them, for a namespace: Ingresses, no
+/// Gateway, no TLS Secret.
 pub fn settings(ns: &str) -> KubeSettings {
     #[derive(clap::Parser)]
     struct Wrap {
@@ -133,18 +134,28 @@ pub fn settings(ns: &str) -> KubeSettings {
         "ingress",
     ])
     .kube;
-    KubeSettings::from_args(&args, "default").unwrap()
+    let mut s = KubeSettings::from_args(&args, "default").unwrap();
+    // whatever FLOWGATE_* a shell exported (testenv's node env sets a Gateway)
+    s.gateway = None;
+    s.tls_secret = None;
+    s
 }
 
 /// Fluent tweaks on settings.
 pub trait SettingsExt {
     fn route_kind(self, kind: RouteKind) -> Self;
+    /// The Gateway of the instances' HTTPRoutes, `NAMESPACE/NAME`.
+    fn gateway(self, gateway: &str) -> Self;
     fn stuck_after(self, d: Duration) -> Self;
 }
 
 impl SettingsExt for KubeSettings {
     fn route_kind(mut self, kind: RouteKind) -> Self {
         self.route_kind = kind;
+        self
+    }
+    fn gateway(mut self, gateway: &str) -> Self {
+        self.gateway = Some(gateway.parse().unwrap());
         self
     }
     fn stuck_after(mut self, d: Duration) -> Self {
