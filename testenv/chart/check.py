@@ -229,6 +229,11 @@ def static(name, rendered_file, chart_values, values_file=None):
             want[env] = values["instances"][k]
     if values["ingress"].get("className"):
         want["FLOWGATE_INGRESS_CLASS"] = values["ingress"]["className"]
+    if values["instances"].get("gateway"):
+        want["FLOWGATE_GATEWAY"] = values["instances"]["gateway"]
+    # an HTTPRoute's TLS is its Gateway's: flowgate refuses a Secret with routeKind gateway
+    want["FLOWGATE_TLS_SECRET"] = (values["ingress"].get("tlsSecret") or None
+                                   if values["instances"]["routeKind"] != "gateway" else None)
     creds = values.get("fetchCredentials") or {}
     if creds.get("allow"):
         want["FLOWGATE_ALLOW_CREDENTIALS"] = ",".join(creds["allow"])
@@ -239,9 +244,10 @@ def static(name, rendered_file, chart_values, values_file=None):
     operator_cm = one(objs, "ConfigMap", "flowgate-operator-config")
     if operator_cm is not None:
         odata = operator_cm.get("data", {})
-        check("flowgate-operator-config: the same credentials grants and default as the API",
+        check("flowgate-operator-config: the same route kind, Gateway, TLS Secret, credentials grants and default as the API",
               [f"{k}={odata.get(k)!r}, want {want.get(k)!r}" for k in
-               ("FLOWGATE_ALLOW_CREDENTIALS", "FLOWGATE_DEFAULT_CREDENTIALS") if odata.get(k) != want.get(k)])
+               ("FLOWGATE_ROUTE_KIND", "FLOWGATE_GATEWAY", "FLOWGATE_TLS_SECRET",
+                "FLOWGATE_ALLOW_CREDENTIALS", "FLOWGATE_DEFAULT_CREDENTIALS") if odata.get(k) != want.get(k)])
     check("flowgate-config: host, route kind, images, TTLs, quotas, instance resources as in the values",
           [f"{k}={data.get(k)!r}, want {v!r}" for k, v in want.items() if data.get(k) != v] if cm else ["no flowgate-config"])
 

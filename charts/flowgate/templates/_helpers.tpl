@@ -93,11 +93,17 @@ affinity:
 FLOWGATE_HOST: {{ required "host is required" .Values.host | quote }}
 FLOWGATE_URL_SCHEME: {{ .Values.urlScheme | quote }}
 FLOWGATE_ROUTE_KIND: {{ .Values.instances.routeKind | quote }}
+{{- with .Values.instances.gateway }}
+FLOWGATE_GATEWAY: {{ . | quote }}
+{{- end }}
 {{- with .Values.ingress.className }}
 FLOWGATE_INGRESS_CLASS: {{ . | quote }}
 {{- end }}
+{{- /* HTTPRoutes take TLS from their Gateway: flowgate refuses a Secret for them */}}
+{{- if ne .Values.instances.routeKind "gateway" }}
 {{- with .Values.ingress.tlsSecret }}
 FLOWGATE_TLS_SECRET: {{ . | quote }}
+{{- end }}
 {{- end }}
 FLOWGATE_MLFLOW_IMAGE: {{ include "flowgate.image" .Values.images.mlflow | quote }}
 FLOWGATE_ADAPTER_IMAGE: {{ include "flowgate.image" .Values.images.adapter | quote }}
