@@ -99,7 +99,8 @@ class Instance:
     #: Where a browser opens it: ``https://<host>/<id>/``.
     url: str
     phase: Phase
-    #: Why it failed, when it did.
+    #: Why it failed, when it did, or why visitors cannot reach it yet (a Gateway
+    #: that refuses its HTTPRoute).
     message: Optional[str] = None
     #: Who may open it: ``link`` (only through :attr:`access_url`) or ``public``.
     access: str = "public"
