@@ -16,7 +16,8 @@
 //                           http://mlflow.example.test:PORT/<id>/ (Chromium resolves that
 //                           host to 127.0.0.1); starts no MLflow and no adapter; needs
 //                           FLOWGATE_WALK_SUMMARY, populate.py's JSON for the instance's
-//                           store (still on disk: the artifacts are compared byte for byte)
+//                           store (still on disk: the artifacts are compared byte for byte);
+//                           a `link` instance's access URL (with its query) signs in first
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -24,9 +25,17 @@ import zlib from 'node:zlib';
 import { after, before, describe, it } from 'node:test';
 
 import {
-  PUBLIC_HOST, ROOT, freePort, launchChromium, log, mkTemp, populate, recordRequests, request,
+  PUBLIC_HOST, ROOT, freePort, launchChromium, log, mkTemp, populate, recordRequests, request as rawRequest,
   sha256, startAdapter, startMlflow, tail, venv,
 } from './lib.mjs';
+
+// A `link` instance's session cookie (FLOWGATE_WALK_URL with its access link):
+// the tests' own requests carry it, as the signed-in browser's do.
+let sessionCookie = null;
+function request(opts) {
+  if (!sessionCookie) return rawRequest(opts);
+  return rawRequest({ ...opts, headers: { Cookie: sessionCookie, ...(opts.headers || {}) } });
+}
 
 const VERSIONS = (process.env.FLOWGATE_WALK_VERSIONS || 'current,1.9.1').split(',').map((s) => s.trim()).filter(Boolean);
 const DIRECT = process.env.FLOWGATE_WALK_DIRECT === '1';
@@ -67,6 +76,12 @@ async function setUp(version, sqlite, env) {
     env.host = TARGET.host;
     env.root = `${PREFIX}/`;
     env.base = `http://${env.host}${env.root}`;
+    if (TARGET.search) {
+      const r = await rawRequest({ port: env.port, path: TARGET.pathname + TARGET.search, headers: { Host: env.host } });
+      assert.equal(r.status, 303, `the access link should sign in with a 303, got ${r.status}`);
+      sessionCookie = [].concat(r.headers['set-cookie'] || [])[0]?.split(';')[0] || null;
+      assert.ok(sessionCookie, 'the access link set no cookie');
+    }
     log(`${version}: walking the running instance ${env.base} (mlflow ${env.summary.mlflow_version})`);
     return;
   }
@@ -244,6 +259,15 @@ for (const spec of VERSIONS) {
       const userDataDir = path.join(env.tmp, 'chromium-profile');
       env.context = await launchChromium(userDataDir);
       env.context.setDefaultTimeout(STEP_TIMEOUT);
+      if (TARGET && TARGET.search) {
+        // A `link` instance: its access link signs this browser in (a cookie
+        // for the instance's path) and redirects to the clean URL. On a page of
+        // its own, before requests are recorded: closing it aborts what it loads.
+        const signIn = await env.context.newPage();
+        await signIn.goto(TARGET.href);
+        assert.ok(!signIn.url().includes('?'), `the access link should redirect to the plain URL, got ${signIn.url()}`);
+        await signIn.close();
+      }
       const requests = recordRequests(env.context);
       const page = env.context.pages()[0] || await env.context.newPage();
       const consoleErrors = [];
