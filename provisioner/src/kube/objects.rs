@@ -473,11 +473,20 @@ pub fn http_route(
     Ok(route)
 }
 
+/// At most this many characters of a Gateway's reason and of its message go
+/// into the instance's message: the CRD allows 1 KiB and 32 KiB, and every
+/// list answer carries one per instance.
+const REFUSAL_PART_MAX: usize = 256;
+
 /// Why a Gateway does not take an HTTPRoute: the first parent in its
 /// `status.parents` whose `Accepted` condition is False, as
-/// "Gateway NS/NAME refused the route: REASON: MESSAGE". None while it is
-/// accepted or not looked at yet.
+/// "Gateway NS/NAME refused the route: REASON: MESSAGE" (each part clipped).
+/// None while it is accepted or not looked at yet.
 pub fn route_refusal(route: &DynamicObject) -> Option<String> {
+    let clipped = |s: &str| match s.char_indices().nth(REFUSAL_PART_MAX) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_owned(),
+    };
     let parents = route.data["status"]["parents"].as_array()?;
     parents.iter().find_map(|parent| {
         let accepted = parent["conditions"]
@@ -494,9 +503,9 @@ pub fn route_refusal(route: &DynamicObject) -> Option<String> {
             .unwrap_or_default();
         Some(format!(
             "Gateway {namespace}/{} refused the route: {}: {}",
-            r["name"].as_str().unwrap_or_default(),
-            accepted["reason"].as_str().unwrap_or("NotAccepted"),
-            accepted["message"].as_str().unwrap_or_default(),
+            clipped(r["name"].as_str().unwrap_or_default()),
+            clipped(accepted["reason"].as_str().unwrap_or("NotAccepted")),
+            clipped(accepted["message"].as_str().unwrap_or_default()),
         ))
     })
 }
@@ -960,6 +969,18 @@ mod tests {
             route_refusal(&r)
                 .unwrap()
                 .starts_with("Gateway flowgate/local refused")
+        );
+        // a controller's long message is clipped, on a character boundary
+        r.data["status"]["parents"][1]["conditions"][1]["message"] = json!("é".repeat(30_000));
+        let said = route_refusal(&r).unwrap();
+        assert!(
+            said.ends_with(&format!("{}…", "é".repeat(REFUSAL_PART_MAX))),
+            "{said}"
+        );
+        assert!(
+            said.chars().count() < 400,
+            "{} characters",
+            said.chars().count()
         );
     }
 
