@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Longest a connection stays open with no request in flight [env: FLOWGATE_IDLE_TIMEOUT] [default: 30s]
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Longest a client may leave response bytes unread (no write to it makes progress) before its connection is closed, as NGINX's send_timeout [env: FLOWGATE_SEND_TIMEOUT] [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub send_timeout: Option<Duration>,
     /// Most client connections open at once; more are closed at accept [env: FLOWGATE_MAX_CONNECTIONS] [default: 1024]
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -119,6 +122,7 @@ struct EnvArgs {
     writes: Option<String>,
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     max_connections: Option<String>,
     access_keys: Option<std::path::PathBuf>,
     max_encoders: Option<String>,
@@ -191,6 +195,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// Longest a connection stays open with no request in flight.
     pub idle_timeout: Duration,
+    /// Longest a write to a client may make no progress.
+    pub send_timeout: Duration,
     /// Most client connections at once.
     pub max_connections: usize,
     /// Largest request head accepted (bytes).
@@ -344,6 +350,15 @@ impl ProxyConfig {
                 )?,
                 "idle-timeout",
             )?,
+            send_timeout: positive(
+                duration(
+                    args.send_timeout,
+                    env.send_timeout,
+                    "send-timeout",
+                    Duration::from_secs(60),
+                )?,
+                "send-timeout",
+            )?,
             max_connections,
             max_header_bytes: 64 * 1024,
             access,
@@ -428,6 +443,7 @@ mod tests {
         assert!(!c.writes, "read-only unless told otherwise");
         assert_eq!(c.header_read_timeout, Duration::from_secs(30));
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.prefix_header, "/k3x9q2a");
         assert_eq!(c.upstream_origin_header, "http://127.0.0.1:5000");

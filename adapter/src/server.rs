@@ -9,7 +9,9 @@
 //! `header_read_timeout` for the first request and `idle_timeout` between
 //! requests, then shuts the connection down (the auto server cancels a
 //! version read that is still waiting). HTTP/2 peers also get keep-alive
-//! pings, so a vanished peer with a stream open is noticed.
+//! pings, so a vanished peer with a stream open is noticed. A peer that
+//! stops reading is cut once a write has waited `send_timeout`
+//! (`SendTimeout`): hyper has no write timeout of its own.
 
 use crate::config::ProxyConfig;
 use crate::metrics::ConnectionMetrics;
@@ -28,6 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -65,6 +68,11 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Longest a connection stays open with no request in flight.
     pub idle_timeout: Duration,
+    /// Longest a write to the client may make no progress (the client reads
+    /// nothing) before the connection is closed: a stalled reader would
+    /// otherwise hold its connection, its upstream request and the
+    /// instance's activity for ever.
+    pub send_timeout: Duration,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Longest drain after shutdown.
@@ -78,6 +86,7 @@ impl Default for ConnectionLimits {
         Self {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(25),
             max_connections: 1024,
@@ -90,6 +99,7 @@ impl From<&ProxyConfig> for ConnectionLimits {
         Self {
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
+            send_timeout: c.send_timeout,
             max_header_bytes: c.max_header_bytes,
             drain_timeout: c.drain_timeout,
             max_connections: c.max_connections,
@@ -207,9 +217,10 @@ impl<H: Handler> Connection<H> {
                 }))
             }
         });
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = self.builder.serve_connection_with_upgrades(
+            TokioIo::new(SendTimeout::new(stream, self.limits.send_timeout)),
+            service,
+        );
         tokio::pin!(conn);
 
         // Until the first request: the header timeout; between requests: idle.
@@ -330,5 +341,93 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one has waited `limit`
+/// without making progress. Only a write that has bytes to send waits: a
+/// quiet event stream or an idle keep-alive is never cut here. The clock is
+/// boxed (allocated only when a write stalls) so the stream stays `Unpin`,
+/// as upgrades need.
+struct SendTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes `result` through; a Pending one starts (or keeps) the clock,
+    /// which any progress stops.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let limit = self.limit;
+        let clock = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match clock.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for the send timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -260,3 +260,55 @@ async fn without_public_host_it_warns_once() {
     let log = b.stop().await;
     assert_eq!(log.matches("no --public-host").count(), 1, "{log}");
 }
+
+/// A client that asks for a large body and stops reading holds its
+/// connection, the upstream request and the instance's activity until
+/// `--send-timeout` passes with no byte taken; a quiet event stream (little
+/// to write, and taken by the socket buffers) is not cut.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    let b = Binary::start(&["--send-timeout", "1s", "--idle-timeout", "30s"]).await;
+    let mut sse = TcpStream::connect(b.addr).await.unwrap();
+    sse.write_all(b"GET /k3x9q2a/sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut stalled = TcpStream::connect(b.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /k3x9q2a/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Neither is read for 3 s: the download's writes stall once the socket
+    // buffers are full, and the send timeout (1 s) cuts it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the cut connection should end, not hang (read {got} bytes)"),
+        }
+    }
+    assert!(got < BIG_BYTES / 2, "read {got} of {BIG_BYTES} bytes");
+    // The event stream was not cut: all three events arrived, then its end.
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(&events).contains("data: event 2") {
+            let n = sse.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the event stream was cut: {:?}",
+                String::from_utf8_lossy(&events)
+            );
+            events.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("all three events");
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(&m, "flowgate_adapter_open_response_bodies"),
+        0.0,
+        "{m}"
+    );
+}

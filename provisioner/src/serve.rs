@@ -273,6 +273,8 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         connections: ConnectionLimits {
             header_read_timeout: opts.api_idle_timeout,
             idle_timeout: opts.api_idle_timeout,
+            // a caller that stops reading (an events stream) is as gone as a silent one
+            send_timeout: opts.api_idle_timeout,
             max_header_bytes: 64 * 1024,
             drain_timeout: http_drain,
             max_connections: opts.api_max_connections,
