@@ -459,6 +459,7 @@ mod tests {
                 ("FLOWGATE_WRITES", "on"),
                 ("FLOWGATE_HEADER_TIMEOUT", "5s"),
                 ("FLOWGATE_IDLE_TIMEOUT", "2m"),
+                ("FLOWGATE_SEND_TIMEOUT", "10s"),
                 ("FLOWGATE_MAX_CONNECTIONS", "64"),
             ]),
         )
@@ -468,6 +469,7 @@ mod tests {
         assert!(!hosts.allows("localhost:8081"));
         assert!(c.writes);
         assert_eq!(c.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.send_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.max_connections, 64);
         let args = ServeArgs {
@@ -592,6 +594,14 @@ mod tests {
         assert!(
             err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_HEADER_TIMEOUT", "0s")])
                 .starts_with("header-timeout:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_SEND_TIMEOUT", "0s")])
+                .starts_with("send-timeout:")
+        );
+        assert!(
+            err(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_SEND_TIMEOUT", "soon")])
+                .starts_with("send-timeout:")
         );
     }
 }

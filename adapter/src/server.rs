@@ -347,12 +347,15 @@ pub async fn shutdown_signal() {
 /// A stream whose writes fail with `TimedOut` once one has waited `limit`
 /// without making progress. Only a write that has bytes to send waits: a
 /// quiet event stream or an idle keep-alive is never cut here. The clock is
-/// boxed (allocated only when a write stalls) so the stream stays `Unpin`,
-/// as upgrades need.
+/// boxed so the stream stays `Unpin`, as upgrades need; it is allocated at
+/// the connection's first stalled write and reset (not re-allocated) at the
+/// next ones, as a large download stalls on every full socket buffer.
 struct SendTimeout<S> {
     inner: S,
     limit: Duration,
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    clock: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether a write is waiting now (the clock runs).
+    stalled: bool,
 }
 
 impl<S> SendTimeout<S> {
@@ -360,7 +363,8 @@ impl<S> SendTimeout<S> {
         Self {
             inner,
             limit,
-            stalled: None,
+            clock: None,
+            stalled: false,
         }
     }
 
@@ -372,13 +376,18 @@ impl<S> SendTimeout<S> {
         result: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
         if result.is_ready() {
-            self.stalled = None;
+            self.stalled = false;
             return result;
         }
-        let limit = self.limit;
-        let clock = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !self.stalled {
+            let deadline = Instant::now() + self.limit;
+            match &mut self.clock {
+                Some(clock) => clock.as_mut().reset(deadline),
+                None => self.clock = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.stalled = true;
+        }
+        let clock = self.clock.as_mut().expect("set when a write first stalls");
         match clock.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

@@ -206,6 +206,21 @@ fn options(url: String, data: &[u8], dest: &Path, credentials: Credentials) -> F
     }
 }
 
+/// The server answered 401 to a request that carried no credentials.
+fn refused_without_credentials(err: &FetchError) {
+    assert!(
+        matches!(
+            err,
+            FetchError::HttpStatus {
+                status: 401,
+                credentials: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 fn installed(o: Result<Outcome, FetchError>) {
     assert!(matches!(o, Ok(Outcome::Installed { .. })), "{o:?}");
 }
@@ -259,17 +274,7 @@ async fn a_bearer_token_opens_the_archive_and_a_rotated_one_is_read_at_the_retry
     ))
     .await
     .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FetchError::HttpStatus {
-                status: 401,
-                credentials: false,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused_without_credentials(&err);
     assert!(err.to_string().contains("none were sent"), "{err}");
     // what anyone may read does not tell a server that wants credentials
     // from one that is not there (fetching must not probe)
@@ -302,17 +307,7 @@ async fn a_bearer_token_opens_the_archive_and_a_rotated_one_is_read_at_the_retry
     ))
     .await
     .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FetchError::HttpStatus {
-                status: 401,
-                credentials: false,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused_without_credentials(&err);
     assert_eq!(seen.lock().unwrap()[before].authorization, None);
 
     installed(

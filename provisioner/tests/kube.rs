@@ -57,6 +57,19 @@ async fn both(
     (b, p)
 }
 
+/// Moves an instance's expiry into the past, as time would.
+async fn expire(client: &kube::Client, ns: &str, id: &InstanceId) {
+    let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch(
+            &id.object_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&past),
+        )
+        .await
+        .unwrap();
+}
+
 fn hex_of(s: &str) -> String {
     s.bytes()
         .map(|b| format!("{:02x}", b % 16))
@@ -365,16 +378,7 @@ async fn gc_removes_only_expired_instances_and_orphans() {
     let (b, p) = both(&client, settings(&ns)).await;
     let old = p.create(request("old", "f")).await.unwrap().instance;
     let live = p.create(request("live", "g")).await.unwrap().instance;
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
-    deployments
-        .patch(
-            &old.id.object_name(),
-            &PatchParams::default(),
-            &Patch::Merge(&past),
-        )
-        .await
-        .unwrap();
+    expire(&client, &ns, &old.id).await;
     assert_eq!(b.get(&old.id).await.unwrap().phase, Phase::Expired);
     // A Service of ours whose Deployment never existed.
     let services = Api::<Service>::namespaced(client.clone(), &ns);
@@ -407,6 +411,7 @@ async fn gc_removes_only_expired_instances_and_orphans() {
             "Service mlflow-orphan1".to_string()
         ]
     );
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     assert!(
         deployments
             .get_opt(&old.id.object_name())
@@ -647,16 +652,7 @@ async fn gc_removes_http_routes_of_expired_instances_and_orphans() {
     )
     .await;
     let old = p.create(request("gw-old", "p")).await.unwrap().instance;
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let past = serde_json::json!({"metadata": {"annotations": {"flowgate.io/expires-at": "2020-01-01T00:00:00Z"}}});
-    deployments
-        .patch(
-            &old.id.object_name(),
-            &PatchParams::default(),
-            &Patch::Merge(&past),
-        )
-        .await
-        .unwrap();
+    expire(&client, &ns, &old.id).await;
     let routes: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &http_route_resource());
     let route = |name: &str, labels: serde_json::Value| -> DynamicObject {
