@@ -39,6 +39,11 @@ use std::time::{Duration, Instant, SystemTime};
 const CONTENT_MD5: header::HeaderName = header::HeaderName::from_static("content-md5");
 /// Largest read buffer per upstream connection.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+/// Under an instance's prefix: the state of its wake, which the waking page
+/// of a sleeping instance follows (answered by the activator while it
+/// sleeps, by the adapter once it serves again). MLflow has no such path.
+pub const WAKE_STATUS_PATH: &str = "/.flowgate/wake";
+
 /// How long /readyz waits for the upstream.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a browser should wait before retrying when the upstream is down.
@@ -245,6 +250,11 @@ impl Proxy {
             Ok(cookie) => cookie,
             Err(answer) => return answer,
         };
+        // The waking page of a sleeping instance follows this path at the
+        // activator; once the route is back here, the instance is serving.
+        if rest == WAKE_STATUS_PATH {
+            return wake_status_ready();
+        }
         if !self.config.writes && !read_only_allows(req.method(), rest) {
             self.metrics.refused(Refusal::ReadOnly);
             return read_only(req.method(), rest);
@@ -662,6 +672,18 @@ fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    response
+}
+
+/// [`WAKE_STATUS_PATH`] at a serving instance: ready (the waking page reloads).
+fn wake_status_ready() -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full("{\"state\":\"ready\",\"steps\":[]}\n"));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -1,7 +1,8 @@
 //! `link` access in front of a real upstream that counts what reaches it:
 //! without a valid link or cookie nothing is forwarded; a link becomes a
 //! cookie for the instance's path and a redirect without the token; the
-//! cookie itself is never forwarded; the own endpoints stay open.
+//! cookie itself is never forwarded; the own endpoints stay open; the wake
+//! status a waking page follows is answered behind the gate.
 
 mod common;
 
@@ -165,5 +166,20 @@ async fn only_a_link_or_its_cookie_reaches_the_upstream() {
     let echoed: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert!(echoed["headers"].get("cookie").is_none(), "{echoed}");
     assert_eq!(forwarded(), before + 2);
+
+    // The wake status a waking page follows: the gate's like everything under
+    // the prefix, then answered `ready` by the adapter itself, not forwarded.
+    let wake = proxy.url(&format!("{PREFIX}{}", adapter::proxy::WAKE_STATUS_PATH));
+    assert_eq!(c.get(&wake).send().await.unwrap().status(), 401);
+    let r = c.get(&wake).header("cookie", session).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let status: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(status["state"], "ready");
+    assert_eq!(
+        forwarded(),
+        before + 2,
+        "the wake status reached the upstream"
+    );
     proxy.stop().await;
 }

@@ -268,6 +268,7 @@ fn dry_run_create(cli: &Cli) -> Result<String> {
             .kube
             .credential_rules()
             .resolve(owner, credentials.as_deref())?,
+        idle_after: None,
         controller: None,
     };
     let objects = preview(&spec, &settings, route_kind)?;

@@ -40,6 +40,11 @@ pub const ANN_ACCESS: &str = "flowgate.io/access";
 pub const ANN_CREDENTIALS: &str = "flowgate.io/credentials";
 /// `creating` until every object of the instance exists, then `complete`.
 pub const ANN_STATE: &str = "flowgate.io/state";
+/// `sleeping` (scaled to zero, its Service selects the activator) or `waking`
+/// (scaled up, the Service handed back once a pod is ready); absent: awake.
+pub const ANN_SLEEP: &str = "flowgate.io/sleep";
+/// Its own idle time before it sleeps (`0`: never); absent: the server's.
+pub const ANN_IDLE_AFTER: &str = "flowgate.io/idle-after";
 
 /// The value of [`MANAGED_BY`].
 pub const MANAGER: &str = "flowgate";

@@ -24,5 +24,6 @@ pub mod output;
 pub mod serve;
 pub mod service;
 pub mod settings;
+pub mod waking;
 
 pub use error::{Error, Result};

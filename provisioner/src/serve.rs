@@ -13,7 +13,9 @@ use crate::api::{ApiState, auth::Tokens, check_listen, guard_hosts, router};
 use crate::backend::Backend;
 use crate::hosts::PublicHosts;
 use crate::kube::KubeBackend;
+use crate::kube::activator::Activator;
 use crate::kube::ledger::LeaseLedger;
+use crate::kube::sleep::{SleepSettings, Sleeper};
 use crate::kube::watch::Watch;
 use crate::ledger::{Ledger, MemoryLedger};
 use crate::local::router::LocalRouter;
@@ -89,10 +91,25 @@ pub struct ServeOpts {
     /// On SIGTERM: the bound on draining requests and stopping MLflow; the process exits within it
     #[arg(long, env = "FLOWGATE_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-    /// Local backend: an instance nobody visited for this long sleeps (its
-    /// MLflow stops; the next visit wakes it, same id and URL); 0: never
+    /// An instance nobody visited for this long sleeps: the local backend
+    /// stops its MLflow; the kubernetes backend (with --activator-listen)
+    /// scales it to zero. The next visit wakes it, same id and URL; 0: never
     #[arg(long, env = "FLOWGATE_IDLE_AFTER", default_value = "30m", value_parser = humantime::parse_duration)]
     pub idle_after: Duration,
+    /// Kubernetes backend: where the activator listens, the port a sleeping
+    /// instance's Service sends visitors to (this server's pods must declare
+    /// it as the container port named `activator` and carry the labels of
+    /// --activator-selector). Without it nothing sleeps on Kubernetes
+    #[arg(long, env = "FLOWGATE_ACTIVATOR_LISTEN")]
+    pub activator_listen: Option<std::net::SocketAddr>,
+    /// Kubernetes backend: the labels of the pods that run this server (the
+    /// activator), `key=value,...`, in the instances' namespace
+    #[arg(
+        long,
+        env = "FLOWGATE_ACTIVATOR_SELECTOR",
+        default_value = "app.kubernetes.io/name=flowgate,app.kubernetes.io/component=api"
+    )]
+    pub activator_selector: String,
     /// Local backend: how long a Failed instance is kept (for its reason) before removal
     #[arg(long, env = "FLOWGATE_KEEP_FAILED", default_value = "1h", value_parser = humantime::parse_duration)]
     pub keep_failed: Duration,
@@ -119,6 +136,17 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener> {
         .map_err(Error::io(format!("{what}: cannot listen on {addr}")))
 }
 
+/// The limits of a listener that visitors reach (the local instances', the
+/// activator's), draining within `drain_timeout`.
+fn visitor_limits(drain_timeout: Duration) -> ConnectionLimits {
+    ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        max_header_bytes: 64 * 1024,
+        drain_timeout,
+        ..Default::default()
+    }
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Result<()> {
     let tokens = match &opts.tokens {
@@ -129,6 +157,12 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         None => None,
     };
     check_listen(opts.listen, tokens.is_some())?;
+    if opts.activator_listen.is_some() && kind != BackendKind::Kubernetes {
+        return Err(Error::invalid(
+            "activator-listen",
+            "only the kubernetes backend puts instances to sleep through an activator",
+        ));
+    }
     let hosts = Arc::new(match &opts.public_host {
         Some(list) => PublicHosts::parse(list)?,
         None => {
@@ -163,6 +197,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
     let http_drain = opts.drain_timeout.saturating_sub(stop_budget);
     let mut local = None;
     let mut instances_served = None;
+    let mut activator_served = None;
     let ttl = KubeSettings::from_args(kube, "default")?.ttl;
     let mut watch = None;
     let mut keys = kube.access_keys.clone();
@@ -171,9 +206,37 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
             let client = kube.client().await?;
             let settings = KubeSettings::from_args(kube, client.default_namespace())?;
             let ledger = Arc::new(LeaseLedger::new(client.clone(), &settings.namespace));
-            watch = Some(Watch::start(client.clone(), &settings.namespace));
+            let shared = Watch::start(client.clone(), &settings.namespace);
+            watch = Some(Arc::clone(&shared));
             let backend: Arc<dyn Backend> = if kind == BackendKind::Operator {
                 Arc::new(OperatorBackend::new(client, settings))
+            } else if let Some(addr) = opts.activator_listen {
+                let idle_after = (!opts.idle_after.is_zero()).then_some(opts.idle_after);
+                let sleeper = Arc::new(Sleeper::new(
+                    client.clone(),
+                    &settings.namespace,
+                    shared,
+                    SleepSettings {
+                        idle_after,
+                        activator: SleepSettings::parse_selector(&opts.activator_selector)?,
+                        tick: SleepSettings::tick_for(idle_after),
+                        read_timeout: Duration::from_secs(3),
+                    },
+                )?);
+                let listener = bind(addr, "activator").await?;
+                let activator = Arc::new(Activator::new(
+                    Arc::clone(&sleeper),
+                    kube.access_keys.clone(),
+                    Arc::clone(&hosts),
+                ));
+                let limits = visitor_limits(http_drain);
+                let until = stopped();
+                activator_served = Some(tokio::spawn(async move {
+                    serve_http(activator, &limits, listener, until).await
+                }));
+                sleeper.spawn();
+                tracing::info!(activator = %addr, idle_after = ?idle_after, "sleeping instances wake through the activator");
+                Arc::new(KubeBackend::new(client, settings).await?.with_sleep())
             } else {
                 Arc::new(KubeBackend::new(client, settings).await?)
             };
@@ -217,12 +280,7 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                     .with_public_hosts(Arc::clone(&hosts))
                     .with_guess_limit(opts.guess_limit),
             );
-            let limits = ConnectionLimits {
-                header_read_timeout: Duration::from_secs(30),
-                max_header_bytes: 64 * 1024,
-                drain_timeout: http_drain,
-                ..Default::default()
-            };
+            let limits = visitor_limits(http_drain);
             let until = stopped();
             instances_served = Some(tokio::spawn(async move {
                 serve_http(routes, &limits, instances_listener, until).await
@@ -298,10 +356,10 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
         () = bound => tracing::warn!("REST API drain timed out; open connections are cut"),
     }
     let at = (*deadline_rx.borrow_and_update()).unwrap_or_else(Instant::now);
-    if let Some(served) = instances_served
-        && tokio::time::timeout_at(at, served).await.is_err()
-    {
-        tracing::warn!("instances drain timed out; open connections are cut");
+    for served in [instances_served, activator_served].into_iter().flatten() {
+        if tokio::time::timeout_at(at, served).await.is_err() {
+            tracing::warn!("instances drain timed out; open connections are cut");
+        }
     }
     if let Some(local) = local {
         tracing::info!("stopping local MLflow processes (their data stays for the next start)");

@@ -1105,3 +1105,216 @@ async fn event_streams_are_capped_per_caller() {
     let _three = p.events(&alice, &i.id).await.unwrap();
     drop(two);
 }
+
+/// Sleep and wake on the real control plane (kwok makes the pods Ready; the
+/// activity read and the real Ingress are the real node's, testenv/node/e2e):
+/// a sleeping instance is scaled to zero with its Service on the activator's
+/// pods, the activator answers its visitors (a JSON call 503 and nothing
+/// woken; ten concurrent page visits wake it once), the route is handed back
+/// when a pod is available, and a sleeping instance past its expiry is gc's.
+#[tokio::test]
+async fn sleeping_instances_wake_once_on_a_page_visit() {
+    use adapter::server::{ConnectionLimits, serve};
+    use provisioner::hosts::PublicHosts;
+    use provisioner::kube::activator::Activator;
+    use provisioner::kube::sleep::{SleepSettings, Sleeper, Wake};
+    use provisioner::kube::watch::Watch;
+
+    let client = admin().await;
+    let ns = namespace(&client).await;
+    let settings = settings(&ns);
+    let ttl = settings.ttl;
+    let b = Arc::new(
+        KubeBackend::new(client.clone(), settings)
+            .await
+            .unwrap()
+            .with_sleep(),
+    );
+    let p = service(b.clone(), client.clone(), &ns, ttl);
+    let mut req = request("sleepy", "s");
+    req.idle_after = Some(Duration::from_secs(7200));
+    let i = p.create(req).await.unwrap().instance;
+    assert_eq!(i.idle_after.as_deref(), Some("2h"));
+    p.wait_ready(&i.id, Duration::from_secs(90), &|_| {})
+        .await
+        .unwrap();
+
+    let watch = Watch::start(client.clone(), &ns);
+    let activator_labels = SleepSettings::parse_selector(
+        "app.kubernetes.io/name=flowgate,app.kubernetes.io/component=api",
+    )
+    .unwrap();
+    let sleeper = Arc::new(
+        Sleeper::new(
+            client.clone(),
+            &ns,
+            Arc::clone(&watch),
+            SleepSettings {
+                idle_after: None,
+                activator: activator_labels.clone(),
+                tick: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+            },
+        )
+        .unwrap(),
+    );
+    watch.ready().await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    let name = i.id.object_name();
+
+    // A decision made on an outdated Deployment is decided again: a status
+    // or annotation change does not stop it, a wake in the meantime does.
+    let stale = deployments.get(&name).await.unwrap();
+    let annotate = |value: serde_json::Value| {
+        let deployments = deployments.clone();
+        let name = name.clone();
+        async move {
+            deployments
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&serde_json::json!({"metadata": {"annotations": value}})),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    annotate(serde_json::json!({"flowgate.io/sleep": "waking"})).await;
+    assert!(!sleeper.sleep(&i.id, &stale).await.unwrap());
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(
+        d.annotations()["flowgate.io/sleep"],
+        "waking",
+        "a sleep undid a wake"
+    );
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    annotate(serde_json::json!({"flowgate.io/sleep": null, "touched": "yes"})).await;
+    assert_eq!(b.get(&i.id).await.unwrap().phase, Phase::Ready);
+
+    let d = deployments.get(&name).await.unwrap();
+    assert!(sleeper.sleep(&i.id, &d).await.unwrap());
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(0));
+    assert_eq!(b.get(&i.id).await.unwrap().phase, Phase::Sleeping);
+    let svc = services.get(&name).await.unwrap().spec.unwrap();
+    assert_eq!(svc.selector.clone().unwrap(), activator_labels);
+    assert_eq!(
+        serde_json::to_value(&svc.ports.as_ref().unwrap()[0].target_port).unwrap(),
+        "activator"
+    );
+    until("the instance's pods to go", || async {
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().labels(&format!("flowgate.io/instance={}", i.id)))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
+
+    // The activator: this test's listener, answering the instances' host.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let activator = Arc::new(Activator::new(
+        Arc::clone(&sleeper),
+        None,
+        Arc::new(PublicHosts::parse("ml.example.test").unwrap()),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        serve(activator, &ConnectionLimits::default(), listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/{}/#/experiments/0", i.id);
+    let get = |accept: &'static str| {
+        http.get(url.clone())
+            .header("host", "ml.example.test")
+            .header("accept", accept)
+            .send()
+    };
+    until("the watch to see it asleep", || async {
+        watch
+            .look(&i.id)
+            .is_some_and(|(i, _)| i.phase == Phase::Sleeping)
+    })
+    .await;
+    let r = get("application/json").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "10");
+    let r = http
+        .get(format!("http://{addr}/{}/", i.id))
+        .header("host", "elsewhere.example")
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    assert_eq!(
+        b.get(&i.id).await.unwrap().phase,
+        Phase::Sleeping,
+        "a JSON call woke it"
+    );
+
+    // Ten page visits at once: one wake; each visitor gets the waking page.
+    let visits = futures_util::future::join_all((0..10).map(|_| get("text/html"))).await;
+    for v in visits {
+        let v = v.unwrap();
+        assert_eq!(v.status(), 503);
+        assert!(v.text().await.unwrap().contains("Waking up"));
+    }
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    assert_eq!(sleeper.wakes(), 1, "ten visits, one wake");
+    assert_eq!(sleeper.wake(&i.id).await.unwrap(), Wake::AlreadyWaking);
+    let status = http
+        .get(format!("http://{addr}/{}/.flowgate/wake", i.id))
+        .header("host", "ml.example.test")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains("\"waking\"") || status.contains("\"ready\""),
+        "{status}"
+    );
+
+    // kwok makes the new pod Ready; the route is handed back by the visit's
+    // follower (or a tick).
+    until("the route handed back", || async {
+        sleeper.tick().await;
+        b.get(&i.id).await.unwrap().phase == Phase::Ready
+    })
+    .await;
+    let svc = services.get(&name).await.unwrap().spec.unwrap();
+    assert_eq!(
+        svc.selector.unwrap(),
+        std::collections::BTreeMap::from([("flowgate.io/instance".to_owned(), i.id.to_string())])
+    );
+    assert_eq!(
+        serde_json::to_value(&svc.ports.as_ref().unwrap()[0].target_port).unwrap(),
+        "http"
+    );
+    assert_eq!(sleeper.wake(&i.id).await.unwrap(), Wake::NotAsleep);
+
+    // Asleep past its expiry: not woken by a visit, removed by gc.
+    let d = deployments.get(&name).await.unwrap();
+    assert!(sleeper.sleep(&i.id, &d).await.unwrap());
+    expire(&client, &ns, &i.id).await;
+    assert_eq!(sleeper.wake(&i.id).await.unwrap(), Wake::NotAsleep);
+    let removed = p.gc(false).await.unwrap();
+    assert!(
+        removed
+            .iter()
+            .any(|r| r.name == name && r.reason == "expired"),
+        "{removed:?}"
+    );
+    assert!(gone(&deployments, &name).await);
+    let _ = stop.send(());
+    served.await.unwrap();
+}

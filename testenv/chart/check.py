@@ -275,6 +275,23 @@ def static(name, rendered_file, chart_values, values_file=None):
             probs.append("no checksum/config on the API pods (a settings change would not roll them)")
     check("provisioner image everywhere; API replicas, resources, tokens Secret, backend as in the values", probs)
 
+    # the activator of sleeping instances: kubernetes backend only (flowgate refuses
+    # --activator-listen with the operator backend)
+    activator = bool((values["api"].get("activator") or {}).get("enabled")) and values["api"].get("backend") != "operator"
+    probs = []
+    if api is not None:
+        c = api["spec"]["template"]["spec"]["containers"][0]
+        args = c["args"]
+        listen = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--activator-listen"]
+        if listen != (["0.0.0.0:8081"] if activator else []):
+            probs.append(f"--activator-listen {listen}, want {'0.0.0.0:8081' if activator else 'none'}")
+        ports = [p for p in c.get("ports", []) if p.get("name") == "activator"]
+        want_ports = [{"name": "activator", "containerPort": 8081, "protocol": "TCP"}] if activator else []
+        if ports != want_ports:
+            probs.append(f"container port activator {ports}, want {want_ports}")
+    check("API activator " + ("on 0.0.0.0:8081, container port `activator` 8081" if activator
+                              else "off (no --activator-listen, no `activator` port)"), probs)
+
     # tokens Secret
     sec = one(objs, "Secret", values["tokens"]["secretName"])
     if values["tokens"].get("create"):

@@ -157,14 +157,35 @@ def check_network_policies(c, objs):
     probs = [] if api else ["no NetworkPolicy flowgate-api"]
     if api:
         for r in api["spec"].get("ingress", []):
-            if [(p.get("protocol", "TCP"), p.get("port")) for p in r.get("ports", [])] != [("TCP", 7000)]:
-                probs.append(f"ports {r.get('ports')} are not exactly TCP 7000")
+            if [(p.get("protocol", "TCP"), p.get("port")) for p in r.get("ports", [])] != [("TCP", 7000), ("TCP", 8081)]:
+                probs.append(f"ports {r.get('ports')} are not exactly TCP 7000 and 8081 (the activator)")
             if not r.get("from"):
                 probs.append("an ingress rule without `from` admits every source")
             for peer in r.get("from", []):
                 if "ipBlock" in peer or peer.get("namespaceSelector") == {}:
                     probs.append(f"peer {peer} is too wide")
-    c.check("NetworkPolicy: the API reachable on TCP 7000 from the ingress namespace only", probs)
+    c.check("NetworkPolicy: the API reachable on TCP 7000 and 8081 (activator) from the ingress namespace only", probs)
+
+    # sleeping instances: the API reads the instance pods' metrics (8080), both ends allowed, nothing more
+    api_pods = {"matchLabels": {"app.kubernetes.io/name": "flowgate", "app.kubernetes.io/component": "api"}}
+    instance_pods = {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}
+    want = {
+        "flowgate-instances-from-api": {
+            "podSelector": instance_pods, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": api_pods}], "ports": [{"protocol": "TCP", "port": 8080}]}]},
+        "flowgate-api-to-instances": {
+            "podSelector": api_pods, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": instance_pods}], "ports": [{"protocol": "TCP", "port": 8080}]}]},
+    }
+    probs = []
+    for name, spec in want.items():
+        np = one(objs, "NetworkPolicy", name)
+        if not np:
+            probs.append(f"no NetworkPolicy {name}")
+        elif np["spec"] != spec:
+            probs.append(f"{name}: spec {json.dumps(np['spec'])}")
+    c.check("NetworkPolicy: the API pods reach instance pods on TCP 8080 (metrics, for sleeping), "
+            "and only they (flowgate-instances-from-api, flowgate-api-to-instances)", probs)
 
 
 def main():
@@ -281,11 +302,14 @@ def main():
         spec = d["spec"]["template"]["spec"]
         ctr = spec["containers"][0]
         if ctr.get("args") != ["serve", "--listen", "0.0.0.0:7000", "--tokens", "/etc/flowgate/tokens",
-                               "--access-keys", "/etc/flowgate-access/keys"]:
+                               "--access-keys", "/etc/flowgate-access/keys", "--activator-listen", "0.0.0.0:8081"]:
             probs.append(f"args {ctr.get('args')}")
-        ports = {p.get("name"): p.get("containerPort") for p in ctr.get("ports", [])}
-        if ports.get("http") != 7000:
+        ports = {p.get("name"): (p.get("containerPort"), p.get("protocol", "TCP")) for p in ctr.get("ports", [])}
+        if ports.get("http") != (7000, "TCP"):
             probs.append("no port http: 7000")
+        # sleeping instances' Services target this port by name
+        if ports.get("activator") != (8081, "TCP"):
+            probs.append(f"no port activator: 8081/TCP ({ports.get('activator')})")
         for probe in ("readinessProbe", "livenessProbe"):
             if ctr.get(probe, {}).get("httpGet", {}).get("path") != "/healthz":
                 probs.append(f"{probe} is not GET /healthz")
@@ -310,8 +334,8 @@ def main():
                 probs.append(f"Service port {p.get('port')} -> {p.get('targetPort')}, not 80 -> http")
             if any(tl.get(k) != v for k, v in svc["spec"]["selector"].items()):
                 probs.append("Service selector does not match the API pods")
-    c.check("API Deployment: flowgate serve on 0.0.0.0:7000 with tokens and access keys from Secrets, /healthz probes, "
-            "Service 80 -> 7000", probs)
+    c.check("API Deployment: flowgate serve on 0.0.0.0:7000 with tokens and access keys from Secrets, activator on "
+            "0.0.0.0:8081 (port `activator`), /healthz probes, Service 80 -> 7000", probs)
 
     # gc
     gc = one(objs, "CronJob", "flowgate-gc")

@@ -28,6 +28,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the API pods run the activator of sleeping instances (the operator
+backend does not sleep instances, and flowgate refuses --activator-listen with it). */}}
+{{- define "flowgate.activator" -}}
+{{- if and .Values.api.activator.enabled (ne .Values.api.backend "operator") -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* The restricted securityContext of a pod. */}}
 {{- define "flowgate.podSecurityContext" -}}
 securityContext:

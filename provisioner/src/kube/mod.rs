@@ -2,9 +2,11 @@
 //! Route or HTTPRoute) created by server-side apply; their labels and
 //! annotations are the only store.
 
+pub mod activator;
 pub mod ledger;
 pub mod objects;
 pub mod phase;
+pub mod sleep;
 pub mod watch;
 
 pub use phase::{PodFailure, pod_failure};
@@ -74,6 +76,9 @@ pub struct KubeBackend {
     routes: Api<DynamicObject>,
     http_routes: Api<DynamicObject>,
     pods: Api<Pod>,
+    /// Idle instances sleep (`flowgate serve --activator-listen` runs the
+    /// sleeper): a per-instance `idle_after` is then accepted.
+    sleeps: bool,
 }
 
 /// Progress of an `upgrade`.
@@ -105,7 +110,15 @@ impl KubeBackend {
             http_routes: Api::namespaced_with(client.clone(), &ns, &http_route_resource()),
             pods: Api::namespaced(client, &ns),
             settings,
+            sleeps: false,
         })
+    }
+
+    /// Marks the backend as one whose idle instances sleep (a sleeper runs
+    /// beside it).
+    pub fn with_sleep(mut self) -> Self {
+        self.sleeps = true;
+        self
     }
 
     /// The route kind in use (auto resolved).
@@ -258,6 +271,9 @@ impl Backend for KubeBackend {
     fn schemes(&self) -> &'static [&'static str] {
         &["https", "http"]
     }
+    fn sleeps(&self) -> bool {
+        self.sleeps
+    }
 
     async fn create(&self, new: NewInstance) -> Result<Instance> {
         let spec = InstanceSpec {
@@ -270,6 +286,7 @@ impl Backend for KubeBackend {
             writes: new.writes,
             access: new.access,
             credentials: new.credentials,
+            idle_after: new.idle_after,
             controller: None,
         };
         let name = spec.id.object_name();

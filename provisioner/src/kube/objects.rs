@@ -6,7 +6,9 @@
 //! ([`InstanceSpec::controller`]).
 
 use super::phase::observe;
-use crate::instance::{Access, Artifacts, Instance, InstanceId, Phase, label_safe};
+use crate::instance::{
+    Access, Artifacts, Instance, InstanceId, Phase, label_safe, show_idle_after,
+};
 use crate::labels::*;
 use crate::settings::{GatewayRef, KubeSettings, RouteKind};
 use crate::{Error, Result};
@@ -50,6 +52,8 @@ pub struct InstanceSpec {
     pub access: Access,
     /// The credentials Secret mounted into the fetch init container only.
     pub credentials: Option<String>,
+    /// Its own idle time before it sleeps (zero: never); none: the server's.
+    pub idle_after: Option<std::time::Duration>,
     /// The operator's `MlflowInstance` that owns every object, Deployment
     /// included (the objects are then labelled managed-by
     /// [`OPERATOR_MANAGER`]). None on the provisioner's path, where the
@@ -103,6 +107,9 @@ pub fn annotations(
     ]);
     if let Some(name) = &spec.credentials {
         annotations.insert(ANN_CREDENTIALS.into(), name.clone());
+    }
+    if let Some(idle) = spec.idle_after {
+        annotations.insert(ANN_IDLE_AFTER.into(), show_idle_after(idle));
     }
     annotations
 }
@@ -372,6 +379,38 @@ pub fn service(spec: &InstanceSpec, owner: &OwnerReference) -> Service {
     .expect("the Service template is a valid Service")
 }
 
+/// The container port of the activator (`flowgate serve --activator-listen`)
+/// in the pods that run it: a sleeping instance's Service sends visitors there.
+pub const ACTIVATOR_PORT_NAME: &str = "activator";
+
+/// The merge patch that points the Service of instance `id` at the pods
+/// `activator` selects (the API's, on their [`ACTIVATOR_PORT_NAME`] port)
+/// while it sleeps, or back at its own pods. Nothing else changes, so the
+/// Ingress, Route or HTTPRoute in front of it stays as it is.
+pub fn service_target(
+    id: &InstanceId,
+    activator: &BTreeMap<String, String>,
+    asleep: bool,
+) -> Value {
+    let mut selector: serde_json::Map<String, Value> = activator
+        .iter()
+        .map(|(k, v)| (k.clone(), if asleep { json!(v) } else { Value::Null }))
+        .collect();
+    selector.insert(
+        INSTANCE.into(),
+        if asleep {
+            Value::Null
+        } else {
+            json!(id.to_string())
+        },
+    );
+    let port = if asleep { ACTIVATOR_PORT_NAME } else { "http" };
+    json!({"spec": {
+        "selector": selector,
+        "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": port, "protocol": "TCP"}],
+    }})
+}
+
 /// The Ingress: path `/<id>` (Prefix) on the shared host.
 pub fn ingress(spec: &InstanceSpec, s: &KubeSettings, owner: &OwnerReference) -> Ingress {
     let mut value = json!({
@@ -613,7 +652,7 @@ pub fn instance_from(d: &Deployment, pods: &[Pod], now: Timestamp) -> Result<Ins
         },
         access_url: None,
         credentials: ann.get(ANN_CREDENTIALS).cloned(),
-        idle_after: None,
+        idle_after: ann.get(ANN_IDLE_AFTER).cloned(),
     })
 }
 
@@ -649,6 +688,7 @@ mod tests {
             writes: false,
             access: Access::Link,
             credentials: None,
+            idle_after: None,
             controller: None,
         }
     }

@@ -16,9 +16,16 @@
 //! - when it ends, its termination message: the reason callers may read
 //!   (no checksums, no answers of other servers), and the container's exit
 //!   code, 0 once the checksum matched.
+//!
+//! ## Sleep
+//!
+//! A sleeping instance ([`ANN_SLEEP`] `sleeping`) is `Sleeping` whatever its
+//! pods do while they stop; a waking one (`waking`) is `Pending` until its
+//! route is handed back, even with a ready pod, and `Failed` like a launch
+//! when its store cannot be fetched again ([`super::sleep`]).
 
 use crate::instance::Phase;
-use crate::labels::ANN_STATE;
+use crate::labels::{ANN_SLEEP, ANN_STATE};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerState, Pod};
 
@@ -186,13 +193,25 @@ pub fn progress_message(bytes: u64, total: Option<u64>) -> String {
 /// Where the instance of `deployment` is, given its `pods`.
 pub fn observe(deployment: &Deployment, pods: &[Pod]) -> Observed {
     let status = deployment.status.clone().unwrap_or_default();
-    let complete = deployment
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANN_STATE))
-        .is_none_or(|s| s == "complete");
-    if status.available_replicas.unwrap_or(0) >= 1 && complete {
+    let annotation = |key| {
+        deployment
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let complete = annotation(ANN_STATE).is_none_or(|s| s == "complete");
+    let sleep = annotation(ANN_SLEEP);
+    if sleep == Some("sleeping") {
+        return Observed {
+            phase: Phase::Sleeping,
+            reason: "Sleeping",
+            message: None,
+            fetch: Fetch::Waiting,
+        };
+    }
+    if status.available_replicas.unwrap_or(0) >= 1 && complete && sleep.is_none() {
         return Observed {
             phase: Phase::Ready,
             reason: "MinimumReplicasAvailable",
@@ -310,5 +329,35 @@ mod tests {
         assert_eq!(o.reason, "FetchFailed");
         assert_eq!(o.message.as_deref(), Some("checksum mismatch"));
         assert_eq!(observe(&deployment(1), &[]).phase, Phase::Ready);
+    }
+
+    #[test]
+    fn asleep_and_waking() {
+        let with_sleep = |available, sleep: &str| {
+            let mut d = deployment(available);
+            d.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(ANN_SLEEP.into(), sleep.into());
+            d
+        };
+        // sleeping, even while its last pod still runs
+        assert_eq!(
+            observe(&with_sleep(1, "sleeping"), &[]).phase,
+            Phase::Sleeping
+        );
+        assert_eq!(
+            observe(&with_sleep(0, "sleeping"), &[]).phase,
+            Phase::Sleeping
+        );
+        // waking: not Ready before the route is handed back
+        assert_eq!(observe(&with_sleep(1, "waking"), &[]).phase, Phase::Pending);
+        // a store that cannot be fetched again fails the wake
+        let refetch_failed = pod(json!({
+            "initContainerStatuses": [{"name": "fetch", "image": "a", "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"terminated": {"exitCode": 1, "message": "the archive's sha256 is not the one given\n"}}}],
+        }));
+        let o = observe(&with_sleep(0, "waking"), &[refetch_failed]);
+        assert_eq!((o.phase, o.reason), (Phase::Failed, "FetchFailed"));
     }
 }

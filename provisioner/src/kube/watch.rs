@@ -110,21 +110,41 @@ impl Watch {
 
     /// The instance and what its objects show, from the cache; None when
     /// its Deployment is gone.
-    fn look(&self, id: &InstanceId) -> Option<(Instance, Observed)> {
-        let key = ObjectRef::new(&id.object_name()).within(&self.namespace);
-        let d = self.deployments.get(&key)?;
-        let pods: Vec<Pod> = self
-            .pods
-            .state()
-            .iter()
-            .filter(|p| p.labels().get(INSTANCE).map(String::as_str) == Some(id.as_str()))
-            .map(|p| (**p).clone())
-            .collect();
+    pub fn look(&self, id: &InstanceId) -> Option<(Instance, Observed)> {
+        let d = self.deployment(id)?;
+        let pods = self.pods_of(id);
         let instance = instance_from(&d, &pods, Timestamp::now()).ok()?;
         Some((instance, observe(&d, &pods)))
     }
 
-    async fn ready(&self) {
+    /// An instance's Deployment, from the cache.
+    pub fn deployment(&self, id: &InstanceId) -> Option<Arc<Deployment>> {
+        let key = ObjectRef::new(&id.object_name()).within(&self.namespace);
+        self.deployments.get(&key)
+    }
+
+    /// Every instance Deployment of the namespace, from the cache.
+    pub fn deployments(&self) -> Vec<Arc<Deployment>> {
+        self.deployments.state()
+    }
+
+    /// An instance's Pods, from the cache.
+    pub fn pods_of(&self, id: &InstanceId) -> Vec<Pod> {
+        self.pods
+            .state()
+            .iter()
+            .filter(|p| p.labels().get(INSTANCE).map(String::as_str) == Some(id.as_str()))
+            .map(|p| (**p).clone())
+            .collect()
+    }
+
+    /// The ids of instances whose Deployment or Pods change, as they change.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changed.subscribe()
+    }
+
+    /// Waits until both caches have been filled once.
+    pub async fn ready(&self) {
         let _ = self.deployments.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
     }

@@ -8,6 +8,9 @@
 
 use super::guesses::Guesses;
 use crate::hosts::PublicHosts;
+use crate::waking::{
+    MAX_STEPS, WAKE_STATUS_PATH, asleep, navigates, page, wake_status, waking_page,
+};
 use adapter::Proxy;
 use adapter::body::ProxyBody;
 use adapter::server::Handler;
@@ -18,11 +21,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// The waking page follows the wake here (a path MLflow never serves).
-pub const WAKE_STATUS: &str = ".flowgate/wake";
-/// Steps kept per waking instance.
-const MAX_STEPS: usize = 16;
 
 /// Instance id → its proxy; instances not serving, and why.
 #[derive(Default)]
@@ -150,7 +148,7 @@ impl RouteTable {
     }
 
     /// The wake's state and steps, as the waking page reads them.
-    fn wake_status(&self, id: &str) -> Option<String> {
+    fn wake_status(&self, id: &str) -> Option<Response<ProxyBody>> {
         let state = match self.lookup(id) {
             Lookup::Ready(_) => "ready",
             Lookup::Waiting(w) => w.state(),
@@ -163,7 +161,7 @@ impl RouteTable {
             .get(id)
             .cloned()
             .unwrap_or_default();
-        Some(serde_json::json!({"state": state, "steps": steps}).to_string())
+        Some(wake_status(state, &steps))
     }
 
     fn lookup(&self, id: &str) -> Lookup {
@@ -230,115 +228,6 @@ fn too_many_guesses(wait: Duration) -> Response<ProxyBody> {
     r
 }
 
-fn page(status: StatusCode, title: &str, text: &str, refresh: bool) -> Response<ProxyBody> {
-    let meta = if refresh {
-        "<meta http-equiv=\"refresh\" content=\"3\">"
-    } else {
-        ""
-    };
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>{meta}</head>\
-         <body style=\"font-family:sans-serif;margin:3em\"><h1>{title}</h1><p>{text}</p></body></html>\n"
-    );
-    let mut r = Response::new(ProxyBody::full(html));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    if refresh {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("3"));
-    }
-    r
-}
-
-/// A browser navigating to a page (not a script, an image or an API call):
-/// only that wakes a sleeping instance.
-fn navigates<B>(req: &Request<B>) -> bool {
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    req.method() == http::Method::GET
-        && (header("sec-fetch-dest") == "document" || header("accept").contains("text/html"))
-}
-
-/// 503 to anything but a page: the instance sleeps until someone visits.
-fn asleep() -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(
-        "{\"error\":\"sleeping\",\"message\":\"this instance is asleep; opening it in a browser wakes it\"}\n",
-    ));
-    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("10"));
-    r
-}
-
-/// The page a visitor of a sleeping (or waking) instance sees: the wake's
-/// steps as they happen, then the page they asked for (`location.reload()`
-/// keeps its path, query and fragment). Without script it refreshes.
-fn waking_page(id: &str) -> Response<ProxyBody> {
-    // `id` is [a-z][a-z0-9]{6} (the table's keys come from parsed ids).
-    let html = format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>Waking up</title>
-<noscript><meta http-equiv="refresh" content="5"></noscript></head>
-<body style="font-family:sans-serif;margin:3em"><h1>Waking up</h1>
-<p id="said">This MLflow instance was asleep after a while without visitors. It is starting again, with the same data; this page opens it when it is ready.</p>
-<ol id="steps"></ol>
-<script>
-(function () {{
-  var status = "/{id}/{WAKE_STATUS}";
-  function show(d) {{
-    var ol = document.getElementById("steps");
-    ol.textContent = "";
-    (d.steps || []).forEach(function (t) {{
-      var li = document.createElement("li");
-      li.textContent = t;
-      ol.appendChild(li);
-    }});
-  }}
-  function tick() {{
-    fetch(status, {{cache: "no-store", credentials: "same-origin"}})
-      .then(function (r) {{ return r.json(); }})
-      .then(function (d) {{
-        show(d);
-        if (d.state === "ready") {{ location.reload(); return; }}
-        if (d.state === "failed") {{
-          document.getElementById("said").textContent =
-            "It could not start again. " + ((d.steps || []).slice(-1)[0] || "The portal shows why.");
-          return;
-        }}
-        setTimeout(tick, 1000);
-      }})
-      .catch(function () {{ setTimeout(tick, 2000); }});
-  }}
-  tick();
-}})();
-</script></body></html>
-"#
-    );
-    let mut r = Response::new(ProxyBody::full(html));
-    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    r
-}
-
 impl Handler for LocalRouter {
     type Body = ProxyBody;
 
@@ -378,8 +267,7 @@ impl Handler for LocalRouter {
         if path
             .strip_prefix('/')
             .and_then(|p| p.strip_prefix(id.as_str()))
-            .and_then(|p| p.strip_prefix('/'))
-            == Some(WAKE_STATUS)
+            == Some(WAKE_STATUS_PATH)
             && let Some(status) = self.table.wake_status(&id)
         {
             // as much as the instance itself: a `link` instance tells only
@@ -387,16 +275,7 @@ impl Handler for LocalRouter {
             if let Some(answer) = self.table.gate(&id).and_then(|g| g.gate_answer(&req)) {
                 return answer;
             }
-            let mut r = Response::new(ProxyBody::full(status));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r.headers_mut().insert(
-                header::CACHE_CONTROL,
-                header::HeaderValue::from_static("no-store"),
-            );
-            return r;
+            return status;
         }
         let lookup = self.table.lookup(&id);
         if matches!(lookup, Lookup::Unknown)

@@ -584,6 +584,8 @@ async fn apply_objects(
         writes: obj.spec.writes,
         access: obj.spec.access,
         credentials: checked.credentials,
+        // the operator does not put its instances to sleep (yet)
+        idle_after: None,
         controller: Some(owner.clone()),
     };
     let d = deployment(&spec, settings, "complete");
