@@ -312,6 +312,16 @@ impl Sleeper {
             .into_iter()
             .filter(|d| managed(d) && !expired(d, now))
             .collect();
+        // forget instances no longer asleep (deleted, expired, woken elsewhere)
+        let asleep: HashSet<&str> = deployments
+            .iter()
+            .filter(|d| sleep_state(d) == SleepState::Sleeping)
+            .filter_map(|d| d.labels().get(INSTANCE).map(String::as_str))
+            .collect();
+        self.routed
+            .lock()
+            .expect("routed lock")
+            .retain(|id| asleep.contains(id.as_str()));
         futures_util::stream::iter(deployments)
             .for_each_concurrent(READ_CONCURRENCY, |d| async move {
                 let Some(id) = d
