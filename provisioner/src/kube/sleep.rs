@@ -402,19 +402,8 @@ impl Sleeper {
     pub async fn sleep(&self, id: &InstanceId, d: &Deployment) -> Result<bool> {
         let mut version = d.resource_version();
         for _ in 0..3 {
-            let patch = json!({
-                "metadata": {
-                    "resourceVersion": version,
-                    "annotations": {ANN_SLEEP: "sleeping"},
-                },
-                "spec": {"replicas": 0},
-            });
-            match self
-                .deployments
-                .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
+            match self.set_sleep(id, version, "sleeping", 0).await {
+                Ok(()) => {
                     tracing::info!(%id, "idle: sleeping (scaled to zero, its Service selects the activator)");
                     self.route_to_activator(id, true).await?;
                     return Ok(true);
@@ -432,6 +421,25 @@ impl Sleeper {
             }
         }
         Ok(false)
+    }
+
+    /// Sets the sleep state and the replicas in one merge patch, conditional
+    /// on `version` (a 409 when the Deployment changed since).
+    async fn set_sleep(
+        &self,
+        id: &InstanceId,
+        version: Option<String>,
+        state: &str,
+        replicas: i32,
+    ) -> std::result::Result<(), kube::Error> {
+        let patch = json!({
+            "metadata": {"resourceVersion": version, "annotations": {ANN_SLEEP: state}},
+            "spec": {"replicas": replicas},
+        });
+        self.deployments
+            .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
     }
 
     /// Points the Service at the activator (once per process unless `force`).
@@ -471,19 +479,8 @@ impl Sleeper {
                 SleepState::Waking => return Ok(Wake::AlreadyWaking),
                 SleepState::Sleeping => {}
             }
-            let patch = json!({
-                "metadata": {
-                    "resourceVersion": d.resource_version(),
-                    "annotations": {ANN_SLEEP: "waking"},
-                },
-                "spec": {"replicas": 1},
-            });
-            match self
-                .deployments
-                .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
+            match self.set_sleep(id, d.resource_version(), "waking", 1).await {
+                Ok(()) => {
                     self.wakes.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%id, "woken by a visit: scaled to one, fetching its store again");
                     return Ok(Wake::Woken);
