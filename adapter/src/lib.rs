@@ -2,7 +2,7 @@
 //! an instance path prefix it does not know about, and the artefact fetcher that
 //! runs as the pod's init container.
 //!
-//! Reading order: [`config`] (what it is told) → [`server`] (connections) →
+//! Reading order: [`config`] (what it is told) → [`server`] (connections, and [`request_body`]: bodies left unread) →
 //! [`proxy`] (one request: [`host`], [`route`] and [`policy`] decide whether it
 //! is forwarded) → [`headers`] and [`rewrite`] (what changes on the way out) →
 //! [`plan`], [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
@@ -21,6 +21,7 @@ pub mod plan;
 pub mod policy;
 pub mod prefix;
 pub mod proxy;
+pub mod request_body;
 pub mod rewrite;
 pub mod route;
 pub mod server;

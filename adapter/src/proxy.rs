@@ -17,6 +17,7 @@ use crate::metrics::{ConnectionMetrics, Metrics, Refusal, RewriteKind};
 use crate::plan::{BodyPlan, BodyRewrite, BodySettings, ResponseFacts, plan};
 use crate::policy::read_only_allows;
 use crate::prefix::PathMatch;
+use crate::request_body::RequestBody;
 use crate::rewrite::StreamRewriter;
 use crate::rewrite::css::CssRewriter;
 use crate::rewrite::html::HtmlRewriter;
@@ -55,7 +56,7 @@ const CLIENT_GONE: u16 = 499;
 /// every connection.
 pub struct Proxy {
     config: ProxyConfig,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     probe: Client<HttpConnector, Empty<Bytes>>,
     metrics: Metrics,
     hash_routes: Arc<LiteralSet>,
@@ -67,7 +68,7 @@ impl crate::server::Handler for Proxy {
 
     fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         Proxy::handle(self, req, peer)
@@ -92,7 +93,7 @@ struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn new(proxy: &'a Proxy, req: &Request<Incoming>) -> Self {
+    fn new(proxy: &'a Proxy, req: &Request<RequestBody>) -> Self {
         Self {
             proxy,
             method: req.method().clone(),
@@ -190,7 +191,7 @@ impl Proxy {
     /// Answers one request; never fails (errors become 4xx/5xx responses).
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
@@ -207,7 +208,7 @@ impl Proxy {
     /// Everything but the own endpoints.
     async fn route(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         peer: SocketAddr,
         exchange: &mut Exchange<'_>,
     ) -> Response<ProxyBody> {
@@ -379,7 +380,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         upstream_pq: String,
         class: RouteClass,
         peer: SocketAddr,

@@ -15,10 +15,10 @@
 
 use crate::config::ProxyConfig;
 use crate::metrics::ConnectionMetrics;
+use crate::request_body::RequestBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -50,7 +50,7 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers one request; errors are responses too.
     fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 
@@ -210,7 +210,8 @@ impl<H: Handler> Connection<H> {
             let handler = Arc::clone(&handler);
             let guard = Active::begin(Arc::clone(&active_tx));
             async move {
-                let response = handler.handle(req, peer).await;
+                let (req, unread) = RequestBody::wrap(req);
+                let response = unread.settle(handler.handle(req, peer).await).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked {
                     inner: body,
                     _guard: guard,

@@ -1,7 +1,9 @@
 //! The real binary against raw sockets: connections that say nothing, half an
 //! HTTP/2 preface or half a request head are closed in bounded time; idle
 //! keep-alive is bounded; past `--max-connections` new ones are closed at
-//! accept and counted; a client that leaves early is logged once.
+//! accept and counted; a client that leaves early is logged once; a request
+//! answered without reading its body leaves the connection usable, or says
+//! `Connection: close`.
 
 mod common;
 
@@ -311,4 +313,108 @@ async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
         0.0,
         "{m}"
     );
+}
+
+/// Reads one response with a Content-Length body off `s`, leaving the
+/// connection open.
+async fn read_one(s: &mut TcpStream) -> RawResponse {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("a response head within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.push(byte[0]);
+    }
+    let head = parse_response(&buf);
+    let len: usize = head.header("content-length").unwrap().parse().unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    RawResponse { body, ..head }
+}
+
+/// What a proxy in front does: the head, then the body in a later packet.
+async fn post_in_two_writes(s: &mut TcpStream, path: &str, extra: &str, body: &[u8], sent: usize) {
+    let head = format!(
+        "POST {PREFIX}{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&body[..sent]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_answered_without_reading_its_body_leaves_a_usable_connection() {
+    let b = Binary::start(&[]).await;
+    // A refused write whose body comes after its head (Traefik's pooled
+    // connection did this, then got a reset for its next request: a 502).
+    let body = br#"{"run_id":"r1"}"#;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    post_in_two_writes(
+        &mut s,
+        "/ajax-api/2.0/mlflow/runs/delete",
+        "",
+        body,
+        body.len(),
+    )
+    .await;
+    let refused = read_one(&mut s).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.header("connection"), None);
+    // the same connection carries the next request to the app
+    s.write_all(
+        format!("GET {PREFIX}/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(parse_response(&rest).status, 200);
+
+    // What cannot be discarded is announced: the peer must not reuse the
+    // connection. A body never sent (the client waits for 100 Continue),
+    // one too long to read, one that stops half-way.
+    let big = vec![b' '; 4 << 20];
+    for (what, extra, body, sent) in [
+        (
+            "waits for 100 Continue",
+            "Expect: 100-continue\r\n",
+            &body[..],
+            0,
+        ),
+        ("4 MiB", "", &big[..], 0),
+        ("stops half-way", "", &body[..], 5),
+    ] {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        post_in_two_writes(
+            &mut s,
+            "/ajax-api/2.0/mlflow/runs/delete",
+            extra,
+            body,
+            sent,
+        )
+        .await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still open after 5 s"))
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{what}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{what}: {answer}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{what}: {:?}",
+            start.elapsed()
+        );
+    }
 }

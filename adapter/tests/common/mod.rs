@@ -452,7 +452,7 @@ pub async fn raw_request(
     parse_response(&buf)
 }
 
-fn parse_response(buf: &[u8]) -> RawResponse {
+pub fn parse_response(buf: &[u8]) -> RawResponse {
     let end = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -7,13 +7,13 @@
 
 use super::{ApiFailure, ApiState};
 use adapter::metrics::ConnectionMetrics;
+use adapter::request_body::RequestBody;
 use adapter::server::{ConnectionLimits, Drain, Handler};
 use axum::Router;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
-use hyper::body::Incoming;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +63,7 @@ impl Handler for ApiHandler {
 
     async fn handle(
         self: Arc<Self>,
-        req: hyper::Request<Incoming>,
+        req: hyper::Request<RequestBody>,
         _peer: SocketAddr,
     ) -> axum::response::Response {
         let req = req.map(axum::body::Body::new);

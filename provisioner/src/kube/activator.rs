@@ -19,10 +19,10 @@ use crate::instance::{Access, Instance, InstanceId, Phase};
 use crate::labels::{MANAGED_BY, MANAGER};
 use crate::waking::{WAKE_STATUS_PATH, asleep, navigates, page, wake_status, waking_page};
 use adapter::body::ProxyBody;
+use adapter::request_body::RequestBody;
 use adapter::server::Handler;
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use kube::ResourceExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -157,7 +157,7 @@ impl Handler for Activator {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         _peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let path = req.uri().path();

@@ -13,9 +13,9 @@ use crate::waking::{
 };
 use adapter::Proxy;
 use adapter::body::ProxyBody;
+use adapter::request_body::RequestBody;
 use adapter::server::Handler;
 use http::{Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -233,7 +233,7 @@ impl Handler for LocalRouter {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let path = req.uri().path();
