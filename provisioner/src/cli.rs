@@ -3,6 +3,7 @@
 
 use crate::access::Links;
 use crate::backend::{Backend, ListFilter};
+use crate::hosts::PublicHosts;
 use crate::instance::add;
 use crate::instance::{
     ANONYMOUS, Access, CreateRequest, Instance, InstanceId, Workload, validate_owner,
@@ -10,13 +11,15 @@ use crate::instance::{
 use crate::kube::KubeBackend;
 use crate::kube::ledger::LeaseLedger;
 use crate::kube::objects::{InstanceSpec, preview};
+use crate::kube::sleep::{Manager, SleepSettings};
+use crate::kube::watch::Watch;
 use crate::operator::OperatorConfig;
 use crate::operator::backend::OperatorBackend;
 use crate::operator::leader::LeaseSettings;
 use crate::operator::metrics::Metrics;
 use crate::operator::policy::CrdPolicy;
 use crate::output::{self, Format};
-use crate::serve::ServeOpts;
+use crate::serve::{ActivatorListen, ServeOpts, start_sleep};
 use crate::service::{Caller, Policy, Provisioner, Quotas};
 pub use crate::settings::BackendKind;
 use crate::settings::{KubeArgs, KubeSettings};
@@ -111,6 +114,24 @@ pub struct OperatorOpts {
         default_value = "link"
     )]
     pub allowed_access: Vec<Access>,
+    /// Where the activator of sleeping instances listens: a sleeping
+    /// instance's Service sends its visitors to this port of the operator's
+    /// pods (declare it as the container port named `activator`; the pods
+    /// carry the labels of --activator-selector). Without it nothing sleeps
+    #[arg(long, env = "FLOWGATE_ACTIVATOR_LISTEN")]
+    pub activator_listen: Option<std::net::SocketAddr>,
+    /// The labels of the operator's pods (the activator), `key=value,...`
+    #[arg(
+        long,
+        env = "FLOWGATE_ACTIVATOR_SELECTOR",
+        default_value = "app.kubernetes.io/name=flowgate,app.kubernetes.io/component=operator"
+    )]
+    pub activator_selector: String,
+    /// With --activator-listen, an instance nobody visited for this long
+    /// sleeps: scaled to zero, woken by its next visit (same id and URL). A
+    /// resource's idleAfter overrides it; 0: only those that ask
+    #[arg(long, env = "FLOWGATE_IDLE_AFTER", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub idle_after: Duration,
 }
 
 /// Subcommands.
@@ -456,8 +477,11 @@ pub async fn run(cli: Cli) -> Result<String> {
     }
 }
 
-/// `flowgate operator`: the metrics listener and the controller, until
-/// SIGTERM or Ctrl-C.
+/// The bound on draining the operator's activator at shutdown.
+const ACTIVATOR_DRAIN: Duration = Duration::from_secs(10);
+
+/// `flowgate operator`: the metrics listener, the controller and (with
+/// --activator-listen) sleep and wake, until SIGTERM or Ctrl-C.
 async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
     let client = kube_args.client().await?;
     let settings = KubeSettings::from_args(kube_args, client.default_namespace())?;
@@ -506,6 +530,31 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
         tracing::info!("shutting down: letting running reconciles finish");
         stop.cancel();
     });
+    let mut activator_served = None;
+    if let Some(addr) = opts.activator_listen {
+        let activator = SleepSettings::parse_selector(&opts.activator_selector)?;
+        config.activator = Some(activator.clone());
+        let idle_after = (!opts.idle_after.is_zero()).then_some(opts.idle_after);
+        let namespace = config.settings.namespace.clone();
+        let listen = ActivatorListen {
+            addr,
+            keys: kube_args.access_keys.clone(),
+            hosts: Arc::new(PublicHosts::defaults(&[], &[config.settings.host.clone()])),
+            drain: ACTIVATOR_DRAIN,
+        };
+        let until = shutdown.clone();
+        activator_served = Some(
+            start_sleep(
+                client.clone(),
+                &namespace,
+                Watch::start(client.clone(), &namespace),
+                SleepSettings::new(Manager::Operator, idle_after, activator),
+                listen,
+                async move { until.cancelled().await },
+            )
+            .await?,
+        );
+    }
     let app = crate::operator::metrics::router(Arc::clone(&metrics));
     let until = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -517,6 +566,11 @@ async fn run_operator(kube_args: &KubeArgs, opts: &OperatorOpts) -> Result<()> {
     let result = crate::operator::run(client, config, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
+    if let Some(served) = activator_served
+        && tokio::time::timeout(ACTIVATOR_DRAIN, served).await.is_err()
+    {
+        tracing::warn!("activator drain timed out; open connections are cut");
+    }
     result
 }
 

@@ -15,7 +15,7 @@ use crate::hosts::PublicHosts;
 use crate::kube::KubeBackend;
 use crate::kube::activator::Activator;
 use crate::kube::ledger::LeaseLedger;
-use crate::kube::sleep::{SleepSettings, Sleeper};
+use crate::kube::sleep::{Manager, SleepSettings, Sleeper};
 use crate::kube::watch::Watch;
 use crate::ledger::{Ledger, MemoryLedger};
 use crate::local::router::LocalRouter;
@@ -147,6 +147,44 @@ fn visitor_limits(drain_timeout: Duration) -> ConnectionLimits {
     }
 }
 
+/// Where and for whom the activator of sleeping instances listens.
+pub(crate) struct ActivatorListen {
+    /// `--activator-listen`.
+    pub addr: std::net::SocketAddr,
+    /// The access keys `link` instances are gated with.
+    pub keys: Option<std::path::PathBuf>,
+    /// The host names visitors use.
+    pub hosts: Arc<PublicHosts>,
+    /// The bound on draining visitors at shutdown.
+    pub drain: Duration,
+}
+
+/// Sleep and wake on Kubernetes, for the kubernetes backend and the
+/// operator: binds the activator, serves it until `until`, and starts the
+/// sleeper's ticks over `watch`.
+pub(crate) async fn start_sleep(
+    client: kube::Client,
+    namespace: &str,
+    watch: Arc<Watch>,
+    settings: SleepSettings,
+    listen: ActivatorListen,
+    until: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<Drain>> {
+    let idle_after = settings.idle_after;
+    let sleeper = Arc::new(Sleeper::new(client, namespace, watch, settings)?);
+    let listener = bind(listen.addr, "activator").await?;
+    let activator = Arc::new(Activator::new(
+        Arc::clone(&sleeper),
+        listen.keys,
+        listen.hosts,
+    ));
+    let limits = visitor_limits(listen.drain);
+    let served = tokio::spawn(async move { serve_http(activator, &limits, listener, until).await });
+    sleeper.spawn();
+    tracing::info!(activator = %listen.addr, ?idle_after, "sleeping instances wake through the activator");
+    Ok(served)
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Result<()> {
     let tokens = match &opts.tokens {
@@ -212,30 +250,28 @@ pub async fn serve(kind: BackendKind, kube: &KubeArgs, opts: &ServeOpts) -> Resu
                 Arc::new(OperatorBackend::new(client, settings))
             } else if let Some(addr) = opts.activator_listen {
                 let idle_after = (!opts.idle_after.is_zero()).then_some(opts.idle_after);
-                let sleeper = Arc::new(Sleeper::new(
-                    client.clone(),
-                    &settings.namespace,
-                    shared,
-                    SleepSettings {
-                        idle_after,
-                        activator: SleepSettings::parse_selector(&opts.activator_selector)?,
-                        tick: SleepSettings::tick_for(idle_after),
-                        read_timeout: Duration::from_secs(3),
-                    },
-                )?);
-                let listener = bind(addr, "activator").await?;
-                let activator = Arc::new(Activator::new(
-                    Arc::clone(&sleeper),
-                    kube.access_keys.clone(),
-                    Arc::clone(&hosts),
-                ));
-                let limits = visitor_limits(http_drain);
-                let until = stopped();
-                activator_served = Some(tokio::spawn(async move {
-                    serve_http(activator, &limits, listener, until).await
-                }));
-                sleeper.spawn();
-                tracing::info!(activator = %addr, idle_after = ?idle_after, "sleeping instances wake through the activator");
+                let sleep = SleepSettings::new(
+                    Manager::Provisioner,
+                    idle_after,
+                    SleepSettings::parse_selector(&opts.activator_selector)?,
+                );
+                let listen = ActivatorListen {
+                    addr,
+                    keys: kube.access_keys.clone(),
+                    hosts: Arc::clone(&hosts),
+                    drain: http_drain,
+                };
+                activator_served = Some(
+                    start_sleep(
+                        client.clone(),
+                        &settings.namespace,
+                        shared,
+                        sleep,
+                        listen,
+                        stopped(),
+                    )
+                    .await?,
+                );
                 Arc::new(KubeBackend::new(client, settings).await?.with_sleep())
             } else {
                 Arc::new(KubeBackend::new(client, settings).await?)

@@ -1114,10 +1114,7 @@ async fn event_streams_are_capped_per_caller() {
 /// when a pod is available, and a sleeping instance past its expiry is gc's.
 #[tokio::test]
 async fn sleeping_instances_wake_once_on_a_page_visit() {
-    use adapter::server::{ConnectionLimits, serve};
-    use provisioner::hosts::PublicHosts;
-    use provisioner::kube::activator::Activator;
-    use provisioner::kube::sleep::{SleepSettings, Sleeper, Wake};
+    use provisioner::kube::sleep::{Manager, SleepSettings, Sleeper, Wake};
     use provisioner::kube::watch::Watch;
 
     let client = admin().await;
@@ -1150,6 +1147,7 @@ async fn sleeping_instances_wake_once_on_a_page_visit() {
             &ns,
             Arc::clone(&watch),
             SleepSettings {
+                manager: Manager::Provisioner,
                 idle_after: None,
                 activator: activator_labels.clone(),
                 tick: Duration::from_secs(1),
@@ -1214,20 +1212,8 @@ async fn sleeping_instances_wake_once_on_a_page_visit() {
     .await;
 
     // The activator: this test's listener, answering the instances' host.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let activator = Arc::new(Activator::new(
-        Arc::clone(&sleeper),
-        None,
-        Arc::new(PublicHosts::parse("ml.example.test").unwrap()),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(async move {
-        serve(activator, &ConnectionLimits::default(), listener, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let activator = TestActivator::start(Arc::clone(&sleeper)).await;
+    let addr = activator.addr;
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/{}/#/experiments/0", i.id);
     let get = |accept: &'static str| {
@@ -1315,6 +1301,5 @@ async fn sleeping_instances_wake_once_on_a_page_visit() {
         "{removed:?}"
     );
     assert!(gone(&deployments, &name).await);
-    let _ = stop.send(());
-    served.await.unwrap();
+    activator.stop().await;
 }

@@ -124,6 +124,7 @@ fn spec(workload: &str) -> MlflowInstanceSpec {
         writes: false,
         access: Access::Link,
         credentials: None,
+        idle_after: None,
     }
 }
 
@@ -277,6 +278,19 @@ async fn invalid_specs_are_rejected_by_the_schema() {
                 );
             }
         };
+    // idleAfter: a Go duration of at least a minute, or 0
+    rejected(
+        "eager-sleeper",
+        |s| s.idle_after = Some("30s".into()),
+        "idleAfter must be 0 (never) or at least 1m",
+    )
+    .await;
+    rejected(
+        "vague-sleeper",
+        |s| s.idle_after = Some("soon".into()),
+        "spec.idleAfter",
+    )
+    .await;
     // OpenAPI validation.
     rejected(
         "bad-sha",
@@ -1188,6 +1202,190 @@ async fn a_failing_pod_fails_the_instance_with_a_reason() {
     op.stop().await;
 }
 
+// ---------------------------------------------------------------- sleep and wake
+
+/// The Service's selector and target port, once they are `want`.
+async fn service_targets(
+    services: &Api<Service>,
+    name: &str,
+    selector: &std::collections::BTreeMap<String, String>,
+    port: &str,
+) {
+    eventually(
+        &format!("the Service to target {selector:?} on {port}"),
+        Duration::from_secs(30),
+        || async {
+            let spec = services.get(name).await.ok()?.spec?;
+            let target = serde_json::to_value(&spec.ports?[0].target_port).ok()?;
+            (spec.selector.as_ref() == Some(selector) && target == port).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Sleep and wake of the operator's instances on the real control plane
+/// (kwok makes the pods Ready; the activity read and the Ingress are the
+/// real node's, testenv/node/e2e): while the Deployment is asleep the
+/// reconcile keeps it at zero replicas with its Service on the operator's
+/// pods (the activator), even across a spec change, and the status says
+/// Sleeping; ten page visits wake it once and the Service comes back when a
+/// pod is available. An operator without an activator wakes what was left
+/// asleep and refuses a resource's idleAfter with the reason.
+#[tokio::test]
+async fn idle_instances_sleep_and_a_visit_wakes_them_once() {
+    use provisioner::kube::sleep::{Manager, SleepSettings, Sleeper, Wake};
+    use provisioner::kube::watch::Watch;
+
+    let (client, ns) = setup().await;
+    let activator_labels = SleepSettings::parse_selector(
+        "app.kubernetes.io/name=flowgate,app.kubernetes.io/component=operator",
+    )
+    .unwrap();
+    let mut c = config(settings(&ns), "solo", None);
+    c.activator = Some(activator_labels.clone());
+    // `public`: the activator's gate lets visitors through without a link
+    c.policy.access.push(Access::Public);
+    let op = spawn_operator(client.clone(), c);
+    let api: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    let mut sleepy = spec("sleepy");
+    sleepy.idle_after = Some("2h".into());
+    sleepy.access = Access::Public;
+    let r = create(&api, "sleepy", sleepy).await;
+    let id = instance_id(&r.uid().unwrap());
+    let name = id.object_name();
+    phase(&api, "sleepy", Phase::Ready, Duration::from_secs(90)).await;
+    let own =
+        std::collections::BTreeMap::from([("flowgate.io/instance".to_owned(), id.to_string())]);
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(d.annotations()["flowgate.io/idle-after"], "2h");
+    let b = OperatorBackend::new(client.clone(), settings(&ns));
+    assert_eq!(b.get(&id).await.unwrap().idle_after.as_deref(), Some("2h"));
+
+    let watch = Watch::start(client.clone(), &ns);
+    let sleeper = Arc::new(
+        Sleeper::new(
+            client.clone(),
+            &ns,
+            Arc::clone(&watch),
+            SleepSettings::new(Manager::Operator, None, activator_labels.clone()),
+        )
+        .unwrap(),
+    );
+    watch.ready().await;
+
+    // Asleep: the reconcile points the Service at the activator and keeps
+    // the replicas at zero, through a spec change too.
+    assert!(sleeper.sleep(&id, &d).await.unwrap());
+    phase(&api, "sleepy", Phase::Sleeping, Duration::from_secs(30)).await;
+    service_targets(&services, &name, &activator_labels, "activator").await;
+    api.patch(
+        "sleepy",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"idleAfter": "3h"}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the spec change applied",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get(&name).await.ok()?;
+            (d.annotations().get("flowgate.io/idle-after")? == "3h").then_some(d)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(
+        d.spec.as_ref().unwrap().replicas,
+        Some(0),
+        "a reconcile woke it"
+    );
+    assert_eq!(d.annotations()["flowgate.io/sleep"], "sleeping");
+    service_targets(&services, &name, &activator_labels, "activator").await;
+    assert_eq!(b.get(&id).await.unwrap().phase, Phase::Sleeping);
+    let events = events_for(&client, &ns, "sleepy").await;
+    assert!(events.iter().any(|(r, _)| r == "Sleeping"), "{events:?}");
+
+    // The activator (this test's listener): a JSON call does not wake it;
+    // ten page visits at once wake it once.
+    let activator = TestActivator::start(Arc::clone(&sleeper)).await;
+    let addr = activator.addr;
+    eventually(
+        "the watch to see it asleep",
+        Duration::from_secs(30),
+        || async { watch.look(&id).filter(|(i, _)| i.phase == Phase::Sleeping) },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let get = |accept: &'static str| {
+        http.get(format!("http://{addr}/{id}/"))
+            .header("host", "ml.example.test")
+            .header("accept", accept)
+            .send()
+    };
+    assert_eq!(get("application/json").await.unwrap().status(), 503);
+    let visits = futures_util::future::join_all((0..10).map(|_| get("text/html"))).await;
+    for v in visits {
+        let v = v.unwrap();
+        assert_eq!(v.status(), 503);
+        assert!(v.text().await.unwrap().contains("Waking up"));
+    }
+    assert_eq!(sleeper.wakes(), 1, "ten visits, one wake");
+    assert_eq!(sleeper.wake(&id).await.unwrap(), Wake::AlreadyWaking);
+    eventually("the route handed back", Duration::from_secs(90), || async {
+        sleeper.tick().await;
+        let r = api.get("sleepy").await.ok()?;
+        (r.status?.phase == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+    service_targets(&services, &name, &own, "http").await;
+    let d = deployments.get(&name).await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    assert!(!d.annotations().contains_key("flowgate.io/sleep"));
+    let events = events_for(&client, &ns, "sleepy").await;
+    assert!(events.iter().any(|(r, _)| r == "Waking"), "{events:?}");
+    activator.stop().await;
+
+    // Asleep again (with the operator's idle time, not its own), then an
+    // operator without an activator: it wakes the instance, and refuses an
+    // idleAfter it cannot honour.
+    api.patch(
+        "sleepy",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"idleAfter": null}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the spec change applied",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get(&name).await.ok()?;
+            (!d.annotations().contains_key("flowgate.io/idle-after")).then_some(())
+        },
+    )
+    .await;
+    let d = deployments.get(&name).await.unwrap();
+    assert!(sleeper.sleep(&id, &d).await.unwrap());
+    phase(&api, "sleepy", Phase::Sleeping, Duration::from_secs(30)).await;
+    op.stop().await;
+    let mut c = config(settings(&ns), "solo", None);
+    c.policy.access.push(Access::Public);
+    let op = spawn_operator(client.clone(), c);
+    phase(&api, "sleepy", Phase::Ready, Duration::from_secs(90)).await;
+    service_targets(&services, &name, &own, "http").await;
+    let mut eager = spec("eager");
+    eager.idle_after = Some("1h".into());
+    create(&api, "eager", eager).await;
+    let failed = phase(&api, "eager", Phase::Failed, Duration::from_secs(30)).await;
+    let message = failed.status.unwrap().message.unwrap();
+    assert!(message.contains("--activator-listen"), "{message}");
+    op.stop().await;
+}
+
 // ---------------------------------------------------------------- restarts, replicas, scale
 
 #[tokio::test]
@@ -1487,7 +1685,14 @@ async fn the_operator_backend_drives_the_lifecycle_through_resources() {
     assert!(!i.writes);
     let mut bob = request("8888");
     bob.owner = "bob".into();
+    // an idle time of its own goes into the resource as a Go duration
+    bob.idle_after = Some(Duration::from_secs(5400));
     let other = p.create(bob).await.unwrap().instance;
+    assert_eq!(other.idle_after.as_deref(), Some("1h 30m"));
+    let resources: Api<MlflowInstance> = Api::namespaced(client.clone(), &ns);
+    let all = resources.list(&ListParams::default()).await.unwrap().items;
+    let bobs = all.iter().find(|r| r.spec.workload == "8888").unwrap();
+    assert_eq!(bobs.spec.idle_after.as_deref(), Some("90m"));
 
     let ready = p
         .wait_ready(&i.id, Duration::from_secs(90), &|_| {})
@@ -1799,6 +2004,8 @@ fn the_operator_manifests_render() {
         "RoleBinding/flowgate-operator",
         "Deployment/flowgate-operator",
         "NetworkPolicy/flowgate-operator",
+        "NetworkPolicy/flowgate-instances-from-operator",
+        "NetworkPolicy/flowgate-operator-to-instances",
     ] {
         assert!(
             kinds.iter().any(|k| k == want),
@@ -1809,7 +2016,24 @@ fn the_operator_manifests_render() {
     let pod = &d["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert_eq!(c["image"], "flowgate/provisioner:0.1.0");
-    assert_eq!(c["args"], json!(["operator"]));
+    // every replica is the activator of sleeping instances, with the access
+    // keys that let visitors of `link` instances wake them
+    assert_eq!(
+        c["args"],
+        json!([
+            "operator",
+            "--activator-listen",
+            "0.0.0.0:8082",
+            "--access-keys",
+            "/etc/flowgate-access/keys"
+        ])
+    );
+    assert!(
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "activator", "containerPort": 8082, "protocol": "TCP"}))
+    );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
@@ -1817,7 +2041,16 @@ fn the_operator_manifests_render() {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["serviceAccountName"], "flowgate-operator");
     // isolated both ways; egress never to link-local addresses
-    let np = docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    let np = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "flowgate-operator")
+        .unwrap();
+    let from_ingress = np["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["ports"] == json!([{"protocol": "TCP", "port": 8082}]));
+    assert!(from_ingress, "the activator's port is not reachable: {np}");
     assert_eq!(np["spec"]["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]
         .as_object()
         .map(|l| json!({"app.kubernetes.io/name": l["app.kubernetes.io/name"], "app.kubernetes.io/component": l["app.kubernetes.io/component"]}))

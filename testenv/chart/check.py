@@ -337,6 +337,18 @@ def static(name, rendered_file, chart_values, values_file=None):
     operator = values.get("operator") or {}
     if operator.get("enabled") and operator.get("networkPolicy"):
         want_np["flowgate-operator"] = {"spec": operator["networkPolicy"]}
+        if (operator.get("activator") or {}).get("enabled"):
+            # its two ends of the operator's reads of the instances' metrics
+            op_pods = {"app.kubernetes.io/name": "flowgate", "app.kubernetes.io/component": "operator"}
+            port = [{"protocol": "TCP", "port": 8080}]
+            want_np["flowgate-instances-from-operator"] = {"spec": {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": op_pods}}], "ports": port}]}}
+            want_np["flowgate-operator-to-instances"] = {"spec": {
+                "podSelector": {"matchLabels": op_pods},
+                "policyTypes": ["Egress"],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}], "ports": port}]}}
     got_np = {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
     probs = [f"NetworkPolicies {sorted(got_np)}, want {sorted(want_np)}"] if set(got_np) != set(want_np) else []
     for k, v in want_np.items():
@@ -356,6 +368,21 @@ def static(name, rendered_file, chart_values, values_file=None):
         if crd != bool(op.get("installCRD", True)):
             probs.append(f"CRD rendered: {crd}")
         check("operator: Deployment, RBAC, settings" + (", CRD" if op.get("installCRD", True) else ""), probs)
+        # the activator of sleeping instances, on every replica
+        on = bool((op.get("activator") or {}).get("enabled"))
+        d = one(objs, "Deployment", "flowgate-operator")
+        c = d["spec"]["template"]["spec"]["containers"][0] if d else {"args": [], "ports": []}
+        args = c["args"]
+        listen = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--activator-listen"]
+        ports = [p for p in c.get("ports", []) if p.get("name") == "activator"]
+        probs = []
+        if listen != (["0.0.0.0:8082"] if on else []):
+            probs.append(f"--activator-listen {listen}")
+        if ports != ([{"name": "activator", "containerPort": 8082, "protocol": "TCP"}] if on else []):
+            probs.append(f"container port activator {ports}")
+        if on and "--access-keys" not in args:
+            probs.append("no --access-keys: visitors of `link` instances could not wake them")
+        check("operator activator " + ("on 0.0.0.0:8082 with the access keys" if on else "off"), probs)
     else:
         check("no operator objects", [f"{k}/{n}" for k, n in sorted(want_op & names)])
     return ok

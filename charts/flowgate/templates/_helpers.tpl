@@ -28,8 +28,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when the API pods run the activator of sleeping instances (the operator
-backend does not sleep instances, and flowgate refuses --activator-listen with it). */}}
+{{/* "true" when the API pods run the activator of sleeping instances (with the
+operator backend the operator's pods do, operator.activator; flowgate refuses
+--activator-listen with it). */}}
 {{- define "flowgate.activator" -}}
 {{- if and .Values.api.activator.enabled (ne .Values.api.backend "operator") -}}
 true

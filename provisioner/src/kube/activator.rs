@@ -1,5 +1,5 @@
 //! The activator on Kubernetes: the listener of `flowgate serve
-//! --activator-listen` that a sleeping instance's Service sends its visitors
+//! --activator-listen` (or `flowgate operator --activator-listen`) that a sleeping instance's Service sends its visitors
 //! to ([`super::sleep`]). It answers `/<id>/...` from the watch's cache, as
 //! the local listener answers for a sleeping local instance ([`crate::waking`]):
 //! a page visit the instance's access gate admits wakes it (once, however
@@ -16,14 +16,12 @@ use super::sleep::{SleepState, Sleeper, Wake, sleep_state};
 use super::watch::Watch;
 use crate::hosts::PublicHosts;
 use crate::instance::{Access, Instance, InstanceId, Phase};
-use crate::labels::{MANAGED_BY, MANAGER};
 use crate::waking::{WAKE_STATUS_PATH, asleep, navigates, page, wake_status, waking_page};
 use adapter::body::ProxyBody;
 use adapter::request_body::RequestBody;
 use adapter::server::Handler;
 use adapter::{Proxy, ProxyConfig, ServeArgs};
 use http::{Request, Response, StatusCode};
-use kube::ResourceExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -178,10 +176,7 @@ impl Handler for Activator {
             return not_found();
         };
         let watch = self.watch();
-        let Some(d) = watch
-            .deployment(&id)
-            .filter(|d| d.labels().get(MANAGED_BY).map(String::as_str) == Some(MANAGER))
-        else {
+        let Some(d) = watch.deployment(&id).filter(|d| self.sleeper.manages(d)) else {
             return not_found();
         };
         let Some((instance, observed)) = watch.look(&id) else {

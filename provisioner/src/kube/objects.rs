@@ -373,10 +373,30 @@ pub fn service(spec: &InstanceSpec, owner: &OwnerReference) -> Service {
         "spec": {
             "type": "ClusterIP",
             "selector": {INSTANCE: spec.id.to_string()},
-            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": service_ports(false),
         },
     }))
     .expect("the Service template is a valid Service")
+}
+
+/// The Service of a sleeping (or waking) instance: port 80 to the pods
+/// `activator` selects, on their [`ACTIVATOR_PORT_NAME`] port.
+pub fn sleeping_service(
+    spec: &InstanceSpec,
+    owner: &OwnerReference,
+    activator: &BTreeMap<String, String>,
+) -> Service {
+    let mut svc = service(spec, owner);
+    let target = svc.spec.as_mut().expect("the template has a spec");
+    target.selector = Some(activator.clone());
+    target.ports = serde_json::from_value(service_ports(true)).ok();
+    svc
+}
+
+/// The Service's one port, to the adapter or (`asleep`) the activator.
+fn service_ports(asleep: bool) -> Value {
+    let target = if asleep { ACTIVATOR_PORT_NAME } else { "http" };
+    json!([{"name": "http", "port": SERVICE_PORT, "targetPort": target, "protocol": "TCP"}])
 }
 
 /// The container port of the activator (`flowgate serve --activator-listen`)
@@ -385,8 +405,9 @@ pub const ACTIVATOR_PORT_NAME: &str = "activator";
 
 /// The merge patch that points the Service of instance `id` at the pods
 /// `activator` selects (the API's, on their [`ACTIVATOR_PORT_NAME`] port)
-/// while it sleeps, or back at its own pods. Nothing else changes, so the
-/// Ingress, Route or HTTPRoute in front of it stays as it is.
+/// while it sleeps, or back at its own pods: [`sleeping_service`] or
+/// [`service`]. Nothing else changes, so the Ingress, Route or HTTPRoute in
+/// front of it stays as it is.
 pub fn service_target(
     id: &InstanceId,
     activator: &BTreeMap<String, String>,
@@ -404,11 +425,7 @@ pub fn service_target(
             json!(id.to_string())
         },
     );
-    let port = if asleep { ACTIVATOR_PORT_NAME } else { "http" };
-    json!({"spec": {
-        "selector": selector,
-        "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": port, "protocol": "TCP"}],
-    }})
+    json!({"spec": {"selector": selector, "ports": service_ports(asleep)}})
 }
 
 /// The Ingress: path `/<id>` (Prefix) on the shared host.

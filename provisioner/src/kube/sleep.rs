@@ -15,6 +15,12 @@
 //! Service selects the activator ([`service_target`]): the Ingress, Route or
 //! HTTPRoute never changes.
 //!
+//! **The operator's instances** ([`Manager::Operator`], `flowgate operator
+//! --activator-listen`): the same sleeper runs in the operator's pods, which
+//! are then the activator. It patches only the Deployment; the reconcile
+//! applies the Service's target and the replicas from the Deployment's sleep
+//! state ([`crate::operator::reconcile`]), so no two writers own a field.
+//!
 //! **Wake** ([`Sleeper::wake`], on a page visit the instance's access gate
 //! admits): `sleeping` → `waking` and one replica, in one conditional patch,
 //! so of concurrent visits (to any replica) one wakes it. The `fetch` init
@@ -28,7 +34,8 @@ use super::objects::{ADAPTER_PORT, service_target};
 use super::watch::Watch;
 use crate::instance::{InstanceId, parse_idle_after};
 use crate::labels::{
-    ANN_EXPIRES_AT, ANN_IDLE_AFTER, ANN_SLEEP, ANN_STATE, INSTANCE, MANAGED_BY, MANAGER,
+    ANN_EXPIRES_AT, ANN_IDLE_AFTER, ANN_SLEEP, ANN_STATE, FIELD_MANAGER, INSTANCE, MANAGED_BY,
+    MANAGER, OPERATOR_FIELD_MANAGER, OPERATOR_MANAGER,
 };
 use crate::{Error, Result};
 use futures_util::StreamExt;
@@ -51,9 +58,42 @@ const READ_CONCURRENCY: usize = 16;
 /// A wake followed by the replica that won it ends here (the next ticks go on).
 const FOLLOW_WAKE_FOR: Duration = Duration::from_secs(15 * 60);
 
+/// Whose instances a sleeper looks after, and so who points their Services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Manager {
+    /// `flowgate serve --backend kubernetes`: the sleeper points the Services.
+    Provisioner,
+    /// `flowgate operator`: its reconcile points them, from the sleep state.
+    Operator,
+}
+
+impl Manager {
+    /// The `app.kubernetes.io/managed-by` of its Deployments.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Provisioner => MANAGER,
+            Self::Operator => OPERATOR_MANAGER,
+        }
+    }
+
+    fn field_manager(self) -> &'static str {
+        match self {
+            Self::Provisioner => FIELD_MANAGER,
+            Self::Operator => OPERATOR_FIELD_MANAGER,
+        }
+    }
+
+    /// Whether the sleeper itself points the instances' Services.
+    fn points_services(self) -> bool {
+        self == Self::Provisioner
+    }
+}
+
 /// How the sleeper works.
 #[derive(Clone, Debug)]
 pub struct SleepSettings {
+    /// Whose instances these are.
+    pub manager: Manager,
     /// The server's idle time (`--idle-after`); None: only instances given
     /// their own sleep.
     pub idle_after: Option<Duration>,
@@ -66,6 +106,23 @@ pub struct SleepSettings {
 }
 
 impl SleepSettings {
+    /// For `manager`'s instances, sleeping after `idle_after` (None: only
+    /// those given their own), woken through the pods `activator` selects:
+    /// ticks of [`Self::tick_for`], a 3 s bound on reading an adapter.
+    pub fn new(
+        manager: Manager,
+        idle_after: Option<Duration>,
+        activator: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            manager,
+            idle_after,
+            activator,
+            tick: Self::tick_for(idle_after),
+            read_timeout: Duration::from_secs(3),
+        }
+    }
+
     /// `--activator-selector`: `key=value` pairs, comma-separated.
     pub fn parse_selector(raw: &str) -> Result<BTreeMap<String, String>> {
         let mut labels = BTreeMap::new();
@@ -207,20 +264,8 @@ pub struct Sleeper {
     wakes: AtomicU64,
 }
 
-fn params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(crate::labels::FIELD_MANAGER.into()),
-        ..Default::default()
-    }
-}
-
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(r) if r.code == 409)
-}
-
-fn managed(d: &Deployment) -> bool {
-    d.labels().get(MANAGED_BY).map(String::as_str) == Some(MANAGER)
-        && d.annotations().get(ANN_STATE).map(String::as_str) == Some("complete")
 }
 
 fn expired(d: &Deployment, now: Timestamp) -> bool {
@@ -289,6 +334,20 @@ impl Sleeper {
         &self.watch
     }
 
+    /// Whether `d` is an instance this sleeper looks after: its manager's,
+    /// and made in full.
+    pub fn manages(&self, d: &Deployment) -> bool {
+        d.labels().get(MANAGED_BY).map(String::as_str) == Some(self.settings.manager.label())
+            && d.annotations().get(ANN_STATE).map(String::as_str) == Some("complete")
+    }
+
+    fn params(&self) -> PatchParams {
+        PatchParams {
+            field_manager: Some(self.settings.manager.field_manager().into()),
+            ..Default::default()
+        }
+    }
+
     /// Looks at every instance once, then again every tick, for ever.
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -310,7 +369,7 @@ impl Sleeper {
             .watch
             .deployments()
             .into_iter()
-            .filter(|d| managed(d) && !expired(d, now))
+            .filter(|d| self.manages(d) && !expired(d, now))
             .collect();
         // forget instances no longer asleep (deleted, expired, woken elsewhere)
         let asleep: HashSet<&str> = deployments
@@ -404,7 +463,7 @@ impl Sleeper {
         for _ in 0..3 {
             match self.set_sleep(id, version, "sleeping", 0).await {
                 Ok(()) => {
-                    tracing::info!(%id, "idle: sleeping (scaled to zero, its Service selects the activator)");
+                    tracing::info!(%id, "idle: sleeping (scaled to zero, its Service to select the activator)");
                     self.route_to_activator(id, true).await?;
                     return Ok(true);
                 }
@@ -437,13 +496,17 @@ impl Sleeper {
             "spec": {"replicas": replicas},
         });
         self.deployments
-            .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
+            .patch(&id.object_name(), &self.params(), &Patch::Merge(&patch))
             .await
             .map(drop)
     }
 
-    /// Points the Service at the activator (once per process unless `force`).
+    /// Points the Service at the activator (once per process unless `force`;
+    /// the operator's reconcile does it for its instances).
     async fn route_to_activator(&self, id: &InstanceId, force: bool) -> Result<()> {
+        if !self.settings.manager.points_services() {
+            return Ok(());
+        }
         if !force
             && self
                 .routed
@@ -455,7 +518,7 @@ impl Sleeper {
         }
         let patch = service_target(id, &self.settings.activator, true);
         self.services
-            .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
+            .patch(&id.object_name(), &self.params(), &Patch::Merge(&patch))
             .await?;
         self.routed
             .lock()
@@ -471,7 +534,7 @@ impl Sleeper {
             let Some(d) = self.deployments.get_opt(&id.object_name()).await? else {
                 return Ok(Wake::NotAsleep);
             };
-            if !managed(&d) || expired(&d, Timestamp::now()) {
+            if !self.manages(&d) || expired(&d, Timestamp::now()) {
                 return Ok(Wake::NotAsleep);
             }
             match sleep_state(&d) {
@@ -494,16 +557,19 @@ impl Sleeper {
     }
 
     /// Gives a woken instance its route back: the Service selects its pods
-    /// again, then the Deployment is marked awake.
+    /// again (for the operator's instances, its reconcile does on seeing the
+    /// Deployment awake), then the Deployment is marked awake.
     pub async fn hand_back(&self, id: &InstanceId) -> Result<()> {
-        let patch = service_target(id, &self.settings.activator, false);
-        self.services
-            .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
-            .await?;
-        self.routed.lock().expect("routed lock").remove(id.as_str());
+        if self.settings.manager.points_services() {
+            let patch = service_target(id, &self.settings.activator, false);
+            self.services
+                .patch(&id.object_name(), &self.params(), &Patch::Merge(&patch))
+                .await?;
+            self.routed.lock().expect("routed lock").remove(id.as_str());
+        }
         let patch = json!({"metadata": {"annotations": {ANN_SLEEP: null}}});
         self.deployments
-            .patch(&id.object_name(), &params(), &Patch::Merge(&patch))
+            .patch(&id.object_name(), &self.params(), &Patch::Merge(&patch))
             .await?;
         tracing::info!(%id, "awake: its Service selects its pod again");
         Ok(())

@@ -8,7 +8,7 @@
 use super::crd::{ArtifactsSource, MlflowInstance, MlflowInstanceSpec};
 use super::instance_id;
 use crate::backend::{Backend, ListFilter, NewInstance, Removed};
-use crate::instance::{Artifacts, Instance, InstanceId, Phase};
+use crate::instance::{Artifacts, Instance, InstanceId, Phase, parse_idle_after, show_idle_after};
 use crate::labels::{ARTIFACTS_DIGEST, INSTANCE, OWNER, WORKLOAD, digest_label};
 use crate::settings::KubeSettings;
 use crate::{Error, Result};
@@ -39,6 +39,15 @@ pub fn go_duration(d: Duration) -> String {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
+    }
+}
+
+/// An `idle_after` as the CRD's `idleAfter` wants it: `0` or a Go duration.
+pub fn go_idle_after(d: Duration) -> String {
+    if d.is_zero() {
+        "0".into()
+    } else {
+        go_duration(d)
     }
 }
 
@@ -81,7 +90,12 @@ pub fn instance_from_resource(
         access: r.spec.access,
         access_url: None,
         credentials: r.spec.credentials.clone(),
-        idle_after: None,
+        idle_after: r
+            .spec
+            .idle_after
+            .as_deref()
+            .and_then(|raw| parse_idle_after(raw).ok())
+            .map(show_idle_after),
     })
 }
 
@@ -138,6 +152,12 @@ impl Backend for OperatorBackend {
         &["https", "http"]
     }
 
+    /// The operator decides: one without an activator refuses a resource's
+    /// `idleAfter` (the instance fails and says why).
+    fn sleeps(&self) -> bool {
+        true
+    }
+
     async fn create(&self, request: NewInstance) -> Result<Instance> {
         let ttl = request
             .expires_at
@@ -174,6 +194,7 @@ impl Backend for OperatorBackend {
                 writes: request.writes,
                 access: request.access,
                 credentials: request.credentials.clone(),
+                idle_after: request.idle_after.map(go_idle_after),
             },
             status: None,
         };
@@ -276,5 +297,14 @@ mod tests {
             humantime::parse_duration("1h30m").unwrap(),
             Duration::from_secs(5400)
         );
+    }
+
+    #[test]
+    fn idle_times_go_both_ways() {
+        for (d, raw) in [(0, "0"), (1800, "30m"), (7200, "2h"), (90, "90s")] {
+            let d = Duration::from_secs(d);
+            assert_eq!(go_idle_after(d), raw);
+            assert_eq!(parse_idle_after(raw).unwrap(), d);
+        }
     }
 }

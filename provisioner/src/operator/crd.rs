@@ -106,6 +106,15 @@ pub struct MlflowInstanceSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub credentials: Option<String>,
+    /// Sleep after this long without a visit, as a Go duration (`30m`, `2h`;
+    /// at least `1m`), or `0`: never. Without it, the operator's
+    /// `--idle-after`. A sleeping instance is scaled to zero and keeps its
+    /// URL; its next visitor wakes it (the store fetched again and verified).
+    /// Needs an operator that runs the activator (`--activator-listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^(0|([0-9]+(h|m|s))+)$"))]
+    #[x_kube(validation = Rule::new("self == '0' || duration(self) >= duration('1m')").message("idleAfter must be 0 (never) or at least 1m"))]
+    pub idle_after: Option<String>,
 }
 
 /// Where the job's artefacts are, and their checksum.
@@ -181,7 +190,7 @@ pub struct MlflowInstanceStatus {
     /// the URL path and the objects' name `mlflow-<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// Pending, Ready, Failed or Expired.
+    /// Pending, Ready, Sleeping, Failed or Expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// Where a browser opens the instance.

@@ -8,7 +8,9 @@
 //! applied with field manager `flowgate-operator`. Owned objects are watched,
 //! so hand edits are put back; a resource is deleted when it expires.
 //! Replicas elect a leader on a Lease ([`leader`]); metrics and `/healthz`
-//! are served by [`metrics`]. [`backend`] is the CLI's and the API's way in
+//! are served by [`metrics`]. With `--activator-listen` every replica also
+//! runs the sleeper and the activator of [`crate::kube::sleep`]: idle
+//! instances sleep, and their next visitor wakes them. [`backend`] is the CLI's and the API's way in
 //! (`--backend operator`).
 //!
 //! ## The instance id
@@ -49,6 +51,7 @@ use metrics::Metrics;
 use policy::CrdPolicy;
 use reconcile::{Context, error_policy, reconcile};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +93,9 @@ pub struct OperatorConfig {
     pub pending_recheck: Duration,
     /// What a resource may ask for (images, resources).
     pub policy: CrdPolicy,
+    /// The labels of the pods that run the activator, which a sleeping
+    /// instance's Service selects (`--activator-listen`); None: nothing sleeps.
+    pub activator: Option<BTreeMap<String, String>>,
 }
 
 impl OperatorConfig {
@@ -103,6 +109,7 @@ impl OperatorConfig {
             leader_election: Some(LeaseSettings::default()),
             pending_recheck: Duration::from_secs(15),
             policy: CrdPolicy::default(),
+            activator: None,
         }
     }
 }
@@ -153,6 +160,7 @@ pub async fn run(
         failures: Mutex::default(),
         pending_recheck: config.pending_recheck,
         policy: config.policy.clone(),
+        activator: config.activator.clone(),
     });
     tracing::info!(namespace = %ns, identity = %config.identity, route_kind = ?route_kind, "operator starting");
     let Some(lease) = config.leader_election.clone() else {

@@ -3,20 +3,29 @@
 //! Ingress/Route/HTTPRoute (built by [`crate::kube::objects`], owned by the
 //! resource) and write the status, with Events on transitions. Errors go to the status and are
 //! retried with exponential backoff.
+//!
+//! **Sleep.** The sleeper ([`crate::kube::sleep`], in the operator's pods)
+//! records an idle instance's sleep on its Deployment (annotation and zero
+//! replicas, one patch). The reconcile applies what that state asks for: the
+//! replicas (none asleep, one awake or waking) and the Service's target (the
+//! activator's pods while asleep or waking, the instance's own once awake).
+//! The Deployment's apply is conditional on the resourceVersion the state
+//! was read from, so an apply never undoes a sleep or a wake it did not see.
 
 use super::crd::{MlflowInstance, MlflowInstanceStatus};
 use super::instance_id;
 use super::metrics::Metrics;
 use super::policy::CrdPolicy;
 use crate::instance::{
-    Artifacts, InstanceId, Phase, TtlPolicy, Workload, label_safe, validate_owner,
+    Artifacts, InstanceId, Phase, TtlPolicy, Workload, label_safe, parse_idle_after, validate_owner,
 };
 use crate::kube::objects::{
-    InstanceSpec, deployment, http_route, ingress, route, route_refusal, service,
+    InstanceSpec, deployment, http_route, ingress, route, route_refusal, service, sleeping_service,
 };
 use crate::kube::phase::{Fetch, Observed, observe, progress_message};
+use crate::kube::sleep::{SleepState, sleep_state};
 use crate::labels::{
-    ARTIFACTS_DIGEST, INSTANCE, OPERATOR_FIELD_MANAGER, OWNER, WORKLOAD, digest_label,
+    ANN_SLEEP, ARTIFACTS_DIGEST, INSTANCE, OPERATOR_FIELD_MANAGER, OWNER, WORKLOAD, digest_label,
 };
 use crate::settings::{KubeSettings, RouteKind};
 use crate::{Error, Result};
@@ -69,6 +78,9 @@ pub(crate) struct Context {
     pub(crate) pending_recheck: Duration,
     /// What a resource may ask for.
     pub(crate) policy: CrdPolicy,
+    /// The labels of the pods that run the activator (`--activator-listen`),
+    /// which a sleeping instance's Service selects; None: nothing sleeps.
+    pub(crate) activator: Option<BTreeMap<String, String>>,
 }
 
 fn key(obj: &MlflowInstance) -> String {
@@ -124,6 +136,8 @@ struct Checked {
     expires_at: Timestamp,
     /// The credentials Secret, granted by the operator's rules.
     credentials: Option<String>,
+    /// `idleAfter` (zero: never); None: the operator's.
+    idle_after: Option<Duration>,
 }
 
 /// The spec checked, with the expiry capped by `ttl`.
@@ -153,12 +167,19 @@ fn check(obj: &MlflowInstance, ttl: &TtlPolicy) -> std::result::Result<Checked, 
         .as_ref()
         .map_or_else(Timestamp::now, |t| t.0);
     let expires_at = ttl.capped(created, expires_at);
+    let idle_after = spec
+        .idle_after
+        .as_deref()
+        .map(parse_idle_after)
+        .transpose()
+        .map_err(|e| format!("idleAfter: {e}"))?;
     Ok(Checked {
         workload: workload.as_str().to_owned(),
         owner,
         artifacts,
         expires_at,
         credentials: None,
+        idle_after,
     })
 }
 
@@ -398,11 +419,14 @@ where
     if !ours {
         return Err(kube::Error::Api(status).into());
     }
+    // made anew: no precondition on the version of the one it replaces
+    let mut object = object.clone();
+    object.meta_mut().resource_version = None;
     let dry_run = PostParams {
         dry_run: true,
         field_manager: Some(OPERATOR_FIELD_MANAGER.into()),
     };
-    match api.create(&dry_run, object).await {
+    match api.create(&dry_run, &object).await {
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         _ => return Err(kube::Error::Api(status).into()),
     }
@@ -417,7 +441,7 @@ where
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(api.patch(&name, &params, &Patch::Apply(object)).await?)
+    Ok(api.patch(&name, &params, &Patch::Apply(&object)).await?)
 }
 
 /// True when `meta` has a controller ownerReference to the resource `uid`.
@@ -454,14 +478,29 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
     // Objects of that name that are not ours (another instance, or the
     // provisioner's path) are never taken over.
     let name = id.object_name();
-    if let Some(existing) = ctx.deployments.get_opt(&name).await?
+    let existing = ctx.deployments.get_opt(&name).await?;
+    if let Some(existing) = &existing
         && !controlled_by(existing.owner_references(), &uid)
     {
         let message = format!("a Deployment {name} exists that this resource does not own");
         refuse(obj, ctx, &id, "NameConflict", message).await?;
         return Ok(Action::requeue(RESYNC));
     }
-    let (d, exposed) = apply_objects(obj, ctx, &uid, &id, checked.clone(), &settings).await?;
+    let sleep = existing.as_ref().map_or(SleepState::Awake, sleep_state);
+    if sleep != SleepState::Awake && ctx.activator.is_none() {
+        // asleep from a run with sleep on: with no activator now, wake it
+        wake_without_activator(ctx, &name).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let applied = apply_objects(obj, ctx, &uid, &id, checked.clone(), &settings, existing);
+    let (d, exposed) = match applied.await {
+        // the Deployment changed since it was read (a sleep, a wake, its
+        // status): decide again on a fresh read
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        other => other?,
+    };
     let mut observed = if d
         .status
         .as_ref()
@@ -497,10 +536,25 @@ async fn reconcile_inner(obj: &MlflowInstance, ctx: &Context) -> Result<Action> 
         .unsigned_abs()
         + Duration::from_secs(1);
     let mut next = until_expiry.min(RESYNC);
-    if observed.phase != Phase::Ready {
+    if !matches!(observed.phase, Phase::Ready | Phase::Sleeping) {
         next = next.min(ctx.pending_recheck);
     }
     Ok(Action::requeue(next))
+}
+
+/// Clears the sleep state of a Deployment an operator with sleep on left
+/// asleep: the next apply scales it up and gives its Service back.
+async fn wake_without_activator(ctx: &Context, name: &str) -> Result<()> {
+    tracing::info!(%name, "asleep, but this operator runs without an activator: waking it");
+    let patch = json!({"metadata": {"annotations": {ANN_SLEEP: null}}});
+    let params = PatchParams {
+        field_manager: Some(OPERATOR_FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    ctx.deployments
+        .patch(name, &params, &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// The spec checked and the settings it may have, or why not.
@@ -509,6 +563,12 @@ fn admit(
     ctx: &Context,
 ) -> std::result::Result<(Checked, KubeSettings), String> {
     let mut checked = check(obj, &ctx.settings.ttl)?;
+    if checked.idle_after.is_some_and(|d| !d.is_zero()) && ctx.activator.is_none() {
+        return Err(
+            "idleAfter: this operator does not put instances to sleep (it runs without --activator-listen)"
+                .into(),
+        );
+    }
     let settings = ctx.policy.settings_for(&ctx.settings, &obj.spec)?;
     checked.credentials = ctx
         .policy
@@ -555,9 +615,10 @@ struct Exposed {
     refusal: Option<String>,
 }
 
-/// Server-side applies the Deployment, the Service and the Ingress, Route or
-/// HTTPRoute, all owned by the resource; returns the Deployment and what
-/// exposes it.
+/// Server-side applies the Deployment (conditional on the version of
+/// `existing`, whose sleep state it follows), the Service and the Ingress,
+/// Route or HTTPRoute, all owned by the resource; returns the Deployment and
+/// what exposes it.
 async fn apply_objects(
     obj: &MlflowInstance,
     ctx: &Context,
@@ -565,7 +626,9 @@ async fn apply_objects(
     id: &InstanceId,
     checked: Checked,
     settings: &KubeSettings,
+    existing: Option<Deployment>,
 ) -> Result<(Deployment, Exposed)> {
+    let sleep = existing.as_ref().map_or(SleepState::Awake, sleep_state);
     let mut owner = obj
         .controller_owner_ref(&())
         .ok_or_else(|| Error::Internal("MlflowInstance without a name or uid".into()))?;
@@ -584,13 +647,19 @@ async fn apply_objects(
         writes: obj.spec.writes,
         access: obj.spec.access,
         credentials: checked.credentials,
-        // the operator does not put its instances to sleep (yet)
-        idle_after: None,
+        idle_after: checked.idle_after,
         controller: Some(owner.clone()),
     };
-    let d = deployment(&spec, settings, "complete");
+    let mut d = deployment(&spec, settings, "complete");
+    d.metadata.resource_version = existing.and_then(|e| e.metadata.resource_version);
+    if let Some(wanted) = d.spec.as_mut() {
+        wanted.replicas = Some(i32::from(sleep != SleepState::Sleeping));
+    }
     let d = apply(ctx, obj, uid, "Deployment", &ctx.deployments, &d).await?;
-    let svc = service(&spec, &owner);
+    let svc = match &ctx.activator {
+        Some(activator) if sleep != SleepState::Awake => sleeping_service(&spec, &owner, activator),
+        _ => service(&spec, &owner),
+    };
     apply(ctx, obj, uid, "Service", &ctx.services, &svc).await?;
     let (by, refusal) = match ctx.route_kind {
         RouteKind::Route => {
@@ -630,6 +699,12 @@ fn status_of(
             observed.reason,
             "waiting for the pod to become ready",
         ),
+        Phase::Sleeping => condition(
+            READY,
+            false,
+            observed.reason,
+            "asleep: scaled to zero until its next visit",
+        ),
         _ => condition(
             READY,
             false,
@@ -638,6 +713,12 @@ fn status_of(
         ),
     };
     let verified = match &observed.fetch {
+        _ if observed.phase == Phase::Sleeping => condition3(
+            ARTEFACTS_VERIFIED,
+            "Unknown",
+            "Sleeping",
+            "fetched again and verified when it wakes",
+        ),
         Fetch::Verified => condition(
             ARTEFACTS_VERIFIED,
             true,
@@ -705,6 +786,11 @@ async fn publish_transitions(
     if old.phase == Some(observed.phase) {
         return;
     }
+    if old.phase == Some(Phase::Sleeping) {
+        // (a quick wake may go from Sleeping to Ready between two looks)
+        let note = "woken by a visit: fetching its store again".to_owned();
+        publish(ctx, obj, EventType::Normal, "Waking", note).await;
+    }
     match observed.phase {
         Phase::Ready => {
             let note = format!("serving at {}", status.url.clone().unwrap_or_default());
@@ -718,6 +804,11 @@ async fn publish_transitions(
             let note = "no ready replica".to_owned();
             publish(ctx, obj, EventType::Warning, "Unavailable", note).await;
         }
+        Phase::Sleeping => {
+            let note = "idle: scaled to zero; its next visitor wakes it".to_owned();
+            publish(ctx, obj, EventType::Normal, "Sleeping", note).await;
+        }
+
         _ => {}
     }
 }

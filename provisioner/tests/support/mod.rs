@@ -252,3 +252,39 @@ where
         })
     }
 }
+
+/// The activator of a sleeper on a loopback listener, answering the tests'
+/// host `ml.example.test`, until [`TestActivator::stop`].
+pub struct TestActivator {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<adapter::server::Drain>,
+}
+
+impl TestActivator {
+    pub async fn start(sleeper: Arc<provisioner::kube::sleep::Sleeper>) -> Self {
+        use adapter::server::{ConnectionLimits, serve};
+        use provisioner::hosts::PublicHosts;
+        use provisioner::kube::activator::Activator;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let activator = Arc::new(Activator::new(
+            sleeper,
+            None,
+            Arc::new(PublicHosts::parse("ml.example.test").unwrap()),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            serve(activator, &ConnectionLimits::default(), listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Self { addr, stop, served }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap();
+    }
+}
