@@ -283,6 +283,20 @@ fn available(d: &Deployment) -> bool {
         >= 1
 }
 
+/// When the instance of `d` last became available (its Deployment's
+/// `Available` condition turning true), in unix seconds.
+fn available_since(d: &Deployment) -> Option<u64> {
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Available" && c.status == "True")?
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0.as_second().max(0) as u64)
+}
+
 /// The address of a ready pod's adapter.
 fn adapter_address(pods: &[Pod]) -> Option<SocketAddr> {
     pods.iter().find_map(|p| {
@@ -423,6 +437,13 @@ impl Sleeper {
                 tracing::debug!(%id, %addr, %why, "activity not read");
                 return Ok(false);
             }
+        };
+        // Idle time counts from the adapter's last activity, but not from
+        // before the instance could be visited: an MLflow slower to start
+        // than the idle time would otherwise sleep the moment it is ready.
+        let activity = Activity {
+            last: activity.last.max(available_since(d).unwrap_or(0)),
+            ..activity
         };
         let now = Timestamp::now().as_second().max(0) as u64;
         if !activity.idle_for_at_least(after, now) {
@@ -693,6 +714,28 @@ mod tests {
             SleepSettings::tick_for(Some(Duration::from_secs(2))),
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn idle_time_counts_from_when_the_instance_became_available() {
+        let d: Deployment = serde_json::from_value(serde_json::json!({
+            "status": {"conditions": [
+                {"type": "Progressing", "status": "True", "lastTransitionTime": "2026-12-03T09:00:00Z"},
+                {"type": "Available", "status": "True", "lastTransitionTime": "2026-12-03T09:11:40Z"},
+            ]},
+        }))
+        .unwrap();
+        let ready: u64 = "2026-12-03T09:11:40Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second() as u64;
+        assert_eq!(available_since(&d), Some(ready));
+        let unavailable: Deployment = serde_json::from_value(serde_json::json!({
+            "status": {"conditions": [{"type": "Available", "status": "False", "lastTransitionTime": "2026-12-03T09:11:40Z"}]},
+        }))
+        .unwrap();
+        assert_eq!(available_since(&unavailable), None);
+        assert_eq!(available_since(&Deployment::default()), None);
     }
 
     #[test]
