@@ -37,9 +37,11 @@ pin_project! {
             inner: ByteStream,
             sent: BodySent,
         },
-        /// A body the adapter wrote itself.
+        /// One buffer: a body the adapter wrote itself, or one kept by the
+        /// static cache (counted as sent, with `sent`).
         Full {
             data: Option<Bytes>,
+            sent: Option<BodySent>,
         },
     }
 }
@@ -50,12 +52,25 @@ impl ProxyBody {
         let data: Bytes = data.into();
         ProxyBody::Full {
             data: (!data.is_empty()).then_some(data),
+            sent: None,
+        }
+    }
+
+    /// One buffer of a proxied response (the static cache's), counted in
+    /// `sent` as it goes.
+    pub fn counted(data: Bytes, sent: BodySent) -> Self {
+        ProxyBody::Full {
+            data: (!data.is_empty()).then_some(data),
+            sent: Some(sent),
         }
     }
 
     /// An empty body.
     pub fn empty() -> Self {
-        ProxyBody::Full { data: None }
+        ProxyBody::Full {
+            data: None,
+            sent: None,
+        }
     }
 
     /// The upstream body unchanged.
@@ -130,7 +145,12 @@ impl Body for ProxyBody {
                     None => return Poll::Ready(None),
                 }
             },
-            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Full { data, sent } => Poll::Ready(data.take().map(|d| {
+                if let Some(sent) = sent {
+                    sent.add(d.len() as u64);
+                }
+                Ok(Frame::data(d))
+            })),
         }
     }
 
@@ -138,7 +158,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Passthrough { inner, .. } => inner.is_end_stream(),
             ProxyBody::Transformed { .. } => false,
-            ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Full { data, .. } => data.is_none(),
         }
     }
 
@@ -146,7 +166,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Passthrough { inner, .. } => inner.size_hint(),
             ProxyBody::Transformed { .. } => SizeHint::default(),
-            ProxyBody::Full { data } => {
+            ProxyBody::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

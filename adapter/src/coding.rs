@@ -17,7 +17,7 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 const CHUNK: usize = 32 * 1024;
 
 /// The codings the adapter can decode and encode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Coding {
     /// zstd (preferred for clients that accept it: fastest at a good ratio).
     Zstd,

@@ -103,6 +103,9 @@ pub struct ServeArgs {
     /// Responses compressed at once, of which an eighth with zstd or brotli; past those, gzip, then none [env: FLOWGATE_MAX_ENCODERS] [default: 16]
     #[arg(long)]
     pub max_encoders: Option<usize>,
+    /// MiB of memory for the app's static files as sent (rewritten, compressed), 0 for none [env: FLOWGATE_STATIC_CACHE_MIB] [default: 16]
+    #[arg(long)]
+    pub static_cache_mib: Option<usize>,
 }
 
 /// The same settings as read from `FLOWGATE_*` variables.
@@ -126,6 +129,7 @@ struct EnvArgs {
     max_connections: Option<String>,
     access_keys: Option<std::path::PathBuf>,
     max_encoders: Option<String>,
+    static_cache_mib: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -205,6 +209,8 @@ pub struct ProxyConfig {
     pub access: Option<Gate>,
     /// Responses compressed at once (see [`crate::encoders`]).
     pub max_encoders: usize,
+    /// Bytes of the static cache (see [`crate::static_cache`]); 0: none.
+    pub static_cache_bytes: usize,
 }
 
 impl ProxyConfig {
@@ -365,6 +371,14 @@ impl ProxyConfig {
             max_encoders: pick(args.max_encoders, env.max_encoders, "max-encoders")?
                 .unwrap_or(16)
                 .max(1),
+            static_cache_bytes: pick(
+                args.static_cache_mib,
+                env.static_cache_mib,
+                "static-cache-mib",
+            )?
+            .unwrap_or(16)
+            .min(1 << 20)
+                << 20,
         })
     }
 }

@@ -17,7 +17,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub struct Slot {
     _heavy: Option<OwnedSemaphorePermit>,
-    _any: OwnedSemaphorePermit,
+    _any: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    /// An encoder outside the bound, for what is bounded otherwise: the
+    /// static cache's fills (a few at a time, see [`crate::static_cache`]).
+    pub fn outside_the_bound() -> Self {
+        Slot {
+            _heavy: None,
+            _any: None,
+        }
+    }
 }
 
 /// The encoder slots of one adapter.
@@ -55,7 +66,7 @@ impl Encoders {
                 wanted,
                 Slot {
                     _heavy: None,
-                    _any: any,
+                    _any: Some(any),
                 },
             ));
         }
@@ -64,7 +75,7 @@ impl Encoders {
                 wanted,
                 Slot {
                     _heavy: Some(heavy),
-                    _any: any,
+                    _any: Some(any),
                 },
             ));
         }
@@ -75,7 +86,7 @@ impl Encoders {
                     light,
                     Slot {
                         _heavy: None,
-                        _any: any,
+                        _any: Some(any),
                     },
                 ))
             }

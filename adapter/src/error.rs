@@ -10,6 +10,10 @@ pub enum ProxyError {
     /// The upstream could not be reached or broke the exchange.
     #[error("upstream unavailable: {0}")]
     Upstream(#[source] hyper_util::client::legacy::Error),
+    /// The upstream's body broke off (or outgrew a bound) while the adapter
+    /// read it whole.
+    #[error("upstream body: {0}")]
+    UpstreamBody(String),
     /// The upstream did not answer in time.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -25,7 +29,7 @@ impl ProxyError {
     /// The status the client gets: 502, 504, 400 or 500.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Downstream(_) => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -36,7 +40,7 @@ impl ProxyError {
     pub fn source_label(&self) -> &'static str {
         match self {
             ProxyError::Upstream(e) if e.is_connect() => "connect",
-            ProxyError::Upstream(_) => "upstream",
+            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => "upstream",
             ProxyError::UpstreamTimeout(_) => "timeout",
             ProxyError::Downstream(_) => "downstream",
             ProxyError::Internal(_) => "internal",

@@ -5,7 +5,7 @@
 //! Reading order: [`config`] (what it is told) → [`server`] (connections, and [`request_body`]: bodies left unread) →
 //! [`proxy`] (one request: [`host`], [`route`] and [`policy`] decide whether it
 //! is forwarded) → [`headers`] and [`rewrite`] (what changes on the way out) →
-//! [`plan`], [`body`] and [`coding`] (streaming bodies). [`fetch`] is the init container.
+//! [`plan`], [`body`] and [`coding`] (streaming bodies), [`static_cache`] (the app's static files kept as sent). [`fetch`] is the init container.
 
 pub mod access;
 pub mod body;
@@ -25,6 +25,7 @@ pub mod request_body;
 pub mod rewrite;
 pub mod route;
 pub mod server;
+pub mod static_cache;
 pub mod telemetry;
 
 pub use config::{ProxyConfig, ServeArgs};

@@ -15,6 +15,20 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const REWRITE_KINDS: [&str; 5] = ["header", "html", "css", "script", "compress"];
 const UPSTREAM_ERRORS: [&str; 3] = ["connect", "upstream", "timeout"];
 const REFUSALS: [&str; 4] = ["read_only", "host", "path", "access"];
+const CACHE_RESULTS: [&str; 4] = ["hit", "revalidated", "stored", "passed"];
+
+/// What the static cache did for a request it could serve.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheResult {
+    /// Sent from memory, the app not asked.
+    Hit = 0,
+    /// The app said 304; sent from memory.
+    Revalidated = 1,
+    /// Filled from the app's answer, then sent.
+    Stored = 2,
+    /// Forwarded as if there were no cache (not storable, or over a bound).
+    Passed = 3,
+}
 
 /// Why a request was answered by the adapter instead of being forwarded.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +122,8 @@ pub struct Metrics {
     refused: [Counter; 4],
     abandoned: Counter,
     connections: ConnectionMetrics,
+    static_cache: [Counter; 4],
+    static_cache_bytes: Gauge,
 }
 
 /// What kind of rewrite happened, for [`Metrics::rewrite`].
@@ -235,6 +251,20 @@ impl Metrics {
             "Proxied response bodies still being sent (downloads, event streams)",
             open_bodies.clone(),
         );
+        let cache_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let static_cache =
+            CACHE_RESULTS.map(|k| cache_family.get_or_create(&[("result", k)]).clone());
+        registry.register(
+            "static_cache_requests",
+            "Requests for the app's static files the cache could answer: hit (the app not asked), revalidated (the app said 304), stored (filled, then sent), passed (forwarded as without a cache)",
+            cache_family,
+        );
+        let static_cache_bytes = Gauge::default();
+        registry.register(
+            "static_cache_bytes",
+            "Bytes of static responses kept in memory",
+            static_cache_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -250,7 +280,16 @@ impl Metrics {
             refused,
             abandoned,
             connections,
+            static_cache,
+            static_cache_bytes,
         }
+    }
+
+    /// Counts what the static cache did for a request, and its size now.
+    pub fn static_cache(&self, result: CacheResult, bytes: usize) {
+        self.static_cache[result as usize].inc();
+        self.static_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts a request answered by the adapter itself.

@@ -7,13 +7,13 @@ use crate::access::{self, Decision, Denied, strip_cookie};
 use crate::body::ProxyBody;
 use crate::coding::{Coding, negotiate};
 use crate::config::ProxyConfig;
-use crate::encoders::Encoders;
+use crate::encoders::{Encoders, Slot};
 use crate::error::{ProxyError, Result};
 use crate::headers::{
     ForwardContext, forward_request_headers, is_upgrade_request, restore_response_headers,
     strip_hop_by_hop,
 };
-use crate::metrics::{ConnectionMetrics, Metrics, Refusal, RewriteKind};
+use crate::metrics::{CacheResult, ConnectionMetrics, Metrics, Refusal, RewriteKind};
 use crate::plan::{BodyPlan, BodyRewrite, BodySettings, ResponseFacts, plan};
 use crate::policy::read_only_allows;
 use crate::prefix::PathMatch;
@@ -23,11 +23,12 @@ use crate::rewrite::css::CssRewriter;
 use crate::rewrite::html::HtmlRewriter;
 use crate::rewrite::literal::{LiteralRewriter, LiteralSet};
 use crate::route::{RouteClass, canonical_path};
+use crate::static_cache::{self, Fill, Lookup, StaticCache, Stored};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -61,6 +62,7 @@ pub struct Proxy {
     metrics: Metrics,
     hash_routes: Arc<LiteralSet>,
     encoders: Encoders,
+    static_cache: Option<StaticCache>,
 }
 
 impl crate::server::Handler for Proxy {
@@ -168,6 +170,8 @@ impl Proxy {
         let metrics = Metrics::new();
         let (to_light, to_identity) = metrics.compression_shed();
         let encoders = Encoders::new(config.max_encoders, to_light, to_identity);
+        let static_cache =
+            (config.static_cache_bytes > 0).then(|| StaticCache::new(config.static_cache_bytes));
         Arc::new(Self {
             config,
             client,
@@ -175,6 +179,7 @@ impl Proxy {
             metrics,
             hash_routes,
             encoders,
+            static_cache,
         })
     }
 
@@ -274,9 +279,13 @@ impl Proxy {
         match self.forward(req, upstream_pq, class, peer).await {
             Ok(response) => response,
             Err(e) => {
-                if let Some(label) =
-                    matches!(e, ProxyError::Upstream(_) | ProxyError::UpstreamTimeout(_))
-                        .then(|| e.source_label())
+                if let Some(label) = matches!(
+                    e,
+                    ProxyError::Upstream(_)
+                        | ProxyError::UpstreamBody(_)
+                        | ProxyError::UpstreamTimeout(_)
+                )
+                .then(|| e.source_label())
                 {
                     self.metrics.upstream_error(label);
                 }
@@ -391,6 +400,40 @@ impl Proxy {
         let is_head = parts.method == Method::HEAD;
         let accept_header = parts.headers.get(header::ACCEPT_ENCODING).cloned();
         let accept = negotiate(accept_header.as_ref());
+        // The static cache answers, or this request fills it, or neither.
+        let mut fill = None;
+        if let Some(cache) = &self.static_cache
+            && class == RouteClass::Static
+            && !upgrade
+            && static_cache::request_may_use(&parts.method, &parts.headers)
+        {
+            let key = static_cache::Key {
+                path_and_query: upstream_pq.clone(),
+                coding: accept.filter(|_| self.config.compress),
+            };
+            let revalidate = static_cache::request_wants_revalidation(&parts.headers);
+            for attempt in 0..2 {
+                match cache.lookup(&key, revalidate, Instant::now()) {
+                    Lookup::Fresh(stored) => {
+                        self.metrics.static_cache(CacheResult::Hit, cache.bytes());
+                        return Ok(self.send_stored(&stored));
+                    }
+                    Lookup::Fill(f) => {
+                        fill = Some(f);
+                        break;
+                    }
+                    Lookup::Wait(mut done) if attempt == 0 => {
+                        // Err: the fill ended (its sender is gone), as expected
+                        let _ = tokio::time::timeout(static_cache::WAIT, done.changed()).await;
+                    }
+                    Lookup::Wait(_) | Lookup::Bypass => {
+                        self.metrics
+                            .static_cache(CacheResult::Passed, cache.bytes());
+                        break;
+                    }
+                }
+            }
+        }
         // Shared-bytes clones, not copies: the headers are rewritten below.
         let host_header = parts.headers.get(header::HOST).cloned();
         let authority = parts.uri.authority().cloned();
@@ -408,6 +451,11 @@ impl Proxy {
             stripped_prefix: config.rewrite.then_some(&config.prefix),
         };
         forward_request_headers(&mut parts.headers, &ctx, upgrade);
+        if let Some(fill) = &fill {
+            for (name, value) in fill.conditionals() {
+                parts.headers.insert(name, value);
+            }
+        }
         parts.uri = self.upstream_uri(&upstream_pq)?;
         parts.version = Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
@@ -443,7 +491,83 @@ impl Proxy {
             one_date(&mut parts.headers);
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
-        Ok(self.shape_response(response, class, accept, accept_header.as_ref(), is_head))
+        if let Some(fill) = fill {
+            return self
+                .fill_static_cache(fill, response, class, accept, accept_header.as_ref())
+                .await;
+        }
+        Ok(self.shape_response(
+            response,
+            class,
+            accept,
+            accept_header.as_ref(),
+            is_head,
+            false,
+        ))
+    }
+
+    /// The app's answer to a request that fills the static cache: a `304`
+    /// to the cache's conditionals, a response to store (read whole at the
+    /// app's pace, shaped, then sent), or one to pass on as usual.
+    async fn fill_static_cache(
+        &self,
+        fill: Fill<'_>,
+        response: Response<Incoming>,
+        class: RouteClass,
+        accept: Option<Coding>,
+        accept_header: Option<&HeaderValue>,
+    ) -> Result<Response<ProxyBody>> {
+        let Some(cache) = &self.static_cache else {
+            unreachable!("a fill comes from the cache");
+        };
+        if response.status() == StatusCode::NOT_MODIFIED {
+            // a 304 to the cache's conditionals, or (none sent) the app's own
+            return Ok(match fill.revalidated(response.headers(), Instant::now()) {
+                Some(stored) => {
+                    self.metrics
+                        .static_cache(CacheResult::Revalidated, cache.bytes());
+                    self.send_stored(&stored)
+                }
+                None => self.shape_response(response, class, accept, accept_header, false, false),
+            });
+        }
+        let Some(storable) = static_cache::storable(
+            response.status(),
+            response.headers(),
+            cache.max_entry_bytes(),
+        ) else {
+            fill.uncacheable(Instant::now());
+            self.metrics
+                .static_cache(CacheResult::Passed, cache.bytes());
+            return Ok(self.shape_response(response, class, accept, accept_header, false, false));
+        };
+        let (parts, body) = self
+            .shape_response(response, class, accept, accept_header, false, true)
+            .into_parts();
+        // a rewrite may lengthen a body a little; a hostile one, not without bound
+        let limit = cache.max_entry_bytes() * 2;
+        let timeout = self.config.upstream_timeout;
+        let body = match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamBody(e.to_string())),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let stored = fill.store(storable, parts.headers, body, Instant::now());
+        self.metrics
+            .static_cache(CacheResult::Stored, cache.bytes());
+        // its bytes were counted as the fill read them
+        Ok(stored_response(
+            &stored,
+            ProxyBody::full(stored.body.clone()),
+        ))
+    }
+
+    /// A response from the static cache.
+    fn send_stored(&self, stored: &Stored) -> Response<ProxyBody> {
+        stored_response(
+            stored,
+            ProxyBody::counted(stored.body.clone(), self.metrics.body_opened()),
+        )
     }
 
     /// Puts the prefix back on headers, marks artefacts, and runs the body plan.
@@ -454,6 +578,7 @@ impl Proxy {
         accept: Option<Coding>,
         accept_header: Option<&HeaderValue>,
         is_head: bool,
+        for_static_cache: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         let sent = self.metrics.body_opened();
@@ -512,8 +637,14 @@ impl Proxy {
             self.metrics.rewrite(kind, 1);
             rewriter
         });
-        // an encoder slot, or a lighter coding, or none (memory stays bounded)
-        let encode = encode.and_then(|c| self.encoders.pick(c, accept_header));
+        // an encoder slot, or a lighter coding, or none (memory stays bounded);
+        // the static cache's fills are bounded by the cache and get the coding
+        // asked for, which they keep for every later request
+        let encode = if for_static_cache {
+            encode.map(|c| (c, Slot::outside_the_bound()))
+        } else {
+            encode.and_then(|c| self.encoders.pick(c, accept_header))
+        };
         if encode.is_some() {
             self.metrics.rewrite(RewriteKind::Compress, 1);
         }
@@ -545,6 +676,16 @@ impl Proxy {
             ),
         )
     }
+}
+
+/// A stored response with its `Age`, and `body` (its bytes).
+fn stored_response(stored: &Stored, body: ProxyBody) -> Response<ProxyBody> {
+    let mut response = Response::new(body);
+    *response.headers_mut() = stored.headers.clone();
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(stored.age(Instant::now())));
+    response
 }
 
 /// The `Host` a request names: its `Host` header, or the HTTP/2 `:authority`.

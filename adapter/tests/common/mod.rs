@@ -350,6 +350,11 @@ impl AdapterBuilder {
         self
     }
 
+    pub fn static_cache_mib(mut self, n: usize) -> Self {
+        self.args.static_cache_mib = Some(n);
+        self
+    }
+
     pub fn access_keys(mut self, path: &std::path::Path) -> Self {
         self.args.access_keys = Some(path.to_path_buf());
         self

@@ -1,0 +1,661 @@
+//! The app's static files (`/static-files/`) as the adapter sends them —
+//! rewritten and compressed, once per coding — kept in a small memory cache.
+//! After the first request, the bundle a page load fetches costs neither an
+//! encoder nor the app's time, and a burst of requests for it shares one
+//! buffer instead of holding a stream's buffers per connection.
+//!
+//! It caches as a shared cache would (RFC 9111), narrowed to what is safe for
+//! a sidecar that cannot know the app:
+//! - **stored**: a `GET`'s `200` on the static route with a lifetime
+//!   (`max-age`, `s-maxage`) or a validator (`ETag`, `Last-Modified`), without
+//!   `no-store`, `private`, `Set-Cookie` or a `Vary` other than
+//!   `Accept-Encoding`, and with a `Content-Length` within the entry limit.
+//!   Requests with `Authorization`, `Range` or conditionals of their own go
+//!   to the app as before;
+//! - **fresh** entries are served without asking the app; **stale** ones (or
+//!   any, for a request with `no-cache`) are revalidated with
+//!   `If-None-Match` / `If-Modified-Since`, and a `304` serves them;
+//! - **one fill** per path and coding at a time: concurrent requests wait
+//!   for it (as NGINX's `proxy_cache_lock`), up to [`WAIT`]; the fill reads
+//!   the app's body at the app's pace, not the first client's;
+//! - **bounded**: total bytes (least recently used go first), bytes per
+//!   entry, fills in flight, and paths remembered.
+
+use crate::coding::Coding;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Longest a request waits for another request's fill of the same entry.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long a path whose response could not be stored is not tried again.
+const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
+/// Fills in flight at once (each holds up to an entry's bytes twice).
+const MAX_FILLS: usize = 2;
+/// Paths and codings remembered (stored, filling or uncacheable).
+const MAX_SLOTS: usize = 1024;
+
+/// What a stored response is known by: the path and query forwarded to the
+/// app, and the coding the client prefers (`None`: identity).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// Path and query as forwarded.
+    pub path_and_query: String,
+    /// The coding asked for.
+    pub coding: Option<Coding>,
+}
+
+/// A response as the adapter sent it, ready to be sent again.
+#[derive(Debug)]
+pub struct Stored {
+    /// Its headers as shaped (prefix restored, `Content-Encoding`, `Vary`),
+    /// without `Content-Length` (set from the body) or `Age`.
+    pub headers: HeaderMap,
+    /// Its body as sent.
+    pub body: Bytes,
+    /// The app's validators, to revalidate with.
+    validators: Validators,
+    /// Until when it may be sent without asking the app.
+    fresh_until: Instant,
+    /// When the app last vouched for it, and the `Age` it gave then.
+    checked_at: Instant,
+    age_then: Duration,
+}
+
+impl Stored {
+    /// The `Age` to send: the app's, plus the time since it vouched.
+    pub fn age(&self, now: Instant) -> u64 {
+        (self.age_then + now.saturating_duration_since(self.checked_at)).as_secs()
+    }
+
+    fn cost(&self) -> usize {
+        self.body.len() + 512
+    }
+}
+
+/// The validators of a stored response, as the app sent them.
+#[derive(Clone, Debug, Default)]
+struct Validators {
+    etag: Option<HeaderValue>,
+    last_modified: Option<HeaderValue>,
+}
+
+/// What a response says about its caching: read off the app's headers
+/// before anything about them changes.
+#[derive(Clone, Debug)]
+pub struct Storable {
+    validators: Validators,
+    lifetime: Duration,
+    age: Duration,
+}
+
+/// The request may be answered from the cache (the route class is checked
+/// by the caller): a plain `GET` with no credentials, range or conditionals.
+pub fn request_may_use(method: &Method, headers: &HeaderMap) -> bool {
+    *method == Method::GET
+        && !has_directive(headers.get_all(header::CACHE_CONTROL), "no-store")
+        && [
+            header::AUTHORIZATION,
+            header::RANGE,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+            header::IF_RANGE,
+        ]
+        .iter()
+        .all(|h| !headers.contains_key(h))
+}
+
+/// The request insists on the app's word (a hard reload).
+pub fn request_wants_revalidation(headers: &HeaderMap) -> bool {
+    has_directive(headers.get_all(header::CACHE_CONTROL), "no-cache")
+        || has_directive(headers.get_all(header::PRAGMA), "no-cache")
+}
+
+/// Whether a response of the app may be stored, with its lifetime; `None`
+/// when it may not, or when it is larger than `max_bytes`.
+pub fn storable(status: StatusCode, headers: &HeaderMap, max_bytes: usize) -> Option<Storable> {
+    if status != StatusCode::OK || headers.contains_key(header::SET_COOKIE) {
+        return None;
+    }
+    let length: usize = headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    if length > max_bytes {
+        return None;
+    }
+    let vary_ok = headers.get_all(header::VARY).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .all(|f| f.is_empty() || f.eq_ignore_ascii_case("accept-encoding"))
+        })
+    });
+    let cc = || headers.get_all(header::CACHE_CONTROL);
+    if !vary_ok || has_directive(cc(), "no-store") || has_directive(cc(), "private") {
+        return None;
+    }
+    let lifetime = lifetime_of(headers).unwrap_or(Duration::ZERO);
+    let validators = Validators {
+        etag: headers.get(header::ETAG).cloned(),
+        last_modified: headers.get(header::LAST_MODIFIED).cloned(),
+    };
+    if lifetime.is_zero() && validators.etag.is_none() && validators.last_modified.is_none() {
+        // neither served fresh nor revalidated: nothing to gain
+        return None;
+    }
+    Some(Storable {
+        validators,
+        lifetime,
+        age: age_of(headers),
+    })
+}
+
+/// The lifetime a response's `Cache-Control` gives (`no-cache`: none), or
+/// `None` without the header.
+fn lifetime_of(headers: &HeaderMap) -> Option<Duration> {
+    let cc = || headers.get_all(header::CACHE_CONTROL);
+    cc().iter().next()?;
+    Some(if has_directive(cc(), "no-cache") {
+        Duration::ZERO
+    } else {
+        directive_seconds(cc(), "s-maxage")
+            .or_else(|| directive_seconds(cc(), "max-age"))
+            .map_or(Duration::ZERO, Duration::from_secs)
+    })
+}
+
+fn age_of(headers: &HeaderMap) -> Duration {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// Whether a comma-separated header holds `name` as a directive.
+fn has_directive<'a>(values: impl IntoIterator<Item = &'a HeaderValue>, name: &str) -> bool {
+    directives(values).any(|(n, _)| n.eq_ignore_ascii_case(name))
+}
+
+/// The seconds of a `name=N` directive (the first, if repeated).
+fn directive_seconds<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+    name: &str,
+) -> Option<u64> {
+    directives(values)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v?.trim_matches('"').parse().ok())
+}
+
+fn directives<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+    values
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| match d.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim())),
+            None => (d.trim(), None),
+        })
+        .filter(|(n, _)| !n.is_empty())
+}
+
+/// What a request does about the cache.
+pub enum Lookup<'a> {
+    /// Send this; the app is not asked.
+    Fresh(Arc<Stored>),
+    /// This request fills the entry: forward it (with the conditional
+    /// headers [`Fill::conditionals`] gives, when a stale entry is held),
+    /// then [`Fill::store`] or [`Fill::revalidated`].
+    Fill(Fill<'a>),
+    /// Another request is filling it: wait for that (up to [`WAIT`]), then
+    /// look again.
+    Wait(watch::Receiver<()>),
+    /// Forward as if there were no cache.
+    Bypass,
+}
+
+enum Slot {
+    Stored { stored: Arc<Stored>, used: u64 },
+    Filling { done: watch::Receiver<()> },
+    Uncacheable { until: Instant },
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: HashMap<Key, Slot>,
+    /// Bytes of stored responses.
+    bytes: usize,
+    fills: usize,
+    clock: u64,
+}
+
+/// The cache: one per adapter.
+pub struct StaticCache {
+    inner: Mutex<Inner>,
+    max_bytes: usize,
+}
+
+impl StaticCache {
+    /// A cache of at most `max_bytes`; an entry may take a quarter of it.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            max_bytes,
+        }
+    }
+
+    /// The largest body an entry may hold.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_bytes / 4
+    }
+
+    /// Bytes stored now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // a panic while holding the lock leaves consistent maps: keep going
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the request for `key` does; `revalidate`: the request wants the
+    /// app's word even on a fresh entry.
+    pub fn lookup(&self, key: &Key, revalidate: bool, now: Instant) -> Lookup<'_> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let clock = inner.clock;
+        let stale = match inner.slots.get_mut(key) {
+            Some(Slot::Stored { stored, used }) => {
+                *used = clock;
+                if !revalidate && now < stored.fresh_until {
+                    return Lookup::Fresh(Arc::clone(stored));
+                }
+                Some(Arc::clone(stored))
+            }
+            Some(Slot::Filling { done, .. }) => return Lookup::Wait(done.clone()),
+            Some(Slot::Uncacheable { until }) if now < *until => return Lookup::Bypass,
+            Some(Slot::Uncacheable { .. }) | None => None,
+        };
+        if inner.fills >= MAX_FILLS {
+            // the app is asked as if there were no cache; a stale entry stays
+            return Lookup::Bypass;
+        }
+        if !inner.slots.contains_key(key) && inner.slots.len() >= MAX_SLOTS {
+            inner
+                .slots
+                .retain(|_, s| !matches!(s, Slot::Uncacheable { until } if *until <= now));
+            if inner.slots.len() >= MAX_SLOTS {
+                return Lookup::Bypass;
+            }
+        }
+        let (tx, rx) = watch::channel(());
+        if let Some(Slot::Stored { stored, .. }) =
+            inner.slots.insert(key.clone(), Slot::Filling { done: rx })
+        {
+            inner.bytes -= stored.cost();
+        }
+        inner.fills += 1;
+        Lookup::Fill(Fill {
+            cache: self,
+            key: key.clone(),
+            stale,
+            _done: tx,
+            settled: false,
+        })
+    }
+
+    fn settle(&self, key: &Key, slot: Option<Slot>) {
+        let mut inner = self.lock();
+        inner.fills -= 1;
+        match slot {
+            Some(Slot::Stored { stored, .. }) => {
+                inner.clock += 1;
+                let used = inner.clock;
+                inner.bytes += stored.cost();
+                inner
+                    .slots
+                    .insert(key.clone(), Slot::Stored { stored, used });
+                evict(&mut inner, self.max_bytes);
+            }
+            Some(other) => {
+                inner.slots.insert(key.clone(), other);
+            }
+            None => {
+                inner.slots.remove(key);
+            }
+        }
+    }
+}
+
+/// Drops least recently used entries until the stored bytes fit.
+fn evict(inner: &mut Inner, max_bytes: usize) {
+    while inner.bytes > max_bytes {
+        let oldest = inner
+            .slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Stored { used, .. } => Some((*used, k.clone())),
+                _ => None,
+            })
+            .min_by_key(|(used, _)| *used);
+        let Some((_, key)) = oldest else { break };
+        if let Some(Slot::Stored { stored, .. }) = inner.slots.remove(&key) {
+            inner.bytes -= stored.cost();
+        }
+    }
+}
+
+/// One request's fill of an entry. Dropped without an outcome (the client
+/// left, the app failed), the entry is forgotten and the next request tries;
+/// either way the requests waiting for it go on.
+pub struct Fill<'a> {
+    cache: &'a StaticCache,
+    key: Key,
+    stale: Option<Arc<Stored>>,
+    /// Dropped when the fill ends: wakes the waiting requests.
+    _done: watch::Sender<()>,
+    settled: bool,
+}
+
+impl Fill<'_> {
+    /// The headers that make the app answer `304` if the held entry is
+    /// still good (none when there is no entry to revalidate).
+    pub fn conditionals(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        let Some(stale) = &self.stale else {
+            return Vec::new();
+        };
+        let v = &stale.validators;
+        match (&v.etag, &v.last_modified) {
+            (Some(etag), _) => vec![(header::IF_NONE_MATCH, etag.clone())],
+            (None, Some(lm)) => vec![(header::IF_MODIFIED_SINCE, lm.clone())],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The app answered `304` to [`Fill::conditionals`]: the held entry,
+    /// good for the lifetime the `304` gives (or the one it had).
+    pub fn revalidated(mut self, headers: &HeaderMap, now: Instant) -> Option<Arc<Stored>> {
+        let stale = self.stale.take()?;
+        let lifetime = lifetime_of(headers).unwrap_or_else(|| {
+            stale
+                .fresh_until
+                .saturating_duration_since(stale.checked_at)
+        });
+        let age = age_of(headers);
+        let fresh = Arc::new(Stored {
+            headers: stale.headers.clone(),
+            body: stale.body.clone(),
+            validators: stale.validators.clone(),
+            fresh_until: now + lifetime.saturating_sub(age),
+            checked_at: now,
+            age_then: age,
+        });
+        self.finish(Some(Slot::Stored {
+            stored: Arc::clone(&fresh),
+            used: 0,
+        }));
+        Some(fresh)
+    }
+
+    /// Stores a response as sent (when it fits; it is returned either way).
+    pub fn store(
+        mut self,
+        storable: Storable,
+        mut headers: HeaderMap,
+        body: Bytes,
+        now: Instant,
+    ) -> Arc<Stored> {
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::AGE);
+        let stored = Arc::new(Stored {
+            headers,
+            body,
+            validators: storable.validators,
+            fresh_until: now + storable.lifetime.saturating_sub(storable.age),
+            checked_at: now,
+            age_then: storable.age,
+        });
+        let fits = stored.body.len() <= self.cache.max_entry_bytes();
+        self.finish(Some(if fits {
+            Slot::Stored {
+                stored: Arc::clone(&stored),
+                used: 0,
+            }
+        } else {
+            Slot::Uncacheable {
+                until: now + UNCACHEABLE_FOR,
+            }
+        }));
+        stored
+    }
+
+    /// The app's answer may not be stored: the path is not tried again for a
+    /// while, so requests for it do not wait on each other.
+    pub fn uncacheable(mut self, now: Instant) {
+        self.finish(Some(Slot::Uncacheable {
+            until: now + UNCACHEABLE_FOR,
+        }));
+    }
+
+    fn finish(&mut self, slot: Option<Slot>) {
+        self.settled = true;
+        self.cache.settle(&self.key, slot);
+    }
+}
+
+impl Drop for Fill<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.cache.settle(&self.key, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: &str) -> Key {
+        Key {
+            path_and_query: p.into(),
+            coding: Some(Coding::Zstd),
+        }
+    }
+
+    fn head(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn bundle_head() -> HeaderMap {
+        head(&[
+            ("content-length", "1000"),
+            ("cache-control", "public, max-age=60"),
+            ("etag", "\"v1\""),
+        ])
+    }
+
+    #[test]
+    fn what_may_be_stored() {
+        let ok = StatusCode::OK;
+        assert!(storable(ok, &bundle_head(), 1000).is_some());
+        assert!(storable(ok, &bundle_head(), 999).is_none(), "too large");
+        assert!(storable(StatusCode::NOT_FOUND, &bundle_head(), 1000).is_none());
+        for (name, value) in [
+            ("set-cookie", "s=1"),
+            ("cache-control", "no-store"),
+            ("cache-control", "Private"),
+            ("vary", "Cookie"),
+            ("vary", "accept-encoding, *"),
+        ] {
+            let mut h = bundle_head();
+            h.append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+            assert!(storable(ok, &h, 1000).is_none(), "{name}: {value}");
+        }
+        let no_length = head(&[("cache-control", "max-age=60")]);
+        assert!(storable(ok, &no_length, 1000).is_none(), "unknown length");
+        let nothing = head(&[("content-length", "10")]);
+        assert!(
+            storable(ok, &nothing, 1000).is_none(),
+            "no lifetime, no validator"
+        );
+        let validator_only = head(&[("content-length", "10"), ("last-modified", "x")]);
+        let s = storable(ok, &validator_only, 1000).unwrap();
+        assert_eq!(s.lifetime, Duration::ZERO, "stored, revalidated each time");
+        let shared = head(&[
+            ("content-length", "10"),
+            ("cache-control", "max-age=5, s-maxage=\"70\""),
+            ("age", "20"),
+        ]);
+        let s = storable(ok, &shared, 1000).unwrap();
+        assert_eq!(
+            (s.lifetime, s.age),
+            (Duration::from_secs(70), Duration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn which_requests_may_use_it() {
+        assert!(request_may_use(&Method::GET, &head(&[("accept", "*/*")])));
+        assert!(!request_may_use(&Method::HEAD, &HeaderMap::new()));
+        assert!(!request_may_use(&Method::POST, &HeaderMap::new()));
+        for (name, value) in [
+            ("authorization", "Basic eDp5"),
+            ("range", "bytes=0-1"),
+            ("if-none-match", "W/\"v1\""),
+            ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("cache-control", "no-store"),
+        ] {
+            assert!(
+                !request_may_use(&Method::GET, &head(&[(name, value)])),
+                "{name}"
+            );
+        }
+        assert!(request_wants_revalidation(&head(&[("pragma", "no-cache")])));
+        assert!(request_wants_revalidation(&head(&[(
+            "cache-control",
+            "max-age=0, no-cache"
+        )])));
+    }
+
+    fn fill<'a>(cache: &'a StaticCache, k: &Key, now: Instant) -> Fill<'a> {
+        match cache.lookup(k, false, now) {
+            Lookup::Fill(f) => f,
+            _ => panic!("expected a fill"),
+        }
+    }
+
+    #[test]
+    fn one_fill_at_a_time_then_fresh_then_revalidated() {
+        let cache = StaticCache::new(4 << 20);
+        let now = Instant::now();
+        let k = key("/static-files/main.js");
+        let f = fill(&cache, &k, now);
+        let Lookup::Wait(done) = cache.lookup(&k, false, now) else {
+            panic!("a second request waits for the fill");
+        };
+        assert!(f.conditionals().is_empty(), "nothing to revalidate yet");
+        let s = storable(StatusCode::OK, &bundle_head(), 1 << 20).unwrap();
+        f.store(
+            s,
+            head(&[("content-encoding", "zstd")]),
+            Bytes::from("js"),
+            now,
+        );
+        assert!(done.has_changed().is_err(), "the waiter is woken");
+        let Lookup::Fresh(hit) = cache.lookup(&k, false, now + Duration::from_secs(59)) else {
+            panic!("fresh for max-age");
+        };
+        assert_eq!(&hit.body[..], b"js");
+        assert_eq!(hit.age(now + Duration::from_secs(59)), 59);
+        // stale: one request revalidates, with the app's validator
+        let later = now + Duration::from_secs(61);
+        let f = fill(&cache, &k, later);
+        assert_eq!(
+            f.conditionals(),
+            vec![(header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\""))]
+        );
+        assert!(matches!(cache.lookup(&k, false, later), Lookup::Wait(_)));
+        let again = f.revalidated(&HeaderMap::new(), later).unwrap();
+        assert_eq!(&again.body[..], b"js");
+        assert!(matches!(
+            cache.lookup(&k, false, later + Duration::from_secs(30)),
+            Lookup::Fresh(_)
+        ));
+        // a hard reload asks the app even when fresh
+        assert!(matches!(cache.lookup(&k, true, later), Lookup::Fill(_)));
+    }
+
+    #[test]
+    fn a_fill_given_up_lets_the_next_request_try_and_uncacheable_paths_bypass() {
+        let cache = StaticCache::new(4 << 20);
+        let now = Instant::now();
+        let k = key("/static-files/a.js");
+        drop(fill(&cache, &k, now));
+        fill(&cache, &k, now).uncacheable(now);
+        assert!(matches!(cache.lookup(&k, false, now), Lookup::Bypass));
+        assert!(matches!(
+            cache.lookup(&k, false, now + UNCACHEABLE_FOR),
+            Lookup::Fill(_)
+        ));
+    }
+
+    #[test]
+    fn bounded_fills_and_bytes() {
+        let cache = StaticCache::new(4000);
+        let now = Instant::now();
+        let fills: Vec<_> = (0..MAX_FILLS)
+            .map(|i| fill(&cache, &key(&format!("/f{i}")), now))
+            .collect();
+        assert!(matches!(
+            cache.lookup(&key("/other"), false, now),
+            Lookup::Bypass
+        ));
+        drop(fills);
+        let body = |n: usize| Bytes::from(vec![b'x'; n]);
+        let s = || storable(StatusCode::OK, &bundle_head(), 1000).unwrap();
+        fill(&cache, &key("/a"), now).store(s(), HeaderMap::new(), body(900), now);
+        fill(&cache, &key("/b"), now).store(s(), HeaderMap::new(), body(900), now);
+        assert!(matches!(
+            cache.lookup(&key("/a"), false, now),
+            Lookup::Fresh(_)
+        ));
+        fill(&cache, &key("/c"), now).store(s(), HeaderMap::new(), body(900), now);
+        assert!(cache.bytes() <= 4000);
+        assert!(
+            matches!(cache.lookup(&key("/b"), false, now), Lookup::Fill(_)),
+            "the least recently used went"
+        );
+        assert!(matches!(
+            cache.lookup(&key("/a"), false, now),
+            Lookup::Fresh(_)
+        ));
+        let big = fill(&cache, &key("/big"), now).store(s(), HeaderMap::new(), body(1001), now);
+        assert_eq!(big.body.len(), 1001, "sent, though too large to keep");
+        assert!(matches!(
+            cache.lookup(&key("/big"), false, now),
+            Lookup::Bypass
+        ));
+    }
+}

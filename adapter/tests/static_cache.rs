@@ -1,0 +1,312 @@
+//! The static cache seen from outside: what MLflow's static files cost the
+//! app after the first request, that every coding still carries the same
+//! rewritten bytes, that a changed file is seen once its lifetime ends, that
+//! what may not be shared is never stored, and that a burst of first
+//! requests reaches the app once.
+
+mod common;
+
+use bytes::Bytes;
+use common::{adapter, client, decode, metric};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const PREFIX: &str = common::PREFIX;
+
+/// What the test app serves at `/static-files/app.js`, and what it saw.
+struct Served {
+    body: String,
+    etag: String,
+    cache_control: &'static str,
+    set_cookie: bool,
+    /// Requests for the file, and those answered 304.
+    requests: usize,
+    not_modified: usize,
+    delay: Duration,
+}
+
+type Shared = Arc<Mutex<Served>>;
+
+fn js(version: u32) -> String {
+    // large enough to be compressed; the route literal is rewritten
+    format!(
+        "var v={version};var r=\"/#/experiments\";{}",
+        "x=1;".repeat(5000)
+    )
+}
+
+fn rewritten(version: u32) -> String {
+    js(version).replace("\"/#/", &format!("\"{PREFIX}/#/"))
+}
+
+async fn app(shared: Shared) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let shared = Arc::clone(&shared);
+                    async move {
+                        let (delay, response) = {
+                            let mut s = shared.lock().unwrap();
+                            s.requests += 1;
+                            let matches = req
+                                .headers()
+                                .get(header::IF_NONE_MATCH)
+                                .is_some_and(|v| v.as_bytes() == s.etag.as_bytes());
+                            let mut b = Response::builder()
+                                .header(header::CONTENT_TYPE, "application/javascript")
+                                .header(header::CACHE_CONTROL, s.cache_control)
+                                .header(header::ETAG, &s.etag);
+                            if s.set_cookie {
+                                b = b.header(header::SET_COOKIE, "session=1");
+                            }
+                            let r = if matches {
+                                s.not_modified += 1;
+                                b.status(StatusCode::NOT_MODIFIED)
+                                    .body(Full::new(Bytes::new()))
+                            } else {
+                                b.body(Full::new(Bytes::from(s.body.clone())))
+                            };
+                            (s.delay, r.unwrap())
+                        };
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let _ = TokioExecutor::new();
+    addr
+}
+
+fn served(cache_control: &'static str) -> Shared {
+    Arc::new(Mutex::new(Served {
+        body: js(1),
+        etag: "\"v1\"".into(),
+        cache_control,
+        set_cookie: false,
+        requests: 0,
+        not_modified: 0,
+        delay: Duration::ZERO,
+    }))
+}
+
+async fn get(url: &str, accept: &str) -> (StatusCode, http::HeaderMap, String) {
+    let r = client()
+        .get(url)
+        .header(header::ACCEPT_ENCODING, accept)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = r.bytes().await.unwrap();
+    let coding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let plain = match coding {
+        Some(c) => decode(&c, &body).await,
+        None => body.to_vec(),
+    };
+    (status, headers, String::from_utf8(plain).unwrap())
+}
+
+#[tokio::test]
+async fn a_fresh_static_file_is_sent_from_memory_in_every_coding() {
+    let shared = served("public, max-age=600");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for accept in ["zstd", "br", "gzip", "identity"] {
+        for round in 0..3 {
+            let (status, headers, body) = get(&url, accept).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, rewritten(1), "{accept} round {round}");
+            let coding = headers
+                .get(header::CONTENT_ENCODING)
+                .map(|v| v.to_str().unwrap());
+            assert_eq!(coding, (accept != "identity").then_some(accept));
+            assert_eq!(
+                headers[header::ETAG],
+                "W/\"v1\"",
+                "a rewritten body's weak ETag"
+            );
+            assert!(
+                headers.contains_key(header::AGE),
+                "a cached answer says its age"
+            );
+            assert!(headers.contains_key(header::CONTENT_LENGTH));
+        }
+    }
+    assert_eq!(
+        shared.lock().unwrap().requests,
+        4,
+        "the app is asked once per coding, not once per request"
+    );
+    let m = client()
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "flowgate_adapter_static_cache_requests_total{result=\"hit\"}"
+        ),
+        8.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flowgate_adapter_static_cache_requests_total{result=\"stored\"}"
+        ),
+        4.0
+    );
+    assert!(metric(&m, "flowgate_adapter_static_cache_bytes") > 0.0);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_file_is_revalidated_and_a_changed_one_replaces_it() {
+    // no lifetime: every request asks the app, which answers 304 while unchanged
+    let shared = served("no-cache");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for _ in 0..3 {
+        let (status, _, body) = get(&url, "gzip").await;
+        assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+    }
+    {
+        let s = shared.lock().unwrap();
+        assert_eq!(
+            (s.requests, s.not_modified),
+            (3, 2),
+            "asked each time, 304 after the first"
+        );
+    }
+    {
+        let mut s = shared.lock().unwrap();
+        s.body = js(2);
+        s.etag = "\"v2\"".into();
+    }
+    for _ in 0..2 {
+        let (_, headers, body) = get(&url, "gzip").await;
+        assert_eq!(body, rewritten(2), "the changed file, at once");
+        assert_eq!(headers[header::ETAG], "W/\"v2\"");
+    }
+    assert_eq!(
+        shared.lock().unwrap().not_modified,
+        3,
+        "and the new one revalidates"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_hard_reload_asks_the_app() {
+    let shared = served("public, max-age=600");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    get(&url, "gzip").await;
+    get(&url, "gzip").await;
+    assert_eq!(shared.lock().unwrap().requests, 1);
+    let r = client()
+        .get(&url)
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = {
+        let s = shared.lock().unwrap();
+        (s.requests, s.not_modified)
+    };
+    assert_eq!(seen, (2, 1), "revalidated, not refetched");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn what_may_not_be_shared_is_never_stored() {
+    for (cache_control, set_cookie) in [
+        ("private, max-age=600", false),
+        ("no-store", false),
+        ("public, max-age=600", true),
+    ] {
+        let shared = served(cache_control);
+        shared.lock().unwrap().set_cookie = set_cookie;
+        let a = adapter(app(Arc::clone(&shared)).await).start().await;
+        let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+        for _ in 0..3 {
+            let (status, headers, body) = get(&url, "gzip").await;
+            assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+            assert!(!headers.contains_key(header::AGE), "{cache_control}");
+            assert_eq!(headers.contains_key(header::SET_COOKIE), set_cookie);
+        }
+        assert_eq!(
+            shared.lock().unwrap().requests,
+            3,
+            "{cache_control}, cookie {set_cookie}"
+        );
+        a.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_first_requests_reaches_the_app_once() {
+    let shared = served("public, max-age=600");
+    shared.lock().unwrap().delay = Duration::from_millis(300);
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, "zstd").await })
+        })
+        .collect();
+    for r in burst {
+        let (status, _, body) = r.await.unwrap();
+        assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+    }
+    assert_eq!(
+        shared.lock().unwrap().requests,
+        1,
+        "one fill; the rest waited for it"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_cache_every_request_reaches_the_app() {
+    let shared = served("public, max-age=600");
+    let a = adapter(app(Arc::clone(&shared)).await)
+        .static_cache_mib(0)
+        .start()
+        .await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for _ in 0..3 {
+        let (_, headers, body) = get(&url, "zstd").await;
+        assert_eq!(body, rewritten(1));
+        assert!(!headers.contains_key(header::AGE));
+    }
+    assert_eq!(shared.lock().unwrap().requests, 3);
+    a.stop().await;
+}
