@@ -285,11 +285,14 @@ impl Metrics {
         }
     }
 
-    /// Counts what the static cache did for a request, and its size now.
-    pub fn static_cache(&self, result: CacheResult, bytes: usize) {
+    /// Counts what the static cache did for a request, and its size now
+    /// when that may have changed (not on a hit).
+    pub fn static_cache(&self, result: CacheResult, bytes: Option<usize>) {
         self.static_cache[result as usize].inc();
-        self.static_cache_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        if let Some(bytes) = bytes {
+            self.static_cache_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts a request answered by the adapter itself.

@@ -415,7 +415,7 @@ impl Proxy {
             for attempt in 0..2 {
                 match cache.lookup(&key, revalidate, Instant::now()) {
                     Lookup::Fresh(stored) => {
-                        self.metrics.static_cache(CacheResult::Hit, cache.bytes());
+                        self.metrics.static_cache(CacheResult::Hit, None);
                         return Ok(self.send_stored(&stored));
                     }
                     Lookup::Fill(f) => {
@@ -428,7 +428,7 @@ impl Proxy {
                     }
                     Lookup::Wait(_) | Lookup::Bypass => {
                         self.metrics
-                            .static_cache(CacheResult::Passed, cache.bytes());
+                            .static_cache(CacheResult::Passed, Some(cache.bytes()));
                         break;
                     }
                 }
@@ -525,7 +525,7 @@ impl Proxy {
             return Ok(match fill.revalidated(response.headers(), Instant::now()) {
                 Some(stored) => {
                     self.metrics
-                        .static_cache(CacheResult::Revalidated, cache.bytes());
+                        .static_cache(CacheResult::Revalidated, Some(cache.bytes()));
                     self.send_stored(&stored)
                 }
                 None => self.shape_response(response, class, accept, accept_header, false, false),
@@ -538,7 +538,7 @@ impl Proxy {
         ) else {
             fill.uncacheable(Instant::now());
             self.metrics
-                .static_cache(CacheResult::Passed, cache.bytes());
+                .static_cache(CacheResult::Passed, Some(cache.bytes()));
             return Ok(self.shape_response(response, class, accept, accept_header, false, false));
         };
         let (parts, body) = self
@@ -554,7 +554,7 @@ impl Proxy {
         };
         let stored = fill.store(storable, parts.headers, body, Instant::now());
         self.metrics
-            .static_cache(CacheResult::Stored, cache.bytes());
+            .static_cache(CacheResult::Stored, Some(cache.bytes()));
         // its bytes were counted as the fill read them
         Ok(stored_response(
             &stored,

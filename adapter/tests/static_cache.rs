@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -91,7 +91,6 @@ async fn app(shared: Shared) -> SocketAddr {
             });
         }
     });
-    let _ = TokioExecutor::new();
     addr
 }
 
