@@ -7,7 +7,7 @@ use crate::encoders::Slot;
 use crate::metrics::BodySent;
 use crate::rewrite::StreamRewriter;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt, stream};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
@@ -62,6 +62,29 @@ impl ProxyBody {
         ProxyBody::Full {
             data: (!data.is_empty()).then_some(data),
             sent: Some(sent),
+        }
+    }
+
+    /// The body as a stream of its bytes, and its counter: for the adapter
+    /// to read itself (a static cache fill), then to send on with
+    /// [`ProxyBody::resumed`] if it cannot keep it.
+    pub fn into_stream(self) -> (ByteStream, Option<BodySent>) {
+        match self {
+            ProxyBody::Passthrough { inner, sent } => (
+                Box::pin(BodyDataStream::new(inner).map_err(io::Error::other)),
+                Some(sent),
+            ),
+            ProxyBody::Transformed { inner, sent } => (inner, Some(sent)),
+            ProxyBody::Full { data, sent } => (Box::pin(stream::iter(data.map(Ok))), sent),
+        }
+    }
+
+    /// A body that sends `read` (already taken from `rest`), then the rest
+    /// of `rest`.
+    pub fn resumed(read: Vec<Bytes>, rest: ByteStream, sent: BodySent) -> Self {
+        ProxyBody::Transformed {
+            inner: Box::pin(stream::iter(read.into_iter().map(Ok)).chain(rest)),
+            sent,
         }
     }
 

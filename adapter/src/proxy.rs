@@ -25,10 +25,11 @@ use crate::rewrite::literal::{LiteralRewriter, LiteralSet};
 use crate::route::{RouteClass, canonical_path};
 use crate::static_cache::{self, Fill, Lookup, StaticCache, Stored};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -425,6 +426,11 @@ impl Proxy {
                     Lookup::Wait(mut done) if attempt == 0 => {
                         // Err: the fill ended (its sender is gone), as expected
                         let _ = tokio::time::timeout(static_cache::WAIT, done.changed()).await;
+                        let kept = done.borrow().clone();
+                        if let Some(stored) = kept {
+                            self.metrics.static_cache(CacheResult::Hit, None);
+                            return Ok(self.send_stored(&stored));
+                        }
                     }
                     Lookup::Wait(_) | Lookup::Bypass => {
                         self.metrics
@@ -531,11 +537,9 @@ impl Proxy {
                 None => self.shape_response(response, class, accept, accept_header, false, false),
             });
         }
-        let Some(storable) = static_cache::storable(
-            response.status(),
-            response.headers(),
-            cache.max_entry_bytes(),
-        ) else {
+        let Some(storable) =
+            static_cache::storable(response.status(), response.headers(), cache.max_bytes())
+        else {
             fill.uncacheable(Instant::now());
             self.metrics
                 .static_cache(CacheResult::Passed, Some(cache.bytes()));
@@ -544,21 +548,41 @@ impl Proxy {
         let (parts, body) = self
             .shape_response(response, class, accept, accept_header, false, true)
             .into_parts();
-        // a rewrite may lengthen a body a little; a hostile one, not without bound
-        let limit = cache.max_entry_bytes() * 2;
+        let (mut rest, sent) = body.into_stream();
+        let sent = sent.unwrap_or_else(|| self.metrics.body_opened());
+        let limit = cache.max_entry_bytes();
         let timeout = self.config.upstream_timeout;
-        let body = match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamBody(e.to_string())),
-            Ok(Ok(collected)) => collected.to_bytes(),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut read, mut len) = (Vec::new(), 0);
+        while let Some(chunk) = tokio::time::timeout_at(deadline, rest.next())
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+        {
+            let chunk = chunk.map_err(|e| ProxyError::UpstreamBody(e.to_string()))?;
+            len += chunk.len();
+            read.push(chunk);
+            if len > limit {
+                // too large to keep as sent (a rewrite lengthened it, or it
+                // does not compress): sent on as it comes, not stored
+                fill.uncacheable(Instant::now());
+                self.metrics
+                    .static_cache(CacheResult::Passed, Some(cache.bytes()));
+                return Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::resumed(read, rest, sent),
+                ));
+            }
+        }
+        let body = match read.len() {
+            1 => read.pop().unwrap_or_default(),
+            _ => Bytes::from(read.concat()),
         };
         let stored = fill.store(storable, parts.headers, body, Instant::now());
         self.metrics
             .static_cache(CacheResult::Stored, Some(cache.bytes()));
-        // its bytes were counted as the fill read them
         Ok(stored_response(
             &stored,
-            ProxyBody::full(stored.body.clone()),
+            ProxyBody::counted(stored.body.clone(), sent),
         ))
     }
 

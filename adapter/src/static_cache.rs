@@ -9,7 +9,9 @@
 //! - **stored**: a `GET`'s `200` on the static route with a lifetime
 //!   (`max-age`, `s-maxage`) or a validator (`ETag`, `Last-Modified`), without
 //!   `no-store`, `private`, `Set-Cookie` or a `Vary` other than
-//!   `Accept-Encoding`, and with a `Content-Length` within the entry limit.
+//!   `Accept-Encoding`, and with a `Content-Length` within the whole cache's
+//!   size. A body that, as sent, outgrows an entry's limit (half the cache)
+//!   is sent on from where the fill stopped and not stored.
 //!   Requests with `Authorization`, `Range` or conditionals of their own go
 //!   to the app as before;
 //! - **fresh** entries are served without asking the app; **stale** ones (or
@@ -34,7 +36,7 @@ use tokio::sync::watch;
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a path whose response could not be stored is not tried again.
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
-/// Fills in flight at once (each holds up to an entry's bytes twice).
+/// Fills in flight at once (each holds up to an entry's bytes).
 const MAX_FILLS: usize = 2;
 /// Paths and codings remembered (stored, filling or uncacheable).
 const MAX_SLOTS: usize = 1024;
@@ -217,17 +219,25 @@ pub enum Lookup<'a> {
     /// headers [`Fill::conditionals`] gives, when a stale entry is held),
     /// then [`Fill::store`] or [`Fill::revalidated`].
     Fill(Fill<'a>),
-    /// Another request is filling it: wait for that (up to [`WAIT`]), then
-    /// look again.
-    Wait(watch::Receiver<()>),
+    /// Another request is filling it: wait for that (up to [`WAIT`]). What
+    /// it stored or revalidated answers this request too (the app vouched for
+    /// it after this request came); otherwise look again.
+    Wait(watch::Receiver<Option<Arc<Stored>>>),
     /// Forward as if there were no cache.
     Bypass,
 }
 
 enum Slot {
-    Stored { stored: Arc<Stored>, used: u64 },
-    Filling { done: watch::Receiver<()> },
-    Uncacheable { until: Instant },
+    Stored {
+        stored: Arc<Stored>,
+        used: u64,
+    },
+    Filling {
+        done: watch::Receiver<Option<Arc<Stored>>>,
+    },
+    Uncacheable {
+        until: Instant,
+    },
 }
 
 #[derive(Default)]
@@ -246,7 +256,8 @@ pub struct StaticCache {
 }
 
 impl StaticCache {
-    /// A cache of at most `max_bytes`; an entry may take a quarter of it.
+    /// A cache of at most `max_bytes`; an entry may take half of it (MLflow's
+    /// main bundle, 4.4 MB uncompressed, fits the default 16 MiB cache).
     pub fn new(max_bytes: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
@@ -256,7 +267,13 @@ impl StaticCache {
 
     /// The largest body an entry may hold.
     pub fn max_entry_bytes(&self) -> usize {
-        self.max_bytes / 4
+        self.max_bytes / 2
+    }
+
+    /// The whole cache's size: the largest body of the app worth a fill
+    /// (compressed, it may still fit an entry).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Bytes stored now.
@@ -299,7 +316,7 @@ impl StaticCache {
                 return Lookup::Bypass;
             }
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(None);
         if let Some(Slot::Stored { stored, .. }) =
             inner.slots.insert(key.clone(), Slot::Filling { done: rx })
         {
@@ -310,7 +327,7 @@ impl StaticCache {
             cache: self,
             key: key.clone(),
             stale,
-            _done: tx,
+            done: tx,
             settled: false,
         })
     }
@@ -363,8 +380,9 @@ pub struct Fill<'a> {
     cache: &'a StaticCache,
     key: Key,
     stale: Option<Arc<Stored>>,
-    /// Dropped when the fill ends: wakes the waiting requests.
-    _done: watch::Sender<()>,
+    /// What the fill kept, for the requests waiting on it; they wake when it
+    /// is sent or the fill is dropped.
+    done: watch::Sender<Option<Arc<Stored>>>,
     settled: bool,
 }
 
@@ -451,6 +469,9 @@ impl Fill<'_> {
 
     fn finish(&mut self, slot: Option<Slot>) {
         self.settled = true;
+        if let Some(Slot::Stored { stored, .. }) = &slot {
+            self.done.send_replace(Some(Arc::clone(stored)));
+        }
         self.cache.settle(&self.key, slot);
     }
 }
@@ -651,8 +672,8 @@ mod tests {
             cache.lookup(&key("/a"), false, now),
             Lookup::Fresh(_)
         ));
-        let big = fill(&cache, &key("/big"), now).store(s(), HeaderMap::new(), body(1001), now);
-        assert_eq!(big.body.len(), 1001, "sent, though too large to keep");
+        let big = fill(&cache, &key("/big"), now).store(s(), HeaderMap::new(), body(2001), now);
+        assert_eq!(big.body.len(), 2001, "sent, though too large to keep");
         assert!(matches!(
             cache.lookup(&key("/big"), false, now),
             Lookup::Bypass

@@ -96,14 +96,7 @@ async fn only_a_link_or_its_cookie_reaches_the_upstream() {
     );
 
     // The own endpoints stay open (probes, metrics).
-    let metrics = c
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(
         metric(
             &metrics,

@@ -327,14 +327,7 @@ async fn compression_degrades_under_a_burst_instead_of_growing() {
         });
     }
     assert!(bodies.iter().all(|b| b == &bodies[0] && b.len() > 60_000));
-    let metrics = c
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert_eq!(
         metric(
             &metrics,
@@ -400,16 +393,7 @@ async fn an_open_event_stream_is_activity_until_it_ends() {
             .parse()
             .unwrap()
     };
-    let scrape = || async {
-        client()
-            .get(a.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || async { a.metrics().await };
     let mut r = client().get(a.url("/k3x9q2a/sse")).send().await.unwrap();
     r.chunk().await.unwrap().unwrap();
     let during = scrape().await;
@@ -483,14 +467,7 @@ async fn dead_upstream_is_a_502_page_with_retry_after() {
     assert_eq!(ready.status(), 503);
     let health = client().get(a.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = client()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(
         metrics.contains(r#"flowgate_adapter_upstream_errors_total{kind="connect"} 1"#),
         "{metrics}"
@@ -565,14 +542,7 @@ async fn own_endpoints_live_outside_the_prefix() {
         .text()
         .await
         .unwrap();
-    let m = c
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = a.metrics().await;
     assert!(
         m.contains(r#"flowgate_adapter_requests_total{route="ui",status="2xx"} 1"#),
         "{m}"
@@ -736,14 +706,7 @@ async fn read_only_by_default() {
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(v["method"], "POST");
     assert_eq!(v["uri"], "/ajax-api/2.0/mlflow/runs/search");
-    let m = c
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = a.metrics().await;
     assert!(
         m.contains(r#"flowgate_adapter_refused_requests_total{reason="read_only"} 9"#),
         "{m}"
@@ -798,14 +761,7 @@ async fn other_hosts_are_misdirected() {
         "{}",
         String::from_utf8_lossy(&buf)
     );
-    let m = client()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = a.metrics().await;
     assert!(
         m.contains(r#"flowgate_adapter_refused_requests_total{reason="host"} 5"#),
         "{m}"
@@ -905,26 +861,12 @@ async fn a_client_that_leaves_early_is_counted_and_logged_once() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let during = client()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let during = a.metrics().await;
     assert_eq!(metric(&during, "flowgate_adapter_in_flight_requests"), 1.0);
     drop(s);
     // The upstream answers /slow after 3 s; the gauge must not wait for it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = client()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let after = a.metrics().await;
     assert_eq!(
         metric(&after, "flowgate_adapter_in_flight_requests"),
         0.0,

@@ -157,14 +157,7 @@ async fn a_fresh_static_file_is_sent_from_memory_in_every_coding() {
         4,
         "the app is asked once per coding, not once per request"
     );
-    let m = client()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = a.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -307,5 +300,74 @@ async fn without_the_cache_every_request_reaches_the_app() {
         assert!(!headers.contains_key(header::AGE));
     }
     assert_eq!(shared.lock().unwrap().requests, 3);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_outgrows_an_entry_as_sent_is_sent_whole_and_not_kept() {
+    // 180 KB of route literals, which the rewrite makes 660 KB: past the
+    // 512 KiB entry of a 1 MiB cache uncompressed, a few KiB compressed
+    let shared = served("public, max-age=600");
+    let dense = "\"/#".repeat(60_000);
+    shared.lock().unwrap().body = dense.clone();
+    let want = dense.replace("\"/#", &format!("\"{PREFIX}/#"));
+    let a = adapter(app(Arc::clone(&shared)).await)
+        .static_cache_mib(1)
+        .start()
+        .await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for round in 0..2 {
+        let (status, headers, body) = get(&url, "identity").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body == want, "round {round}: the whole rewritten body");
+        assert!(!headers.contains_key(header::AGE), "not from the cache");
+    }
+    assert_eq!(shared.lock().unwrap().requests, 2, "not kept: asked again");
+    for _ in 0..2 {
+        let (_, _, body) = get(&url, "zstd").await;
+        assert!(body == want);
+    }
+    assert_eq!(
+        shared.lock().unwrap().requests,
+        3,
+        "compressed, it fits and is kept"
+    );
+    let m = a.metrics().await;
+    let passed = "flowgate_adapter_static_cache_requests_total{result=\"passed\"}";
+    assert_eq!(
+        metric(&m, passed),
+        2.0,
+        "the fill that gave up, the request after it"
+    );
+    assert!(metric(&m, "flowgate_adapter_static_cache_bytes") < (512 << 10) as f64);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_on_a_file_that_must_be_revalidated_reaches_the_app_once_per_burst() {
+    // no lifetime: each burst asks the app once, and every request in it
+    // gets what that one answer vouched for
+    let shared = served("no-cache");
+    shared.lock().unwrap().delay = Duration::from_millis(300);
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for burst in 1..=2 {
+        let requests: Vec<_> = (0..20)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { get(&url, "gzip").await })
+            })
+            .collect();
+        for r in requests {
+            let (status, _, body) = r.await.unwrap();
+            assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+        }
+        let s = shared.lock().unwrap();
+        assert_eq!(
+            (s.requests, s.not_modified),
+            (burst, burst - 1),
+            "burst {burst}: one request to the app, a 304 after the first"
+        );
+    }
     a.stop().await;
 }

@@ -302,6 +302,12 @@ impl Adapter {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The adapter's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        let r = client().get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     pub async fn stop(mut self) -> Drain {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap()
