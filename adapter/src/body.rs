@@ -2,7 +2,7 @@
 //! and unbuffered; bodies that need rewriting or compression run through a
 //! stream pipeline: decode → rewrite → encode.
 
-use crate::coding::{ByteStream, Coding};
+use crate::coding::{ByteStream, Coding, Effort};
 use crate::encoders::Slot;
 use crate::metrics::BodySent;
 use crate::rewrite::StreamRewriter;
@@ -109,7 +109,7 @@ impl ProxyBody {
         inner: Incoming,
         decode: Option<Coding>,
         rewriter: Option<Box<dyn StreamRewriter>>,
-        encode: Option<(Coding, Slot)>,
+        encode: Option<(Coding, Effort, Slot)>,
         sent: BodySent,
         capped: Counter,
     ) -> Self {
@@ -127,8 +127,8 @@ impl ProxyBody {
                 reported: false,
             });
         }
-        if let Some((coding, slot)) = encode {
-            let encoded = coding.encode(stream);
+        if let Some((coding, effort, slot)) = encode {
+            let encoded = coding.encode(stream, effort);
             stream = Box::pin(encoded.map(move |chunk| {
                 let _held = &slot;
                 chunk

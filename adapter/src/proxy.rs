@@ -5,7 +5,7 @@
 
 use crate::access::{self, Decision, Denied, strip_cookie};
 use crate::body::ProxyBody;
-use crate::coding::{Coding, negotiate};
+use crate::coding::{Coding, Effort, negotiate};
 use crate::config::ProxyConfig;
 use crate::encoders::{Encoders, Slot};
 use crate::error::{ProxyError, Result};
@@ -663,11 +663,13 @@ impl Proxy {
         });
         // an encoder slot, or a lighter coding, or none (memory stays bounded);
         // the static cache's fills are bounded by the cache and get the coding
-        // asked for, which they keep for every later request
+        // asked for, at a higher level: they keep it for every later request
         let encode = if for_static_cache {
-            encode.map(|c| (c, Slot::outside_the_bound()))
+            encode.map(|c| (c, Effort::Kept, Slot::outside_the_bound()))
         } else {
-            encode.and_then(|c| self.encoders.pick(c, accept_header))
+            encode
+                .and_then(|c| self.encoders.pick(c, accept_header))
+                .map(|(c, slot)| (c, Effort::Streaming, slot))
         };
         if encode.is_some() {
             self.metrics.rewrite(RewriteKind::Compress, 1);
@@ -677,7 +679,7 @@ impl Proxy {
         headers.remove(header::ACCEPT_RANGES);
         headers.remove(CONTENT_MD5);
         match &encode {
-            Some((c, _)) => {
+            Some((c, _, _)) => {
                 headers.insert(header::CONTENT_ENCODING, c.header_value());
             }
             None => {
