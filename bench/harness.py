@@ -184,8 +184,8 @@ UPSTREAM_HTTP = """
     listen 127.0.0.1:{port} backlog=4096;
     root {www};
     location = / {{ try_files /index.html =404; }}
-    # MLflow's own header on its static files (Flask's send_file, 28 days)
-    location /static-files/ {{ add_header Cache-Control "public, max-age=2419200"; }}
+    # MLflow 3's own headers on its static files (Flask's send_file, 28 days)
+    location /static-files/ {{ add_header Cache-Control "public, max-age=2419200"; add_header Vary Origin; }}
     location = /links.html {{ }}
     location = /ajax-api/2.0/mlflow/runs/search {{
       types {{ }} default_type application/json;

@@ -80,10 +80,19 @@ impl ProxyBody {
     }
 
     /// A body that sends `read` (already taken from `rest`), then the rest
-    /// of `rest`.
-    pub fn resumed(read: Vec<Bytes>, rest: ByteStream, sent: BodySent) -> Self {
+    /// of `rest`, holding `held` until it ends.
+    pub fn resumed(
+        read: Vec<Bytes>,
+        rest: ByteStream,
+        sent: BodySent,
+        held: impl Send + 'static,
+    ) -> Self {
+        let body = stream::iter(read.into_iter().map(Ok)).chain(rest);
         ProxyBody::Transformed {
-            inner: Box::pin(stream::iter(read.into_iter().map(Ok)).chain(rest)),
+            inner: Box::pin(body.map(move |chunk| {
+                let _held = &held;
+                chunk
+            })),
             sent,
         }
     }

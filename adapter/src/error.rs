@@ -14,6 +14,9 @@ pub enum ProxyError {
     /// read it whole.
     #[error("upstream body: {0}")]
     UpstreamBody(String),
+    /// The upstream answered something that cannot be used.
+    #[error("upstream answer: {0}")]
+    UpstreamAnswer(&'static str),
     /// The upstream did not answer in time.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -29,7 +32,9 @@ impl ProxyError {
     /// The status the client gets: 502, 504, 400 or 500.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamBody(_)
+            | ProxyError::UpstreamAnswer(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Downstream(_) => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -40,7 +45,9 @@ impl ProxyError {
     pub fn source_label(&self) -> &'static str {
         match self {
             ProxyError::Upstream(e) if e.is_connect() => "connect",
-            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => "upstream",
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamBody(_)
+            | ProxyError::UpstreamAnswer(_) => "upstream",
             ProxyError::UpstreamTimeout(_) => "timeout",
             ProxyError::Downstream(_) => "downstream",
             ProxyError::Internal(_) => "internal",

@@ -23,7 +23,7 @@ use crate::rewrite::css::CssRewriter;
 use crate::rewrite::html::HtmlRewriter;
 use crate::rewrite::literal::{LiteralRewriter, LiteralSet};
 use crate::route::{RouteClass, canonical_path};
-use crate::static_cache::{self, Fill, Lookup, StaticCache, Stored};
+use crate::static_cache::{self, Fill, Lookup, RequestDirectives, StaticCache, Stored};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -63,7 +63,7 @@ pub struct Proxy {
     metrics: Metrics,
     hash_routes: Arc<LiteralSet>,
     encoders: Encoders,
-    static_cache: Option<StaticCache>,
+    static_cache: Option<Arc<StaticCache>>,
 }
 
 impl crate::server::Handler for Proxy {
@@ -171,8 +171,8 @@ impl Proxy {
         let metrics = Metrics::new();
         let (to_light, to_identity) = metrics.compression_shed();
         let encoders = Encoders::new(config.max_encoders, to_light, to_identity);
-        let static_cache =
-            (config.static_cache_bytes > 0).then(|| StaticCache::new(config.static_cache_bytes));
+        let static_cache = (config.static_cache_bytes > 0)
+            .then(|| Arc::new(StaticCache::new(config.static_cache_bytes)));
         Arc::new(Self {
             config,
             client,
@@ -284,6 +284,7 @@ impl Proxy {
                     e,
                     ProxyError::Upstream(_)
                         | ProxyError::UpstreamBody(_)
+                        | ProxyError::UpstreamAnswer(_)
                         | ProxyError::UpstreamTimeout(_)
                 )
                 .then(|| e.source_label())
@@ -402,19 +403,22 @@ impl Proxy {
         let accept_header = parts.headers.get(header::ACCEPT_ENCODING).cloned();
         let accept = negotiate(accept_header.as_ref());
         // The static cache answers, or this request fills it, or neither.
+        // MLflow asks for its static files without a query: one with a query
+        // is not worth a slot (nor a way to flush the cache).
         let mut fill = None;
         if let Some(cache) = &self.static_cache
             && class == RouteClass::Static
             && !upgrade
+            && !upstream_pq.contains('?')
             && static_cache::request_may_use(&parts.method, &parts.headers)
         {
             let key = static_cache::Key {
                 path_and_query: upstream_pq.clone(),
                 coding: accept.filter(|_| self.config.compress),
             };
-            let revalidate = static_cache::request_wants_revalidation(&parts.headers);
+            let directives = RequestDirectives::of(&parts.headers);
             for attempt in 0..2 {
-                match cache.lookup(&key, revalidate, Instant::now()) {
+                match cache.lookup(&key, directives, Instant::now()) {
                     Lookup::Fresh(stored) => {
                         self.metrics.static_cache(CacheResult::Hit, None);
                         return Ok(self.send_stored(&stored));
@@ -424,7 +428,11 @@ impl Proxy {
                         break;
                     }
                     Lookup::Wait(mut done) if attempt == 0 => {
-                        // Err: the fill ended (its sender is gone), as expected
+                        // What the fill kept came from the app while this
+                        // request was waiting (a revalidating fill may have
+                        // had its answer a moment before): it answers this
+                        // request too. Err: the fill ended (its sender is
+                        // gone), as expected.
                         let _ = tokio::time::timeout(static_cache::WAIT, done.changed()).await;
                         let kept = done.borrow().clone();
                         if let Some(stored) = kept {
@@ -461,6 +469,13 @@ impl Proxy {
             for (name, value) in fill.conditionals() {
                 parts.headers.insert(name, value);
             }
+            // the entry's coding or none: an app that compresses answers in
+            // what the entry is for, never in another coding this client took
+            let coding = fill.coding().filter(|_| accept.is_some());
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                coding.map_or(HeaderValue::from_static("identity"), Coding::header_value),
+            );
         }
         parts.uri = self.upstream_uri(&upstream_pq)?;
         parts.version = Version::HTTP_11;
@@ -526,20 +541,19 @@ impl Proxy {
         let Some(cache) = &self.static_cache else {
             unreachable!("a fill comes from the cache");
         };
-        if response.status() == StatusCode::NOT_MODIFIED {
-            // a 304 to the cache's conditionals, or (none sent) the app's own
-            return Ok(match fill.revalidated(response.headers(), Instant::now()) {
-                Some(stored) => {
-                    self.metrics
-                        .static_cache(CacheResult::Revalidated, Some(cache.bytes()));
-                    self.send_stored(&stored)
-                }
-                None => self.shape_response(response, class, accept, accept_header, false, false),
-            });
+        if response.status() == StatusCode::NOT_MODIFIED && !fill.conditionals().is_empty() {
+            let stored = fill.revalidated(response.headers(), Instant::now()).ok_or(
+                ProxyError::UpstreamAnswer("a 304 for another version than the one kept"),
+            )?;
+            self.metrics
+                .static_cache(CacheResult::Revalidated, Some(cache.bytes()));
+            return Ok(self.send_stored(&stored));
         }
-        let Some(storable) =
-            static_cache::storable(response.status(), response.headers(), cache.max_bytes())
-        else {
+        let Some(storable) = static_cache::storable(
+            response.status(),
+            response.headers(),
+            cache.max_entry_bytes(),
+        ) else {
             fill.uncacheable(Instant::now());
             self.metrics
                 .static_cache(CacheResult::Passed, Some(cache.bytes()));
@@ -550,27 +564,36 @@ impl Proxy {
             .into_parts();
         let (mut rest, sent) = body.into_stream();
         let sent = sent.unwrap_or_else(|| self.metrics.body_opened());
+        // Not kept after all: the rest streams on from where the fill
+        // stopped, its encoder still counted as a fill until it ends.
+        let give_up = |fill: Fill<'_>, parts, read: Vec<Bytes>, rest, sent| {
+            let permit = cache.fill_permit();
+            fill.uncacheable(Instant::now());
+            self.metrics
+                .static_cache(CacheResult::Passed, Some(cache.bytes()));
+            Response::from_parts(parts, ProxyBody::resumed(read, rest, sent, permit))
+        };
+        let coding = parts.headers.get(header::CONTENT_ENCODING);
+        if coding != fill.coding().map(Coding::header_value).as_ref() {
+            // the app chose another coding than the entry's: not for this key
+            return Ok(give_up(fill, parts, Vec::new(), rest, sent));
+        }
         let limit = cache.max_entry_bytes();
-        let timeout = self.config.upstream_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + self.config.upstream_timeout;
         let (mut read, mut len) = (Vec::new(), 0);
-        while let Some(chunk) = tokio::time::timeout_at(deadline, rest.next())
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        {
-            let chunk = chunk.map_err(|e| ProxyError::UpstreamBody(e.to_string()))?;
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, rest.next()).await {
+                Ok(Some(chunk)) => chunk.map_err(|e| ProxyError::UpstreamBody(e.to_string()))?,
+                Ok(None) => break,
+                // a slow app: what it sends is still sent, at its pace
+                Err(_) => return Ok(give_up(fill, parts, read, rest, sent)),
+            };
             len += chunk.len();
             read.push(chunk);
             if len > limit {
                 // too large to keep as sent (a rewrite lengthened it, or it
-                // does not compress): sent on as it comes, not stored
-                fill.uncacheable(Instant::now());
-                self.metrics
-                    .static_cache(CacheResult::Passed, Some(cache.bytes()));
-                return Ok(Response::from_parts(
-                    parts,
-                    ProxyBody::resumed(read, rest, sent),
-                ));
+                // does not compress)
+                return Ok(give_up(fill, parts, read, rest, sent));
             }
         }
         let body = match read.len() {

@@ -9,19 +9,25 @@
 //! - **stored**: a `GET`'s `200` on the static route with a lifetime
 //!   (`max-age`, `s-maxage`) or a validator (`ETag`, `Last-Modified`), without
 //!   `no-store`, `private`, `Set-Cookie` or a `Vary` other than
-//!   `Accept-Encoding`, and with a `Content-Length` within the whole cache's
-//!   size. A body that, as sent, outgrows an entry's limit (half the cache)
-//!   is sent on from where the fill stopped and not stored.
-//!   Requests with `Authorization`, `Range` or conditionals of their own go
-//!   to the app as before;
+//!   `Accept-Encoding` and `Origin` (requests with an `Origin` do not use the
+//!   cache), and with a `Content-Length` within an entry's limit
+//!   (half the cache). A body that, as sent, outgrows it (or takes longer
+//!   than the upstream timeout) is sent on from where the fill stopped and
+//!   not stored. Requests with a query, `Authorization`, `Range` or
+//!   conditionals of their own go to the app as before; the app is asked for
+//!   the key's coding only, and an answer in another coding is not stored;
 //! - **fresh** entries are served without asking the app; **stale** ones (or
-//!   any, for a request with `no-cache`) are revalidated with
-//!   `If-None-Match` / `If-Modified-Since`, and a `304` serves them;
+//!   any, for a request with `no-cache`, or older than its `max-age`, or
+//!   fresh for less than its `min-fresh`) are revalidated with
+//!   `If-None-Match` / `If-Modified-Since`; a `304` for the same version
+//!   serves them with its `Cache-Control`, `Expires` and `Date`. A fill that
+//!   fails puts the entry it was revalidating back;
 //! - **one fill** per path and coding at a time: concurrent requests wait
 //!   for it (as NGINX's `proxy_cache_lock`), up to [`WAIT`]; the fill reads
 //!   the app's body at the app's pace, not the first client's;
-//! - **bounded**: total bytes (least recently used go first), bytes per
-//!   entry, fills in flight, and paths remembered.
+//! - **bounded**: total bytes and paths remembered (least recently used go
+//!   first), bytes per entry, and fills in flight (a fill that gave up
+//!   storing counts until its client has the rest).
 
 use crate::coding::Coding;
 use bytes::Bytes;
@@ -36,8 +42,11 @@ use tokio::sync::watch;
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a path whose response could not be stored is not tried again.
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
-/// Fills in flight at once (each holds up to an entry's bytes).
+/// Fills in flight at once (each holds up to an entry's bytes, twice for a
+/// moment when it ends).
 const MAX_FILLS: usize = 2;
+/// The largest delta-seconds taken from a header (RFC 9111 §1.2.2).
+const MAX_DELTA_SECONDS: u64 = 1 << 31;
 /// Paths and codings remembered (stored, filling or uncacheable).
 const MAX_SLOTS: usize = 1024;
 
@@ -61,8 +70,10 @@ pub struct Stored {
     pub body: Bytes,
     /// The app's validators, to revalidate with.
     validators: Validators,
-    /// Until when it may be sent without asking the app.
+    /// Until when it may be sent without asking the app, and the lifetime
+    /// that came from (kept when a `304` gives none).
     fresh_until: Instant,
+    lifetime: Duration,
     /// When the app last vouched for it, and the `Age` it gave then.
     checked_at: Instant,
     age_then: Duration,
@@ -71,7 +82,11 @@ pub struct Stored {
 impl Stored {
     /// The `Age` to send: the app's, plus the time since it vouched.
     pub fn age(&self, now: Instant) -> u64 {
-        (self.age_then + now.saturating_duration_since(self.checked_at)).as_secs()
+        self.age_at(now).as_secs()
+    }
+
+    fn age_at(&self, now: Instant) -> Duration {
+        self.age_then + now.saturating_duration_since(self.checked_at)
     }
 
     fn cost(&self) -> usize {
@@ -96,11 +111,14 @@ pub struct Storable {
 }
 
 /// The request may be answered from the cache (the route class is checked
-/// by the caller): a plain `GET` with no credentials, range or conditionals.
+/// by the caller): a plain `GET` with no credentials, range or conditionals,
+/// and no `Origin` (a page's scripts, styles and fonts on its own origin are
+/// fetched without one; a cross-origin request may get other headers).
 pub fn request_may_use(method: &Method, headers: &HeaderMap) -> bool {
     *method == Method::GET
         && !has_directive(headers.get_all(header::CACHE_CONTROL), "no-store")
         && [
+            header::ORIGIN,
             header::AUTHORIZATION,
             header::RANGE,
             header::IF_NONE_MATCH,
@@ -113,14 +131,41 @@ pub fn request_may_use(method: &Method, headers: &HeaderMap) -> bool {
         .all(|h| !headers.contains_key(h))
 }
 
-/// The request insists on the app's word (a hard reload).
-pub fn request_wants_revalidation(headers: &HeaderMap) -> bool {
-    has_directive(headers.get_all(header::CACHE_CONTROL), "no-cache")
-        || has_directive(headers.get_all(header::PRAGMA), "no-cache")
+/// What a request's `Cache-Control` (and `Pragma`) asks of a cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestDirectives {
+    /// The app's word, even on a fresh entry (`no-cache`: a hard reload).
+    no_cache: bool,
+    /// No entry older than this (`max-age`).
+    max_age: Option<Duration>,
+    /// No entry fresh for less than this (`min-fresh`).
+    min_fresh: Option<Duration>,
+}
+
+impl RequestDirectives {
+    /// Reads them off a request's headers.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let cc = || headers.get_all(header::CACHE_CONTROL);
+        Self {
+            no_cache: has_directive(cc(), "no-cache")
+                || has_directive(headers.get_all(header::PRAGMA), "no-cache"),
+            max_age: directive_seconds(cc(), "max-age").map(Duration::from_secs),
+            min_fresh: directive_seconds(cc(), "min-fresh").map(Duration::from_secs),
+        }
+    }
+
+    /// Whether `stored` may answer the request without asking the app.
+    fn accept(&self, stored: &Stored, now: Instant) -> bool {
+        let left = stored.fresh_until.saturating_duration_since(now);
+        !self.no_cache
+            && !left.is_zero()
+            && self.max_age.is_none_or(|max| stored.age_at(now) <= max)
+            && self.min_fresh.is_none_or(|min| left >= min)
+    }
 }
 
 /// Whether a response of the app may be stored, with its lifetime; `None`
-/// when it may not, or when it is larger than `max_bytes`.
+/// when it may not, or when its body is larger than `max_bytes`.
 pub fn storable(status: StatusCode, headers: &HeaderMap, max_bytes: usize) -> Option<Storable> {
     if status != StatusCode::OK || headers.contains_key(header::SET_COOKIE) {
         return None;
@@ -134,11 +179,16 @@ pub fn storable(status: StatusCode, headers: &HeaderMap, max_bytes: usize) -> Op
     if length > max_bytes {
         return None;
     }
+    // Accept-Encoding is in the key; Origin matches because only requests
+    // without one use the cache (RFC 9111 §4.1: absent matches absent).
+    // MLflow 3 sends `Vary: Origin` on every response.
     let vary_ok = headers.get_all(header::VARY).iter().all(|v| {
         v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .map(str::trim)
-                .all(|f| f.is_empty() || f.eq_ignore_ascii_case("accept-encoding"))
+            v.split(',').map(str::trim).all(|f| {
+                f.is_empty()
+                    || f.eq_ignore_ascii_case("accept-encoding")
+                    || f.eq_ignore_ascii_case("origin")
+            })
         })
     });
     let cc = || headers.get_all(header::CACHE_CONTROL);
@@ -171,7 +221,7 @@ fn lifetime_of(headers: &HeaderMap) -> Option<Duration> {
     } else {
         directive_seconds(cc(), "s-maxage")
             .or_else(|| directive_seconds(cc(), "max-age"))
-            .map_or(Duration::ZERO, Duration::from_secs)
+            .map_or(Duration::ZERO, delta_seconds)
     })
 }
 
@@ -179,7 +229,13 @@ fn age_of(headers: &HeaderMap) -> Duration {
     headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
+        .map_or(Duration::ZERO, delta_seconds)
+}
+
+/// A header's seconds, at most [`MAX_DELTA_SECONDS`]: a hostile `max-age`
+/// or `Age` cannot overflow the clock.
+fn delta_seconds(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.min(MAX_DELTA_SECONDS))
 }
 
 /// Whether a comma-separated header holds `name` as a directive.
@@ -195,6 +251,7 @@ fn directive_seconds<'a>(
     directives(values)
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .and_then(|(_, v)| v?.trim_matches('"').parse().ok())
+        .map(|n: u64| n.min(MAX_DELTA_SECONDS))
 }
 
 fn directives<'a>(
@@ -270,12 +327,6 @@ impl StaticCache {
         self.max_bytes / 2
     }
 
-    /// The whole cache's size: the largest body of the app worth a fill
-    /// (compressed, it may still fit an entry).
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
-    }
-
     /// Bytes stored now.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
@@ -286,16 +337,15 @@ impl StaticCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What the request for `key` does; `revalidate`: the request wants the
-    /// app's word even on a fresh entry.
-    pub fn lookup(&self, key: &Key, revalidate: bool, now: Instant) -> Lookup<'_> {
+    /// What the request for `key`, with `request`'s directives, does.
+    pub fn lookup(&self, key: &Key, request: RequestDirectives, now: Instant) -> Lookup<'_> {
         let mut inner = self.lock();
         inner.clock += 1;
         let clock = inner.clock;
-        let stale = match inner.slots.get_mut(key) {
+        let held = match inner.slots.get_mut(key) {
             Some(Slot::Stored { stored, used }) => {
                 *used = clock;
-                if !revalidate && now < stored.fresh_until {
+                if request.accept(stored, now) {
                     return Lookup::Fresh(Arc::clone(stored));
                 }
                 Some(Arc::clone(stored))
@@ -305,14 +355,14 @@ impl StaticCache {
             Some(Slot::Uncacheable { .. }) | None => None,
         };
         if inner.fills >= MAX_FILLS {
-            // the app is asked as if there were no cache; a stale entry stays
+            // the app is asked as if there were no cache; a held entry stays
             return Lookup::Bypass;
         }
         if !inner.slots.contains_key(key) && inner.slots.len() >= MAX_SLOTS {
             inner
                 .slots
                 .retain(|_, s| !matches!(s, Slot::Uncacheable { until } if *until <= now));
-            if inner.slots.len() >= MAX_SLOTS {
+            if inner.slots.len() >= MAX_SLOTS && !evict_one(&mut inner) {
                 return Lookup::Bypass;
             }
         }
@@ -320,16 +370,25 @@ impl StaticCache {
         if let Some(Slot::Stored { stored, .. }) =
             inner.slots.insert(key.clone(), Slot::Filling { done: rx })
         {
+            // back in settle(), unless the app says it changed
             inner.bytes -= stored.cost();
         }
         inner.fills += 1;
         Lookup::Fill(Fill {
             cache: self,
             key: key.clone(),
-            stale,
+            held,
             done: tx,
             settled: false,
         })
+    }
+
+    /// Counts as a fill until dropped: a fill that gave up storing (its
+    /// body outgrew an entry, or its time ran out) still runs an encoder
+    /// outside `--max-encoders` until its client has the rest.
+    pub fn fill_permit(self: &Arc<Self>) -> FillPermit {
+        self.lock().fills += 1;
+        FillPermit(Arc::clone(self))
     }
 
     fn settle(&self, key: &Key, slot: Option<Slot>) {
@@ -343,7 +402,7 @@ impl StaticCache {
                 inner
                     .slots
                     .insert(key.clone(), Slot::Stored { stored, used });
-                evict(&mut inner, self.max_bytes);
+                while inner.bytes > self.max_bytes && evict_one(&mut inner) {}
             }
             Some(other) => {
                 inner.slots.insert(key.clone(), other);
@@ -355,31 +414,41 @@ impl StaticCache {
     }
 }
 
-/// Drops least recently used entries until the stored bytes fit.
-fn evict(inner: &mut Inner, max_bytes: usize) {
-    while inner.bytes > max_bytes {
-        let oldest = inner
-            .slots
-            .iter()
-            .filter_map(|(k, s)| match s {
-                Slot::Stored { used, .. } => Some((*used, k.clone())),
-                _ => None,
-            })
-            .min_by_key(|(used, _)| *used);
-        let Some((_, key)) = oldest else { break };
-        if let Some(Slot::Stored { stored, .. }) = inner.slots.remove(&key) {
-            inner.bytes -= stored.cost();
-        }
+/// Drops the least recently used stored entry; `false` when there is none.
+fn evict_one(inner: &mut Inner) -> bool {
+    let oldest = inner
+        .slots
+        .iter()
+        .filter_map(|(k, s)| match s {
+            Slot::Stored { used, .. } => Some((*used, k)),
+            _ => None,
+        })
+        .min_by_key(|(used, _)| *used)
+        .map(|(_, k)| k.clone());
+    let Some(key) = oldest else { return false };
+    if let Some(Slot::Stored { stored, .. }) = inner.slots.remove(&key) {
+        inner.bytes -= stored.cost();
+    }
+    true
+}
+
+/// See [`StaticCache::fill_permit`].
+pub struct FillPermit(Arc<StaticCache>);
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        self.0.lock().fills -= 1;
     }
 }
 
 /// One request's fill of an entry. Dropped without an outcome (the client
-/// left, the app failed), the entry is forgotten and the next request tries;
-/// either way the requests waiting for it go on.
+/// left, the app failed), the entry it held goes back (or, with none, the
+/// next request tries); either way the requests waiting for it go on.
 pub struct Fill<'a> {
     cache: &'a StaticCache,
     key: Key,
-    stale: Option<Arc<Stored>>,
+    /// The entry being revalidated, if any.
+    held: Option<Arc<Stored>>,
     /// What the fill kept, for the requests waiting on it; they wake when it
     /// is sent or the fill is dropped.
     done: watch::Sender<Option<Arc<Stored>>>,
@@ -387,13 +456,19 @@ pub struct Fill<'a> {
 }
 
 impl Fill<'_> {
+    /// The coding the entry is for (`None`: identity): what the app is
+    /// asked for, and what an answer must be in to be stored.
+    pub fn coding(&self) -> Option<Coding> {
+        self.key.coding
+    }
+
     /// The headers that make the app answer `304` if the held entry is
     /// still good (none when there is no entry to revalidate).
     pub fn conditionals(&self) -> Vec<(header::HeaderName, HeaderValue)> {
-        let Some(stale) = &self.stale else {
+        let Some(held) = &self.held else {
             return Vec::new();
         };
-        let v = &stale.validators;
+        let v = &held.validators;
         match (&v.etag, &v.last_modified) {
             (Some(etag), _) => vec![(header::IF_NONE_MATCH, etag.clone())],
             (None, Some(lm)) => vec![(header::IF_MODIFIED_SINCE, lm.clone())],
@@ -401,25 +476,44 @@ impl Fill<'_> {
         }
     }
 
-    /// The app answered `304` to [`Fill::conditionals`]: the held entry,
-    /// good for the lifetime the `304` gives (or the one it had).
+    /// The app answered `304` (`headers`) to [`Fill::conditionals`]: the
+    /// held entry with the `304`'s `Cache-Control`, `Expires` and `Date`,
+    /// good for the lifetime it gives (or the one it had). Kept again unless
+    /// the `304` forbids it. `None` when nothing was held, or the `304` names
+    /// another version than the one held (which is then dropped).
     pub fn revalidated(mut self, headers: &HeaderMap, now: Instant) -> Option<Arc<Stored>> {
-        let stale = self.stale.take()?;
-        let lifetime = lifetime_of(headers).unwrap_or_else(|| {
-            stale
-                .fresh_until
-                .saturating_duration_since(stale.checked_at)
-        });
+        let held = self.held.take()?;
+        if headers
+            .get(header::ETAG)
+            .is_some_and(|etag| held.validators.etag.as_ref() != Some(etag))
+        {
+            return None;
+        }
+        let mut kept_headers = held.headers.clone();
+        for name in [header::CACHE_CONTROL, header::EXPIRES, header::DATE] {
+            if headers.contains_key(&name) {
+                kept_headers.remove(&name);
+                for v in headers.get_all(&name) {
+                    kept_headers.append(name.clone(), v.clone());
+                }
+            }
+        }
+        let lifetime = lifetime_of(headers).unwrap_or(held.lifetime);
         let age = age_of(headers);
         let fresh = Arc::new(Stored {
-            headers: stale.headers.clone(),
-            body: stale.body.clone(),
-            validators: stale.validators.clone(),
+            headers: kept_headers,
+            body: held.body.clone(),
+            validators: held.validators.clone(),
             fresh_until: now + lifetime.saturating_sub(age),
+            lifetime,
             checked_at: now,
             age_then: age,
         });
-        self.finish(Some(Slot::Stored {
+        let cc = || headers.get_all(header::CACHE_CONTROL);
+        let keep = !headers.contains_key(header::SET_COOKIE)
+            && !has_directive(cc(), "no-store")
+            && !has_directive(cc(), "private");
+        self.finish(keep.then(|| Slot::Stored {
             stored: Arc::clone(&fresh),
             used: 0,
         }));
@@ -442,9 +536,11 @@ impl Fill<'_> {
             body,
             validators: storable.validators,
             fresh_until: now + storable.lifetime.saturating_sub(storable.age),
+            lifetime: storable.lifetime,
             checked_at: now,
             age_then: storable.age,
         });
+        self.held = None;
         let fits = stored.body.len() <= self.cache.max_entry_bytes();
         self.finish(Some(if fits {
             Slot::Stored {
@@ -462,6 +558,7 @@ impl Fill<'_> {
     /// The app's answer may not be stored: the path is not tried again for a
     /// while, so requests for it do not wait on each other.
     pub fn uncacheable(mut self, now: Instant) {
+        self.held = None;
         self.finish(Some(Slot::Uncacheable {
             until: now + UNCACHEABLE_FOR,
         }));
@@ -479,7 +576,13 @@ impl Fill<'_> {
 impl Drop for Fill<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            self.cache.settle(&self.key, None);
+            // a failed revalidation (a hard reload whose client left, the app
+            // down) does not cost the entry it held
+            let held = self
+                .held
+                .take()
+                .map(|stored| Slot::Stored { stored, used: 0 });
+            self.cache.settle(&self.key, held);
         }
     }
 }
@@ -526,6 +629,7 @@ mod tests {
             ("cache-control", "Private"),
             ("vary", "Cookie"),
             ("vary", "accept-encoding, *"),
+            ("vary", "Origin, Referer"),
         ] {
             let mut h = bundle_head();
             h.append(
@@ -548,6 +652,8 @@ mod tests {
             ("content-length", "10"),
             ("cache-control", "max-age=5, s-maxage=\"70\""),
             ("age", "20"),
+            ("vary", "Origin"),
+            ("vary", "Accept-Encoding"),
         ]);
         let s = storable(ok, &shared, 1000).unwrap();
         assert_eq!(
@@ -567,21 +673,179 @@ mod tests {
             ("if-none-match", "W/\"v1\""),
             ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT"),
             ("cache-control", "no-store"),
+            ("origin", "https://mlflow.example.org"),
         ] {
             assert!(
                 !request_may_use(&Method::GET, &head(&[(name, value)])),
                 "{name}"
             );
         }
-        assert!(request_wants_revalidation(&head(&[("pragma", "no-cache")])));
-        assert!(request_wants_revalidation(&head(&[(
-            "cache-control",
-            "max-age=0, no-cache"
-        )])));
+        assert_eq!(
+            RequestDirectives::of(&head(&[("pragma", "no-cache")])),
+            reload()
+        );
+        assert_eq!(
+            RequestDirectives::of(&head(&[("cache-control", "max-age=0, no-cache")])),
+            RequestDirectives {
+                no_cache: true,
+                max_age: Some(Duration::ZERO),
+                min_fresh: None,
+            }
+        );
+    }
+
+    fn any() -> RequestDirectives {
+        RequestDirectives::default()
+    }
+
+    fn reload() -> RequestDirectives {
+        RequestDirectives::of(&head(&[("cache-control", "no-cache")]))
+    }
+
+    /// A cache holding `/static-files/main.js` (max-age=60, ETag "v1"),
+    /// stored at the returned instant.
+    fn holding(k: &Key) -> (StaticCache, Instant) {
+        let cache = StaticCache::new(4 << 20);
+        let now = Instant::now();
+        let s = storable(StatusCode::OK, &bundle_head(), 1 << 20).unwrap();
+        fill(&cache, k, now).store(s, HeaderMap::new(), Bytes::from("js"), now);
+        (cache, now)
+    }
+
+    #[test]
+    fn the_requests_own_limits_on_age() {
+        let k = key("/static-files/main.js");
+        let (cache, now) = holding(&k);
+        let at = now + Duration::from_secs(10);
+        let cc = |v: &str| RequestDirectives::of(&head(&[("cache-control", v)]));
+        assert!(matches!(
+            cache.lookup(&k, cc("max-age=10"), at),
+            Lookup::Fresh(_)
+        ));
+        assert!(matches!(
+            cache.lookup(&k, cc("min-fresh=50"), at),
+            Lookup::Fresh(_)
+        ));
+        assert!(
+            matches!(cache.lookup(&k, cc("max-age=9"), at), Lookup::Fill(_)),
+            "older than the request takes: revalidated"
+        );
+        assert!(
+            matches!(cache.lookup(&k, cc("min-fresh=51"), at), Lookup::Fill(_)),
+            "fresh for too short a time: revalidated"
+        );
+    }
+
+    #[test]
+    fn a_failed_revalidation_keeps_the_entry() {
+        let k = key("/static-files/main.js");
+        let (cache, now) = holding(&k);
+        let bytes = cache.bytes();
+        let Lookup::Fill(f) = cache.lookup(&k, reload(), now) else {
+            panic!("a hard reload asks the app");
+        };
+        drop(f); // its client left, or the app failed
+        assert_eq!(cache.bytes(), bytes);
+        assert!(matches!(cache.lookup(&k, any(), now), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn a_304_updates_the_entry_and_keeps_its_lifetime() {
+        let k = key("/static-files/main.js");
+        let (cache, now) = holding(&k);
+        let later = now + Duration::from_secs(61);
+        // a 304 with nothing about caching: the same 60 s again
+        let again = fill(&cache, &k, later).revalidated(&HeaderMap::new(), later);
+        assert!(again.is_some());
+        let t = later + Duration::from_secs(59);
+        assert!(matches!(cache.lookup(&k, any(), t), Lookup::Fresh(_)));
+        // one with a new Cache-Control and Date: those, from then on
+        let t = later + Duration::from_secs(61);
+        let h = head(&[
+            ("cache-control", "max-age=600"),
+            ("date", "Tue, 01 Dec 2026 10:00:00 GMT"),
+        ]);
+        let again = fill(&cache, &k, t).revalidated(&h, t).unwrap();
+        assert_eq!(again.headers[header::CACHE_CONTROL], "max-age=600");
+        assert_eq!(again.headers[header::DATE], "Tue, 01 Dec 2026 10:00:00 GMT");
+        let t2 = t + Duration::from_secs(599);
+        assert!(matches!(cache.lookup(&k, any(), t2), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn a_304_for_another_version_or_forbidding_storage_is_not_kept() {
+        let k = key("/static-files/main.js");
+        let (cache, now) = holding(&k);
+        let later = now + Duration::from_secs(61);
+        let other = head(&[("etag", "\"v2\"")]);
+        assert!(fill(&cache, &k, later).revalidated(&other, later).is_none());
+        let Lookup::Fill(f) = cache.lookup(&k, any(), later) else {
+            panic!("dropped");
+        };
+        assert!(f.conditionals().is_empty(), "nothing held any more");
+        drop(f);
+        let (cache, now) = holding(&k);
+        let later = now + Duration::from_secs(61);
+        let no_store = head(&[("etag", "\"v1\""), ("cache-control", "no-store")]);
+        let once = fill(&cache, &k, later).revalidated(&no_store, later);
+        assert!(once.is_some(), "it answers the request that asked");
+        assert!(matches!(cache.lookup(&k, any(), later), Lookup::Fill(_)));
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn hostile_lifetimes_and_ages_do_not_overflow() {
+        let huge = u64::MAX.to_string();
+        let h = head(&[
+            ("content-length", "2"),
+            ("cache-control", &format!("max-age={huge}")),
+            ("age", &huge),
+        ]);
+        let s = storable(StatusCode::OK, &h, 100).unwrap();
+        let cache = StaticCache::new(1 << 20);
+        let now = Instant::now();
+        let k = key("/x");
+        let kept = fill(&cache, &k, now).store(s, HeaderMap::new(), Bytes::from("js"), now);
+        assert_eq!(kept.age(now), MAX_DELTA_SECONDS);
+        let h = head(&[
+            ("content-length", "2"),
+            ("cache-control", &format!("max-age={huge}, s-maxage={huge}")),
+        ]);
+        let s = storable(StatusCode::OK, &h, 100).unwrap();
+        let k = key("/y");
+        fill(&cache, &k, now).store(s, HeaderMap::new(), Bytes::from("js"), now);
+        assert!(matches!(cache.lookup(&k, any(), now), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn a_full_table_makes_room_for_new_paths() {
+        let cache = StaticCache::new(4 << 20);
+        let now = Instant::now();
+        let s = || storable(StatusCode::OK, &bundle_head(), 1000).unwrap();
+        for i in 0..MAX_SLOTS {
+            fill(&cache, &key(&format!("/f{i}")), now).store(
+                s(),
+                HeaderMap::new(),
+                Bytes::from("x"),
+                now,
+            );
+        }
+        assert!(
+            matches!(cache.lookup(&key("/new"), any(), now), Lookup::Fill(_)),
+            "the least recently used path goes, not the new one"
+        );
+        assert!(matches!(
+            cache.lookup(&key("/f0"), any(), now),
+            Lookup::Fill(_)
+        ));
+        assert!(matches!(
+            cache.lookup(&key("/f1"), any(), now),
+            Lookup::Fresh(_)
+        ));
     }
 
     fn fill<'a>(cache: &'a StaticCache, k: &Key, now: Instant) -> Fill<'a> {
-        match cache.lookup(k, false, now) {
+        match cache.lookup(k, any(), now) {
             Lookup::Fill(f) => f,
             _ => panic!("expected a fill"),
         }
@@ -593,7 +857,7 @@ mod tests {
         let now = Instant::now();
         let k = key("/static-files/main.js");
         let f = fill(&cache, &k, now);
-        let Lookup::Wait(done) = cache.lookup(&k, false, now) else {
+        let Lookup::Wait(done) = cache.lookup(&k, any(), now) else {
             panic!("a second request waits for the fill");
         };
         assert!(f.conditionals().is_empty(), "nothing to revalidate yet");
@@ -605,7 +869,7 @@ mod tests {
             now,
         );
         assert!(done.has_changed().is_err(), "the waiter is woken");
-        let Lookup::Fresh(hit) = cache.lookup(&k, false, now + Duration::from_secs(59)) else {
+        let Lookup::Fresh(hit) = cache.lookup(&k, any(), now + Duration::from_secs(59)) else {
             panic!("fresh for max-age");
         };
         assert_eq!(&hit.body[..], b"js");
@@ -617,15 +881,15 @@ mod tests {
             f.conditionals(),
             vec![(header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\""))]
         );
-        assert!(matches!(cache.lookup(&k, false, later), Lookup::Wait(_)));
+        assert!(matches!(cache.lookup(&k, any(), later), Lookup::Wait(_)));
         let again = f.revalidated(&HeaderMap::new(), later).unwrap();
         assert_eq!(&again.body[..], b"js");
         assert!(matches!(
-            cache.lookup(&k, false, later + Duration::from_secs(30)),
+            cache.lookup(&k, any(), later + Duration::from_secs(30)),
             Lookup::Fresh(_)
         ));
         // a hard reload asks the app even when fresh
-        assert!(matches!(cache.lookup(&k, true, later), Lookup::Fill(_)));
+        assert!(matches!(cache.lookup(&k, reload(), later), Lookup::Fill(_)));
     }
 
     #[test]
@@ -635,9 +899,9 @@ mod tests {
         let k = key("/static-files/a.js");
         drop(fill(&cache, &k, now));
         fill(&cache, &k, now).uncacheable(now);
-        assert!(matches!(cache.lookup(&k, false, now), Lookup::Bypass));
+        assert!(matches!(cache.lookup(&k, any(), now), Lookup::Bypass));
         assert!(matches!(
-            cache.lookup(&k, false, now + UNCACHEABLE_FOR),
+            cache.lookup(&k, any(), now + UNCACHEABLE_FOR),
             Lookup::Fill(_)
         ));
     }
@@ -650,7 +914,7 @@ mod tests {
             .map(|i| fill(&cache, &key(&format!("/f{i}")), now))
             .collect();
         assert!(matches!(
-            cache.lookup(&key("/other"), false, now),
+            cache.lookup(&key("/other"), any(), now),
             Lookup::Bypass
         ));
         drop(fills);
@@ -659,23 +923,23 @@ mod tests {
         fill(&cache, &key("/a"), now).store(s(), HeaderMap::new(), body(900), now);
         fill(&cache, &key("/b"), now).store(s(), HeaderMap::new(), body(900), now);
         assert!(matches!(
-            cache.lookup(&key("/a"), false, now),
+            cache.lookup(&key("/a"), any(), now),
             Lookup::Fresh(_)
         ));
         fill(&cache, &key("/c"), now).store(s(), HeaderMap::new(), body(900), now);
         assert!(cache.bytes() <= 4000);
         assert!(
-            matches!(cache.lookup(&key("/b"), false, now), Lookup::Fill(_)),
+            matches!(cache.lookup(&key("/b"), any(), now), Lookup::Fill(_)),
             "the least recently used went"
         );
         assert!(matches!(
-            cache.lookup(&key("/a"), false, now),
+            cache.lookup(&key("/a"), any(), now),
             Lookup::Fresh(_)
         ));
         let big = fill(&cache, &key("/big"), now).store(s(), HeaderMap::new(), body(2001), now);
         assert_eq!(big.body.len(), 2001, "sent, though too large to keep");
         assert!(matches!(
-            cache.lookup(&key("/big"), false, now),
+            cache.lookup(&key("/big"), any(), now),
             Lookup::Bypass
         ));
     }

@@ -7,9 +7,12 @@
 mod common;
 
 use bytes::Bytes;
-use common::{adapter, client, decode, metric};
+use common::{adapter, client, decode, gzip, metric};
+use futures_util::StreamExt;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -21,7 +24,8 @@ use tokio::net::TcpListener;
 
 const PREFIX: &str = common::PREFIX;
 
-/// What the test app serves at `/static-files/app.js`, and what it saw.
+/// What the test app serves at `/static-files/app.js` (with MLflow 3's
+/// `Vary: Origin`), and what it saw.
 struct Served {
     body: String,
     etag: String,
@@ -31,6 +35,19 @@ struct Served {
     requests: usize,
     not_modified: usize,
     delay: Duration,
+    /// The body sent in two halves this far apart (a slow app).
+    stall: Option<Duration>,
+    content_type: &'static str,
+    gzip: AppGzip,
+}
+
+/// When the test app compresses its answer itself.
+#[derive(Clone, Copy, PartialEq)]
+enum AppGzip {
+    Never,
+    /// When the request's `Accept-Encoding` names gzip.
+    WhenAsked,
+    Always,
 }
 
 type Shared = Arc<Mutex<Served>>;
@@ -61,25 +78,34 @@ async fn app(shared: Shared) -> SocketAddr {
                         let (delay, response) = {
                             let mut s = shared.lock().unwrap();
                             s.requests += 1;
+                            let asked_gzip = req
+                                .headers()
+                                .get(header::ACCEPT_ENCODING)
+                                .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
                             let matches = req
                                 .headers()
                                 .get(header::IF_NONE_MATCH)
                                 .is_some_and(|v| v.as_bytes() == s.etag.as_bytes());
                             let mut b = Response::builder()
-                                .header(header::CONTENT_TYPE, "application/javascript")
+                                .header(header::CONTENT_TYPE, s.content_type)
                                 .header(header::CACHE_CONTROL, s.cache_control)
-                                .header(header::ETAG, &s.etag);
+                                .header(header::ETAG, &s.etag)
+                                .header(header::VARY, "Origin");
                             if s.set_cookie {
                                 b = b.header(header::SET_COOKIE, "session=1");
                             }
-                            let r = if matches {
+                            let (b, bytes) = if matches {
                                 s.not_modified += 1;
-                                b.status(StatusCode::NOT_MODIFIED)
-                                    .body(Full::new(Bytes::new()))
+                                (b.status(StatusCode::NOT_MODIFIED), Bytes::new())
+                            } else if s.gzip == AppGzip::Always
+                                || (s.gzip == AppGzip::WhenAsked && asked_gzip)
+                            {
+                                let gz = Bytes::from(gzip(s.body.as_bytes()));
+                                (b.header(header::CONTENT_ENCODING, "gzip"), gz)
                             } else {
-                                b.body(Full::new(Bytes::from(s.body.clone())))
+                                (b, Bytes::from(s.body.clone()))
                             };
-                            (s.delay, r.unwrap())
+                            (s.delay, body(b, bytes, s.stall))
                         };
                         tokio::time::sleep(delay).await;
                         Ok::<_, Infallible>(response)
@@ -94,6 +120,31 @@ async fn app(shared: Shared) -> SocketAddr {
     addr
 }
 
+type AppBody = BoxBody<Bytes, Infallible>;
+
+/// A response of the test app: `bytes` at once, or in two halves `stall`
+/// apart (with its `Content-Length`, as a file server would).
+fn body(b: http::response::Builder, bytes: Bytes, stall: Option<Duration>) -> Response<AppBody> {
+    let Some(stall) = stall.filter(|_| !bytes.is_empty()) else {
+        return b.body(Full::new(bytes).boxed()).unwrap();
+    };
+    let halves = [
+        bytes.slice(..bytes.len() / 2),
+        bytes.slice(bytes.len() / 2..),
+    ];
+    let frames = futures_util::stream::iter(halves.into_iter().enumerate()).then(
+        move |(i, half)| async move {
+            if i == 1 {
+                tokio::time::sleep(stall).await;
+            }
+            Ok::<_, Infallible>(Frame::data(half))
+        },
+    );
+    b.header(header::CONTENT_LENGTH, bytes.len())
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .unwrap()
+}
+
 fn served(cache_control: &'static str) -> Shared {
     Arc::new(Mutex::new(Served {
         body: js(1),
@@ -103,6 +154,9 @@ fn served(cache_control: &'static str) -> Shared {
         requests: 0,
         not_modified: 0,
         delay: Duration::ZERO,
+        stall: None,
+        content_type: "application/javascript",
+        gzip: AppGzip::Never,
     }))
 }
 
@@ -369,5 +423,111 @@ async fn a_burst_on_a_file_that_must_be_revalidated_reaches_the_app_once_per_bur
             "burst {burst}: one request to the app, a 304 after the first"
         );
     }
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_is_kept_only_in_the_coding_of_its_entry() {
+    // the adapter compresses nothing (--compress off): one entry, identity;
+    // the app gzips when asked, and is asked for the entry's coding only
+    let shared = served("public, max-age=600");
+    shared.lock().unwrap().gzip = AppGzip::WhenAsked;
+    let a = adapter(app(Arc::clone(&shared)).await)
+        .compress_off()
+        .start()
+        .await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    let (_, _, body) = get(&url, "gzip").await;
+    assert_eq!(body, rewritten(1));
+    let (_, headers, body) = get(&url, "identity").await;
+    assert_eq!(body, rewritten(1));
+    assert!(headers.contains_key(header::AGE), "from memory");
+    assert!(
+        !headers.contains_key(header::CONTENT_ENCODING),
+        "a client that takes no coding gets none"
+    );
+    assert_eq!(shared.lock().unwrap().requests, 1);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_answering_in_another_coding_is_not_kept() {
+    // a PNG passes through as the app sent it: gzipped, whatever was asked
+    let shared = served("public, max-age=600");
+    {
+        let mut s = shared.lock().unwrap();
+        s.gzip = AppGzip::Always;
+        s.content_type = "image/png";
+    }
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/logo.png"));
+    for _ in 0..2 {
+        let r = client()
+            .get(&url)
+            .header(header::ACCEPT_ENCODING, "zstd")
+            .send()
+            .await
+            .unwrap();
+        assert!(!r.headers().contains_key(header::AGE), "never from memory");
+        assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip", "the app's");
+    }
+    assert_eq!(shared.lock().unwrap().requests, 2);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_with_a_query_is_not_kept() {
+    let shared = served("public, max-age=600");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js?v=1"));
+    for _ in 0..2 {
+        let (_, headers, body) = get(&url, "zstd").await;
+        assert_eq!(body, rewritten(1));
+        assert!(!headers.contains_key(header::AGE));
+    }
+    assert_eq!(shared.lock().unwrap().requests, 2);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_app_is_still_heard_out() {
+    // the fill cannot read the body within the upstream timeout: what it
+    // read and the rest go to the client, nothing is kept
+    let shared = served("public, max-age=600");
+    shared.lock().unwrap().stall = Some(Duration::from_millis(1500));
+    let a = adapter(app(Arc::clone(&shared)).await)
+        .upstream_timeout(Duration::from_millis(500))
+        .start()
+        .await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    for _ in 0..2 {
+        let (status, headers, body) = get(&url, "zstd").await;
+        assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+        assert!(!headers.contains_key(header::AGE));
+    }
+    assert_eq!(shared.lock().unwrap().requests, 2);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_with_an_origin_goes_to_the_app() {
+    // the app's answers vary by Origin: kept for requests without one only
+    let shared = served("public, max-age=600");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    get(&url, "zstd").await;
+    for _ in 0..2 {
+        let r = client()
+            .get(&url)
+            .header(header::ACCEPT_ENCODING, "zstd")
+            .header(header::ORIGIN, "http://elsewhere.example")
+            .send()
+            .await
+            .unwrap();
+        assert!(!r.headers().contains_key(header::AGE));
+    }
+    let (_, headers, _) = get(&url, "zstd").await;
+    assert!(headers.contains_key(header::AGE), "kept for the rest");
+    assert_eq!(shared.lock().unwrap().requests, 3);
     a.stop().await;
 }

@@ -328,6 +328,26 @@ for (const spec of VERSIONS) {
       assert.ok(requests.some((r) => r.url.startsWith(env.base + 'get-artifact?') && r.status === 200), 'artifacts fetched through the instance path');
     });
 
+    it("MLflow's main bundle is sent from the adapter's memory after the first request", {
+      skip: DIRECT || TARGET ? 'no adapter of ours here' : false, timeout: 30000,
+    }, async () => {
+      const index = await request({ port: env.port, path: env.root, headers: { Host: env.host } });
+      const src = /src="([^"]*static-files\/[^"]*main[^"]*\.js)"/.exec(index.body.toString())?.[1];
+      assert.ok(src, 'index.html names its main bundle');
+      const bundle = new URL(src, env.base).pathname;
+      const get = () => request({ port: env.port, path: bundle, headers: { Host: env.host, 'Accept-Encoding': 'gzip' } });
+      const first = await get();
+      const second = await get();
+      assert.equal(second.status, 200);
+      assert.ok(second.headers.age !== undefined, `no Age: not from the static cache (${JSON.stringify(second.headers)})`);
+      assert.deepEqual(decode(second.body, second.headers['content-encoding'] || 'identity'),
+        decode(first.body, first.headers['content-encoding'] || 'identity'), 'the same bytes');
+      const metrics = (await request({ port: env.port, path: '/metrics', headers: { Host: env.host } })).body.toString();
+      const hits = Number(/flowgate_adapter_static_cache_requests_total\{result="hit"\} (\d+)/.exec(metrics)?.[1]);
+      log(`${label}: static cache hits after the walk: ${hits}`);
+      assert.ok(hits >= 1, 'the static cache answered');
+    });
+
     it('an HTML artifact passes byte-identical through get-artifact (and the PNG too)', { timeout: 30000 }, async () => {
       const runId = env.summary.run.id;
       const artifactsDir = new URL(env.summary.run.artifact_uri).pathname;

@@ -336,6 +336,11 @@ impl AdapterBuilder {
         self
     }
 
+    pub fn compress_off(mut self) -> Self {
+        self.args.compress = Some(adapter::config::RewriteMode::Off);
+        self
+    }
+
     pub fn writes_on(mut self) -> Self {
         self.args.writes = Some(adapter::config::Switch::On);
         self
