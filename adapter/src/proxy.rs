@@ -471,10 +471,10 @@ impl Proxy {
             }
             // the entry's coding or none: an app that compresses answers in
             // what the entry is for, never in another coding this client took
-            let coding = fill.coding().filter(|_| accept.is_some());
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
-                coding.map_or(HeaderValue::from_static("identity"), Coding::header_value),
+                fill.coding()
+                    .map_or(HeaderValue::from_static("identity"), Coding::header_value),
             );
         }
         parts.uri = self.upstream_uri(&upstream_pq)?;
@@ -548,6 +548,12 @@ impl Proxy {
             self.metrics
                 .static_cache(CacheResult::Revalidated, Some(cache.bytes()));
             return Ok(self.send_stored(&stored));
+        }
+        if response.status().is_server_error() {
+            // the app's trouble, passed on; the entry it was asked about
+            // stays (stale, so the next request asks again)
+            drop(fill);
+            return Ok(self.shape_response(response, class, accept, accept_header, false, false));
         }
         let Some(storable) = static_cache::storable(
             response.status(),

@@ -35,6 +35,8 @@ struct Served {
     requests: usize,
     not_modified: usize,
     delay: Duration,
+    /// Every request answered 500 (the app in trouble).
+    failing: bool,
     /// The body sent in two halves this far apart (a slow app).
     stall: Option<Duration>,
     content_type: &'static str,
@@ -94,7 +96,12 @@ async fn app(shared: Shared) -> SocketAddr {
                             if s.set_cookie {
                                 b = b.header(header::SET_COOKIE, "session=1");
                             }
-                            let (b, bytes) = if matches {
+                            let (b, bytes) = if s.failing {
+                                (
+                                    b.status(StatusCode::INTERNAL_SERVER_ERROR),
+                                    Bytes::from("no"),
+                                )
+                            } else if matches {
                                 s.not_modified += 1;
                                 (b.status(StatusCode::NOT_MODIFIED), Bytes::new())
                             } else if s.gzip == AppGzip::Always
@@ -154,6 +161,7 @@ fn served(cache_control: &'static str) -> Shared {
         requests: 0,
         not_modified: 0,
         delay: Duration::ZERO,
+        failing: false,
         stall: None,
         content_type: "application/javascript",
         gzip: AppGzip::Never,
@@ -529,5 +537,30 @@ async fn a_request_with_an_origin_goes_to_the_app() {
     let (_, headers, _) = get(&url, "zstd").await;
     assert!(headers.contains_key(header::AGE), "kept for the rest");
     assert_eq!(shared.lock().unwrap().requests, 3);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_error_on_revalidation_is_passed_on_and_the_entry_stays() {
+    let shared = served("no-cache");
+    let a = adapter(app(Arc::clone(&shared)).await).start().await;
+    let url = a.url(&format!("{PREFIX}/static-files/app.js"));
+    get(&url, "gzip").await;
+    shared.lock().unwrap().failing = true;
+    let (status, _, _) = get(&url, "gzip").await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the app's answer"
+    );
+    shared.lock().unwrap().failing = false;
+    let (status, headers, body) = get(&url, "gzip").await;
+    assert_eq!((status, body), (StatusCode::OK, rewritten(1)));
+    assert!(headers.contains_key(header::AGE));
+    assert_eq!(
+        shared.lock().unwrap().not_modified,
+        1,
+        "revalidated with what was kept before the error"
+    );
     a.stop().await;
 }
