@@ -45,6 +45,9 @@ const UNCACHEABLE_FOR: Duration = Duration::from_secs(10);
 /// Fills in flight at once (each holds up to an entry's bytes, twice for a
 /// moment when it ends).
 const MAX_FILLS: usize = 2;
+/// The largest body an entry may hold, whatever the cache's size: what a
+/// fill buffers (MLflow's largest static file is its 4.4 MB bundle).
+const MAX_ENTRY_BYTES: usize = 64 << 20;
 /// The largest delta-seconds taken from a header (RFC 9111 §1.2.2).
 const MAX_DELTA_SECONDS: u64 = 1 << 31;
 /// Paths and codings remembered (stored, filling or uncacheable).
@@ -313,8 +316,9 @@ pub struct StaticCache {
 }
 
 impl StaticCache {
-    /// A cache of at most `max_bytes`; an entry may take half of it (MLflow's
-    /// main bundle, 4.4 MB uncompressed, fits the default 16 MiB cache).
+    /// A cache of at most `max_bytes`; an entry may take half of it, up to
+    /// 64 MiB (MLflow's main bundle, 4.4 MB uncompressed, fits the default
+    /// 16 MiB cache).
     pub fn new(max_bytes: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
@@ -324,7 +328,7 @@ impl StaticCache {
 
     /// The largest body an entry may hold.
     pub fn max_entry_bytes(&self) -> usize {
-        self.max_bytes / 2
+        (self.max_bytes / 2).min(MAX_ENTRY_BYTES)
     }
 
     /// Bytes stored now.
@@ -904,6 +908,12 @@ mod tests {
             cache.lookup(&k, any(), now + UNCACHEABLE_FOR),
             Lookup::Fill(_)
         ));
+    }
+
+    #[test]
+    fn an_entry_is_bounded_whatever_the_cache_size() {
+        assert_eq!(StaticCache::new(16 << 20).max_entry_bytes(), 8 << 20);
+        assert_eq!(StaticCache::new(1 << 40).max_entry_bytes(), MAX_ENTRY_BYTES);
     }
 
     #[test]
