@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 PREFIX = "/k3x9q2a"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -266,6 +267,25 @@ def start_nginx(name, work, http_body, cpu, **kw):
              log=f"{work}/{name}.out")
     wait_port(kw["port"], p.proc)
     return p
+
+
+def adapter_diagnosis(c):
+    """What the adapter says about its failed answers: its non-zero 4xx/5xx and
+    upstream-error counters, and its last warnings (the log is deleted at exit)."""
+    lines = []
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.port}/metrics", timeout=5) as r:
+            lines += [l for l in r.read().decode().splitlines()
+                      if re.match(r'flowgate_adapter_(requests_total\{.*status="[45]xx"|upstream_errors_total)', l)
+                      and not l.endswith(" 0")]
+    except OSError as e:
+        lines.append(f"(no /metrics: {e})")
+    log = getattr(c.proc.log, "name", None) if c.proc else None
+    if log:
+        with open(log, "rb") as f:
+            warns = [l.decode(errors="replace").rstrip() for l in f if b"WARN" in l or b"ERROR" in l]
+        lines += warns[-5:]
+    return "\n".join("    adapter: " + l for l in lines)
 
 
 class Contender:
@@ -561,6 +581,8 @@ class Bench:
                 msg = f"ERRORS {c.name} {wl.name} c={conns}: {errors} (status {res['status']}, read {res['read']}, connect {res['connect']}, timeout {res['timeout']})"
                 print("  " + msg, flush=True)
                 self.checker.failures.append(msg)
+                if c.name == "adapter":
+                    print(adapter_diagnosis(c), flush=True)
             row = {
                 "group": group, "mode": "throughput", "workload": wl.name, "contender": c.name,
                 "conns": conns, "rep": rep, "requests": res["requests"], "seconds": secs,
