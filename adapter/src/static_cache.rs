@@ -73,9 +73,8 @@ pub struct Stored {
     pub body: Bytes,
     /// The app's validators, to revalidate with.
     validators: Validators,
-    /// Until when it may be sent without asking the app, and the lifetime
-    /// that came from (kept when a `304` gives none).
-    fresh_until: Instant,
+    /// How long it may be sent without asking the app, counted in its age
+    /// (kept when a `304` gives none).
     lifetime: Duration,
     /// When the app last vouched for it, and the `Age` it gave then.
     checked_at: Instant,
@@ -90,6 +89,11 @@ impl Stored {
 
     fn age_at(&self, now: Instant) -> Duration {
         self.age_then + now.saturating_duration_since(self.checked_at)
+    }
+
+    /// How much longer it is fresh (RFC 9111 §4.2: lifetime minus age).
+    fn fresh_for(&self, now: Instant) -> Duration {
+        self.lifetime.saturating_sub(self.age_at(now))
     }
 
     fn cost(&self) -> usize {
@@ -159,7 +163,7 @@ impl RequestDirectives {
 
     /// Whether `stored` may answer the request without asking the app.
     fn accept(&self, stored: &Stored, now: Instant) -> bool {
-        let left = stored.fresh_until.saturating_duration_since(now);
+        let left = stored.fresh_for(now);
         !self.no_cache
             && !left.is_zero()
             && self.max_age.is_none_or(|max| stored.age_at(now) <= max)
@@ -508,7 +512,6 @@ impl Fill<'_> {
             headers: kept_headers,
             body: held.body.clone(),
             validators: held.validators.clone(),
-            fresh_until: now + lifetime.saturating_sub(age),
             lifetime,
             checked_at: now,
             age_then: age,
@@ -539,7 +542,6 @@ impl Fill<'_> {
             headers,
             body,
             validators: storable.validators,
-            fresh_until: now + storable.lifetime.saturating_sub(storable.age),
             lifetime: storable.lifetime,
             checked_at: now,
             age_then: storable.age,
