@@ -543,6 +543,26 @@ mod tests {
     }
 
     #[test]
+    fn the_static_cache_size_is_checked_and_bounded() {
+        let resolve = |v: &str| {
+            ProxyConfig::resolve(
+                ServeArgs::default(),
+                env(&[("FLOWGATE_PREFIX", "/a"), ("FLOWGATE_STATIC_CACHE_MIB", v)]),
+            )
+        };
+        for bad in ["lots", "-1", "1.5", ""] {
+            let e = resolve(bad).unwrap_err().to_string();
+            assert!(e.starts_with("static-cache-mib:"), "{bad:?}: {e}");
+        }
+        assert_eq!(resolve("0").unwrap().static_cache_bytes, 0, "off");
+        assert_eq!(
+            resolve(&u64::MAX.to_string()).unwrap().static_cache_bytes,
+            1 << 40,
+            "capped, no overflow"
+        );
+    }
+
+    #[test]
     fn clear_errors() {
         let err = |pairs: &[(&str, &str)]| {
             ProxyConfig::resolve(ServeArgs::default(), env(pairs))
